@@ -1,0 +1,102 @@
+"""Build script for distillkit.
+
+The pure-Python framework installs everywhere. The compiled memory-bank InfoNCE op is built when torch is
+importable at build time: the CPU extension (``distillkit._C``) always, the CUDA extension
+(``distillkit._C_cuda``) only when torch was built with CUDA and ``nvcc`` is on the PATH. Without either, the
+package falls back to the pure-PyTorch reference and says so once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    """Returns (ext_modules, cmdclass) for the compiled op, or empty ones when torch is absent."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("distillkit: torch not importable at build time; skipping the compiled op", file=sys.stderr)
+        return [], {}
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if os.environ.get("DISTILLKIT_NATIVE_ARCH", "1") == "1":
+        cxx_flags.append("-march=native")
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    extensions = []
+    if cpu_sources:
+        extensions.append(
+            CppExtension(
+                "distillkit._C",
+                cpu_sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=["-fopenmp"],
+            )
+        )
+
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    want_cuda = os.environ.get("DISTILLKIT_BUILD_CUDA", "auto")
+    has_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
+    if cuda_sources and want_cuda != "0" and (has_cuda or want_cuda == "1"):
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        extensions.append(
+            CUDAExtension(
+                "distillkit._C_cuda",
+                cuda_sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--use_fast_math"]},
+            )
+        )
+    return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="distillkit",
+    version="0.1.0",
+    description="Knowledge distillation for language models: every loss a plugin, the hot one compiled.",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["distillkit", "distillkit.*"]) + ["distillkit_plugins"],
+    package_dir={"distillkit_plugins": "plugins"},
+    install_requires=[
+        "torch>=2.4",
+        "pluggy>=1.3",
+        "pyyaml>=6",
+        "pydantic>=2.5",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],
+        "dev": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "ruff>=0.4", "ninja"],
+    },
+    entry_points={
+        "console_scripts": ["distillkit = distillkit.cli:main"],
+        "distillkit": [
+            "l2 = distillkit_plugins.l2",
+            "kd = distillkit_plugins.kd",
+            "codir = distillkit_plugins.codir",
+            "ce = distillkit_plugins.ce",
+        ],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
