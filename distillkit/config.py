@@ -1,0 +1,307 @@
+"""Typed configuration: YAML (safe loading only) -> pydantic models, with ``--set a.b=c`` overrides."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distillkit.errors import ConfigError, close_matches
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TermConfig(BaseModel):
+    """One objective term: ``{loss: name, weight: w, name: label, **params}``.
+
+    Every key other than ``loss``, ``weight`` and ``name`` is a parameter of the loss, validated by the
+    loss's own ``Params`` model when the term is built.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    loss: str
+    weight: float = 1.0
+    name: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """Returns the loss parameters (the keys other than loss/weight/name)."""
+        return dict(self.model_extra or {})
+
+
+class ModelConfig(_Strict):
+    """Where a model comes from.
+
+    Attributes:
+        path: A local directory or hub name for ``from_pretrained``.
+        config: Keyword arguments of a Hugging Face config to build a randomly initialised model (with
+            ``model_type``), e.g. tiny models for tests.
+        layers: Student only: build the student from the teacher with this many layers (DistilBERT-style
+            initialisation from evenly spaced teacher layers).
+        hidden_size: Student only: a narrower hidden size (randomly initialised then).
+        num_labels: Number of classes of the classification head; taken from the data when omitted.
+
+    """
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    layers: int | None = Field(default=None, ge=1)
+    hidden_size: int | None = Field(default=None, ge=1)
+    num_labels: int | None = Field(default=None, ge=1)
+
+
+class DataConfig(_Strict):
+    """The task data.
+
+    Attributes:
+        path: A hub dataset name or a local CSV/JSON/JSONL/parquet file (or ``builtin:NAME``).
+        text_column: Column with the text.
+        text_pair_column: Optional second text column (sentence pairs).
+        label_column: Column with the class label.
+        max_length: Tokenizer truncation length.
+        eval_fraction: Fraction held out for evaluation when the data has no eval split.
+        max_train_examples: Cap on training examples (None: all).
+        max_eval_examples: Cap on evaluation examples (None: all).
+
+    """
+
+    path: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = Field(default=128, ge=2)
+    eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    max_train_examples: int | None = Field(default=None, ge=1)
+    max_eval_examples: int | None = Field(default=None, ge=1)
+
+
+class TrainConfig(_Strict):
+    """Optimisation and bookkeeping."""
+
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=5e-5, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    eval_every: int | None = Field(default=None, ge=1)
+    save_every: int | None = Field(default=None, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+class DistillConfig(_Strict):
+    """A whole ``distillkit distill`` run."""
+
+    student: ModelConfig
+    teacher: ModelConfig
+    objective: list[TermConfig] = Field(min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/distill"
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_is_list(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            raise ValueError("objective must be a list of terms, e.g. [{loss: kd, weight: 1.0}]")
+        return value
+
+    @model_validator(mode="after")
+    def _teacher_has_source(self) -> DistillConfig:
+        if self.teacher.path is None and self.teacher.config is None:
+            raise ValueError("teacher needs `path` (local directory or hub name) or `config`")
+        if self.teacher.layers is not None or self.teacher.hidden_size is not None:
+            raise ValueError("`layers` and `hidden_size` are student options; set them under student")
+        return self
+
+
+def _format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        location = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            field = str(err["loc"][-1])
+            parent = _model_at(root, err["loc"][:-1])
+            known = list(parent.model_fields) if parent else []
+            hint = close_matches(field, known)
+            lines.append(
+                f"unknown field '{location}'{hint}; accepted here: {', '.join(known)}"
+                if known
+                else f"unknown field '{location}'{hint}"
+            )
+        elif err["type"] == "missing":
+            lines.append(f"missing field '{location}'")
+        else:
+            lines.append(f"field '{location or '<root>'}': {err['msg']} (got {err.get('input')!r})")
+    return "invalid config: " + "; ".join(lines) + ". Fix the YAML file or pass --set key=value."
+
+
+def _model_at(root: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = next(
+            (
+                a
+                for a in getattr(annotation, "__args__", (annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            annotation,
+        )
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def parse_term_configs(specs: Sequence[TermConfig | Mapping[str, Any]]) -> list[TermConfig]:
+    """Validates a list of term specs.
+
+    Args:
+        specs: Term configs or plain mappings.
+
+    Returns:
+        The validated term configs.
+
+    Raises:
+        ConfigError: When an entry is not a mapping or lacks ``loss``.
+
+    """
+    configs = []
+    for index, spec in enumerate(specs):
+        if isinstance(spec, TermConfig):
+            configs.append(spec)
+            continue
+        if not isinstance(spec, Mapping):
+            raise ConfigError(
+                f"objective[{index}] must be a mapping like {{loss: kd, weight: 1.0}}, got {spec!r}"
+            )
+        try:
+            configs.append(TermConfig(**spec))
+        except ValidationError as exc:
+            raise ConfigError(
+                _format_validation_error(exc, TermConfig).replace("field '", f"field 'objective.{index}.")
+            ) from None
+    return configs
+
+
+def safe_load_yaml(text: str, source: str = "<string>") -> Any:
+    """Parses YAML with the safe loader (no Python object tags).
+
+    Raises:
+        ConfigError: On a syntax error or an unsafe tag.
+
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(
+            f"{source}: unsupported YAML tag ({exc.problem}); configs are plain data, python tags are refused"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """Splits ``a.b.c=value`` into a key path and a YAML-parsed value.
+
+    Raises:
+        ConfigError: If there is no ``=`` or the key is empty.
+
+    """
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{override}' must look like key.path=value, e.g. train.lr=3e-5")
+    path = key.strip().split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"override '{override}' has an empty key segment")
+    return path, safe_load_yaml(raw, source=f"--set {key}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies ``--set`` overrides to raw config data (a copy is returned).
+
+    List entries are addressed by index: ``objective.0.weight=0.5``.
+    """
+    data = copy.deepcopy(data)
+    for override in overrides:
+        path, value = parse_override(override)
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            node = _child(node, part, path[: depth + 1], override, create=True)
+        last = path[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, override)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override '{override}': '{'.'.join(path[:-1])}' is not a section")
+    return data
+
+
+def _list_index(node: list, part: str, override: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override '{override}': '{part}' is not an index of a list of {len(node)} entries")
+    return int(part)
+
+
+def _child(node: Any, part: str, path: list[str], override: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, override)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            node[part] = {}
+        return node[part]
+    raise ConfigError(f"override '{override}': '{'.'.join(path[:-1])}' is not a section")
+
+
+def config_from_dict(data: Any, overrides: Sequence[str] = ()) -> DistillConfig:
+    """Validates raw data (plus overrides) into a :class:`DistillConfig`.
+
+    Raises:
+        ConfigError: Naming each bad field and the fix.
+
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    try:
+        config = DistillConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, DistillConfig)) from None
+    parse_term_configs(config.objective)
+    return config
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DistillConfig:
+    """Reads a YAML config file and applies ``--set`` overrides.
+
+    Args:
+        path: The YAML file.
+        overrides: ``key.path=value`` strings.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: For a missing file, invalid YAML, a python tag, or an invalid field.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    data = safe_load_yaml(path.read_text(encoding="utf-8"), source=str(path))
+    return config_from_dict(data, overrides)

@@ -1,0 +1,148 @@
+"""Memory banks of teacher keys for contrastive terms.
+
+Two kinds, both ``nn.Module`` with their state in buffers, so they are saved and restored with the
+objective's ``state_dict``:
+
+- :class:`QueueBank`: a FIFO of the most recent teacher keys (MoCo style).
+- :class:`IndexBank`: one slot per training example, updated with momentum (CRD style); negatives are drawn
+  by index.
+
+Under ``torch.distributed`` every update first all-gathers the keys (and ids / labels) of all ranks, so each
+rank holds the identical bank and the queue pointer advances by the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _gather(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """All-gathers ``tensor`` along ``dim`` across ranks (identity outside distributed runs).
+
+    Every rank must pass a tensor of the same shape (the distributed sampler pads to equal batches).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=dim)
+
+
+class QueueBank(nn.Module):
+    """A FIFO queue of keys shared by ``layers`` contrastive heads.
+
+    Args:
+        layers: Number of layers (leading dim of the keys).
+        size: Capacity ``K``.
+        dim: Key size ``D``.
+
+    """
+
+    def __init__(self, layers: int, size: int, dim: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("keys", torch.zeros(layers, size, dim))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def negatives(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the filled part of the queue.
+
+        Returns:
+            keys ``[layers, K_filled, D]`` and labels ``[K_filled]`` (-1 where unknown).
+
+        """
+        filled = int(self.filled)
+        return self.keys[:, :filled], self.labels[:filled]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Adds keys of a batch (from every rank), overwriting the oldest.
+
+        Args:
+            keys: ``[layers, n, D]`` new keys.
+            labels: ``[n]`` their labels, or None.
+
+        """
+        if labels is None:
+            labels = torch.full((keys.shape[1],), -1, dtype=torch.long, device=keys.device)
+        keys = _gather(keys.detach().to(self.keys.dtype), dim=1)
+        labels = _gather(labels.detach().to(torch.long), dim=0)
+        count = keys.shape[1]
+        if count >= self.size:
+            keys, labels, count = keys[:, -self.size :], labels[-self.size :], self.size
+        slots = (int(self.pointer) + torch.arange(count, device=self.keys.device)) % self.size
+        self.keys[:, slots] = keys
+        self.labels[slots] = labels
+        self.pointer.fill_((int(self.pointer) + count) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + count))
+
+
+class IndexBank(nn.Module):
+    """One key per training example, updated with momentum: ``k <- normalize(m·k + (1−m)·k_new)``.
+
+    Slots start as random unit vectors (as in CRD) with label -1.
+
+    Args:
+        layers: Number of layers.
+        size: Number of training examples ``N``.
+        dim: Key size ``D``.
+        momentum: ``m``; CRD uses 0.5.
+
+    """
+
+    def __init__(self, layers: int, size: int, dim: int, momentum: float = 0.5) -> None:
+        super().__init__()
+        self.size = size
+        self.momentum = momentum
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("keys", F.normalize(torch.randn(layers, size, dim, generator=generator), dim=-1))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+
+    def check_ids(self, example_ids: torch.Tensor) -> None:
+        """Raises a clear error when example ids do not fit the bank."""
+        if example_ids.numel() and (int(example_ids.min()) < 0 or int(example_ids.max()) >= self.size):
+            raise ValueError(
+                f"example id {int(example_ids.max())} does not fit an index bank of size {self.size}: set "
+                "bank.size to at least the number of training examples"
+            )
+
+    def sample_negatives(self, example_ids: torch.Tensor, count: int) -> torch.Tensor:
+        """Draws ``count`` negative slots per example, never the example's own slot.
+
+        Args:
+            example_ids: ``[B]`` int64.
+            count: ``K``.
+
+        Returns:
+            ``[B, K]`` int64 slot indices.
+
+        """
+        self.check_ids(example_ids)
+        draws = torch.randint(0, self.size - 1, (example_ids.shape[0], count), device=self.keys.device)
+        return draws + (draws >= example_ids.unsqueeze(1)).long()
+
+    @torch.no_grad()
+    def update(
+        self, example_ids: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> None:
+        """Momentum-updates the slots of a batch (from every rank).
+
+        Args:
+            example_ids: ``[n]`` int64.
+            keys: ``[layers, n, D]``.
+            labels: ``[n]`` or None.
+
+        """
+        example_ids = _gather(example_ids.to(torch.long), dim=0)
+        keys = _gather(keys.detach().to(self.keys.dtype), dim=1)
+        self.check_ids(example_ids)
+        mixed = self.momentum * self.keys[:, example_ids] + (1.0 - self.momentum) * keys
+        self.keys[:, example_ids] = F.normalize(mixed, dim=-1)
+        if labels is not None:
+            self.labels[example_ids] = _gather(labels.detach().to(torch.long), dim=0)
