@@ -1,0 +1,120 @@
+"""Command line: ``distillkit losses | distill | bench | study``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from distillkit.errors import DistillkitError
+
+
+def _cmd_losses(args: argparse.Namespace) -> int:
+    from distillkit.plugins import failed_plugins
+    from distillkit.registry import loss_registry, registration_errors
+
+    registry = loss_registry()
+    failures = [(info.name, info.distribution, info.version, info.error) for info in failed_plugins()]
+    failures += [(name, "", "", error) for name, error in registration_errors().items()]
+    if args.json:
+        payload = {
+            "losses": [
+                {
+                    "name": info.name,
+                    "distribution": info.plugin.distribution,
+                    "version": info.plugin.version,
+                    "plugin": info.plugin.name,
+                    "parameters": [
+                        {"name": n, "type": t, "default": repr(d) if d != "required" else d}
+                        for n, t, d in info.cls.describe_params()
+                    ],
+                }
+                for info in registry.values()
+            ],
+            "failed": [{"plugin": n, "distribution": d, "version": v, "error": e} for n, d, v, e in failures],
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    if not registry:
+        print("no losses registered (no distillkit plugin loaded)")
+    for name in sorted(registry):
+        info = registry[name]
+        print(f"{name}  ({info.plugin.distribution} {info.plugin.version}, plugin '{info.plugin.name}')")
+        doc = (info.cls.__doc__ or "").strip().splitlines()
+        if doc:
+            print(f"    {doc[0]}")
+        for param, type_name, default in info.cls.describe_params():
+            shown = default if default == "required" else repr(default)
+            print(f"    {param}: {type_name} = {shown}")
+    if failures:
+        print("\nplugins that failed to load:")
+        for name, distribution, version, error in failures:
+            source = f" ({distribution} {version})" if distribution else ""
+            print(f"  {name}{source}: {error}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from distillkit.train import run_distill
+
+    run_distill(args.config, overrides=args.set or [], resume=args.resume)
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from distillkit.study import run_study
+
+    run_study(args.study, overrides=args.set or [])
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from distillkit.bench import run_bench_cli
+
+    return run_bench_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of the ``distillkit`` command."""
+    parser = argparse.ArgumentParser(prog="distillkit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    losses = commands.add_parser("losses", help="list registered losses, their plugins and parameters")
+    losses.add_argument("--json", action="store_true", help="machine-readable output")
+    losses.set_defaults(handler=_cmd_losses)
+
+    distill = commands.add_parser("distill", help="distil a teacher into a student from a YAML config")
+    distill.add_argument("config", help="YAML config file")
+    distill.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    distill.set_defaults(handler=_cmd_distill)
+
+    study = commands.add_parser("study", help="run objective variants x seeds and tabulate them")
+    study.add_argument("study", help="STUDY.yaml")
+    study.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-config field")
+    study.set_defaults(handler=_cmd_study)
+
+    bench = commands.add_parser("bench", help="benchmark loss terms and the InfoNCE op")
+    try:
+        from distillkit.bench import add_bench_arguments
+
+        add_bench_arguments(bench)
+    except ImportError:
+        pass
+    bench.set_defaults(handler=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except DistillkitError as exc:
+        print(f"distillkit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""A third-party distillkit loss: ``cosine``, 1 − cos(student, teacher) over mapped hidden states.
+
+Installing this package is all it takes: its entry point in group ``distillkit`` makes ``loss: cosine``
+usable in any config.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distillkit import LossParams, LossTerm, Taps, hookimpl
+
+
+class CosineParams(LossParams):
+    """Parameters of ``cosine``.
+
+    Attributes:
+        layers: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
+    """
+
+    layers: str | list[list[int]] = "last"
+
+
+class CosineLoss(LossTerm):
+    """Mean over real tokens and layer pairs of ``1 − cos(h_student, h_teacher)`` (equal hidden sizes)."""
+
+    name = "cosine"
+    Params = CosineParams
+
+    def __init__(self, params: CosineParams, dims) -> None:
+        super().__init__(params, dims)
+        if dims.student_hidden != dims.teacher_hidden:
+            raise ValueError("cosine needs equal hidden sizes; use the l2 loss, which learns a projection")
+        self.pairs = self.layer_pairs(params.layers)
+
+    def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
+        """Computes the loss from hidden states ``[B, T, H]``."""
+        mask = student.token_mask()
+        losses = []
+        for s, t in self.pairs:
+            cosine = F.cosine_similarity(student.hidden_states[s], teacher.hidden_states[t], dim=-1)
+            losses.append(((1.0 - cosine) * mask).sum() / mask.sum().clamp_min(1.0))
+        return torch.stack(losses).mean()
+
+
+@hookimpl
+def distillkit_register_losses(register):
+    """Registers ``cosine``."""
+    register(CosineLoss)

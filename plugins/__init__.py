@@ -1,0 +1,1 @@
+"""Built-in distillkit losses, registered through the ``distillkit`` entry-point group."""
