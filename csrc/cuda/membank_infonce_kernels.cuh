@@ -1,0 +1,121 @@
+// Fused memory-bank InfoNCE forward on CUDA: the torch-free kernel API.
+//
+// Math (per layer l and query row b, temperature tau, keys k_j = bank rows):
+//   s_pos   = <q_b, p_b>,  s_j = <q_b, k_j>                      (fp32 accumulation; fp64 for fp64 inputs)
+//   lse     = logsumexp([s_pos, s_j for valid j] / tau)           [L, B]
+//   loss    = lse - s_pos / tau                                   [L, B]
+//   wsum    = sum_{valid j} softmax_j * k_j                       [L, B, D]   (softmax over all logits)
+// A bank row is not a valid negative when its label equals the query's label (labels given) or when it lies
+// past the end of the bank. A row with no valid negative gets lse = s_pos / tau and wsum = 0. The backward
+// pass is elementwise on (lse, wsum) and lives in Python; only the forward is here.
+//
+// Algorithm: one pass over the bank, never the B x K logit matrix. The bank is cut into `num_splits`
+// contiguous ranges (split-K over the bank). Each range produces, per query row, a partial
+//   (m, l, o) = (max_j z_j, sum_j 2^(z_j - m), sum_j 2^(z_j - m) k_j),   z_j = s_j * log2(e) / tau,
+// with the online-softmax rescaling of flash-attention's forward pass (V = K = the bank tile). A second
+// small kernel merges the partials with s_pos (computed there): M = max(z_pos, m_1..m_S),
+// T = 2^(z_pos - M) + sum_i l_i 2^(m_i - M), lse = ln2 (M + log2 T), wsum = sum_i 2^(m_i - M) o_i / T.
+// A range with no valid key has m = -inf, l = 0, o = 0 and is skipped by the merge, so fully masked tiles
+// and splits never produce NaN; M is finite because z_pos is.
+//
+// Two partial kernels:
+//  * Tensor-core path (bf16/fp16 dense bank; fp32 through tf32 when allowed; sm_80+), WMMA 16x16x16
+//    (16x16x8 for tf32). A block of 128 threads (4 warps) owns QT = 64 query rows of one layer and one
+//    bank range; warp w owns query rows [16w, 16w + 16). For each KT = 64-row bank tile:
+//      S stage:  S[64 x 64] = Q K^T over D in DK = 32 chunks staged in shared memory (zero padded past D,
+//                past B and past the range end), fp32 accumulators in registers, then stored to smem.
+//      softmax:  each warp rescales its 16 rows (mask, running max, running sum) and writes P (bf16/fp16
+//                for half inputs, fp32 rounded to tf32 for fp32 inputs) to smem.
+//      PV stage: O[64 x D] = alpha * O + P V with V = the same bank tile, in DV = 64 column chunks staged
+//                in smem; O lives in shared memory when QT * D * 4 bytes fit (D <= ~256), otherwise in the
+//                fp32 workspace (L2 resident read-modify-write; O rows are private to one warp).
+//    Grid (ceil(B / 64), num_splits, L); x fastest so blocks running together read the same bank range
+//    (the bank is read from DRAM about once and served to the query tiles from L2).
+//    Shared memory (dynamic, opt-in above 48 KB): bf16/fp16 ~47 KB, tf32 ~72 KB, plus 64 * D * 4 bytes
+//    when O is kept on chip.
+//  * Generic path (any dtype incl. fp64, negative_index gather, pre-sm_80): one warp per (layer, query
+//    row, bank range); keys in chunks of 32 (lane j fetches the index/label of key j), warp-reduced dot
+//    products, one online-softmax rescale per chunk, then O[d] = alpha O[d] + sum_j p_j k_j[d] with lanes
+//    over d (coalesced key reads; O is the warp's own workspace row). With negative_index each query row
+//    gathers its own K rows straight from the bank; the [B, K, D] gathered tensor is never formed.
+//
+// Split heuristic: enough bank ranges that the grid has >= 2 blocks (tensor-core path) or >= 4 blocks of 4
+// warps (generic path) per SM, at least 2 tiles (128 keys) per range, at most kMaxSplits ranges, and a
+// workspace of at most 256 MiB. Workspace = num_splits * L * B * (D + 2) accumulator words: it grows with
+// B * D, never with B * K.
+//
+// Roofline (forward): FLOPs = 4 L B K D (Q K^T and P V), DRAM bytes ~= bank bytes once (L K D elements,
+// K D when shared) + O(L B D). On H100 (~990 dense bf16 TFLOP/s, 3.35 TB/s) the arithmetic intensity is
+// 2 B FLOP per bank byte for bf16, so B >= ~150 is compute bound in principle; this WMMA kernel (no
+// wgmma/TMA, synchronous staging) should be expected at a fraction of peak, and the O read-modify-write
+// through L2 for D > 256 is the next bottleneck to remove (cp.async double buffering and O in registers
+// for small D are the natural next steps). The generic gather path is bandwidth bound: L B K D bytes.
+
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace distillkit {
+namespace cuda {
+
+/// Element type of query, positive and bank (all three share it).
+enum class MembankDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+/// Which partial kernel to use; kAuto picks the tensor-core path when it applies.
+enum class MembankPath : int { kAuto = 0, kGeneric = 1, kTensorCore = 2 };
+
+/// Upper bound on the number of bank ranges merged per row.
+constexpr int kMaxSplits = 64;
+
+/// Raw inputs and outputs of one forward call. Strides are in elements; the feature dim D is contiguous.
+struct MembankInfonceParams {
+  MembankDType dtype = MembankDType::kFloat32;
+  int64_t L = 0;  ///< leading (layer) dimension
+  int64_t B = 0;  ///< query rows per layer
+  int64_t K = 0;  ///< negatives per query row (bank rows, or index columns with negative_index)
+  int64_t D = 0;  ///< feature dimension
+  int64_t N = 0;  ///< bank rows (== K without negative_index)
+
+  const void* query = nullptr;  ///< [L, B, D]
+  int64_t query_stride_l = 0, query_stride_b = 0;
+  const void* positive = nullptr;  ///< [L, B, D]
+  int64_t positive_stride_l = 0, positive_stride_b = 0;
+  const void* bank = nullptr;  ///< [L, N, D], or [N, D] shared by all layers (bank_stride_l = 0)
+  int64_t bank_stride_l = 0, bank_stride_n = 0;
+
+  const int64_t* query_labels = nullptr;  ///< [B] or null; given together with bank_labels
+  const int64_t* bank_labels = nullptr;   ///< [N] or null
+  const int64_t* negative_index = nullptr;  ///< [L, B, K] rows of the bank, values in [0, N), or null
+  int64_t index_stride_l = 0, index_stride_b = 0;
+
+  double temperature = 1.0;
+  bool allow_tf32 = false;  ///< fp32 inputs may use tf32 tensor cores
+  MembankPath path = MembankPath::kAuto;
+
+  void* loss = nullptr;  ///< [L, B] contiguous, float32 (float64 for fp64 inputs)
+  void* lse = nullptr;   ///< [L, B] contiguous, same dtype as loss
+  void* wsum = nullptr;  ///< [L, B, D] contiguous, same dtype as loss
+};
+
+/// Launch decisions for one call; fill with membank_infonce_plan and pass unchanged to the launcher.
+struct MembankInfoncePlan {
+  MembankPath path = MembankPath::kGeneric;  ///< resolved path (never kAuto)
+  int num_splits = 1;                       ///< bank ranges
+  int64_t keys_per_split = 0;               ///< keys per range (multiple of the tile)
+  bool o_in_smem = false;                   ///< tensor-core path keeps O in shared memory
+  size_t smem_bytes = 0;                    ///< dynamic shared memory of the partial kernel
+  size_t workspace_bytes = 0;               ///< device scratch the caller must provide (256-byte aligned)
+};
+
+/// Chooses path, split count and workspace size for `p` on `device`. Deterministic for a given device.
+cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, MembankInfoncePlan* plan);
+
+/// Runs the partial and merge kernels on `stream`. `workspace` holds at least plan.workspace_bytes.
+cudaError_t membank_infonce_forward(const MembankInfonceParams& p, const MembankInfoncePlan& plan,
+                                    void* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace distillkit
