@@ -23,11 +23,11 @@ class KDParams(LossParams):
     ce_weight: float = Field(default=0.0, ge=0.0)
 
 
-def _token_weights(student: Taps, logits: torch.Tensor) -> torch.Tensor | None:
-    """Returns ``[B, T]`` weights for token-level logits (None for ``[B, C]`` logits)."""
-    if logits.dim() == 2:
+def _token_weights(student: Taps) -> torch.Tensor | None:
+    """Returns ``[B, T]`` weights for token-level logits ``[B, T, V]`` (None for ``[B, C]`` logits)."""
+    if student.logits.dim() == 2:
         return None
-    return student.token_mask().to(logits.dtype)
+    return student.token_mask().float()
 
 
 class KDLoss(LossTerm):
@@ -62,7 +62,7 @@ class KDLoss(LossTerm):
         log_p_student = F.log_softmax(student.logits.float() / temperature, dim=-1)
         log_p_teacher = F.log_softmax(teacher.logits.float() / temperature, dim=-1)
         kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)  # [B] or [B, T]
-        weights = _token_weights(student, kl)
+        weights = _token_weights(student)
         if weights is None:
             soft = kl.mean()
         else:
