@@ -61,6 +61,15 @@ class QueueBank(nn.Module):
         return self.keys[:, :filled], self.labels[:filled]
 
     @torch.no_grad()
+    def fill_random(self, seed: int = 0) -> None:
+        """Fills the whole queue with random unit keys (benchmarks use it to time a full bank)."""
+        generator = torch.Generator().manual_seed(seed)
+        keys = F.normalize(torch.randn(self.keys.shape, generator=generator), dim=-1)
+        self.keys.copy_(keys)
+        self.pointer.zero_()
+        self.filled.fill_(self.size)
+
+    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Adds keys of a batch (from every rank), overwriting the oldest.
 

@@ -179,3 +179,14 @@ class CoDIRLoss(LossTerm):
 def distillkit_register_losses(register):
     """Registers ``codir``."""
     register(CoDIRLoss)
+
+
+@hookimpl
+def distillkit_register_bench_cases(register):
+    """Adds ``distillkit bench`` cases for the large-bank forms of ``codir``."""
+    from distillkit.bench import BenchCase
+
+    register(BenchCase("codir-queue-65k", "codir", {"bank": {"kind": "queue", "size": 65536}}))
+    register(
+        BenchCase("codir-index-16k", "codir", {"bank": {"kind": "index", "size": 50000, "negatives": 16384}})
+    )

@@ -1,0 +1,246 @@
+"""``distillkit bench``: forward+backward timing of any registered loss on synthetic taps.
+
+Every registered loss gets a default case (its default parameters); a plugin can add cases of its own through
+the ``distillkit_register_bench_cases`` hook::
+
+    @hookimpl
+    def distillkit_register_bench_cases(register):
+        register(BenchCase("codir-queue-64k", "codir", {"bank": {"kind": "queue", "size": 65536}}))
+
+``--op`` instead compares the memory-bank InfoNCE implementations (naive, chunked reference, compiled) over a
+range of bank sizes (see :mod:`distillkit.opbench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from distillkit.losses import LossTerm, ModelDims, Taps
+from distillkit.membank import QueueBank
+
+
+@dataclass(frozen=True)
+class BenchShapes:
+    """Synthetic tap shapes.
+
+    Attributes:
+        batch: ``B``.
+        seq: Tokens per example ``T``.
+        student_hidden: ``H_s``.
+        teacher_hidden: ``H_t``.
+        student_layers: Student depth.
+        teacher_layers: Teacher depth.
+        classes: Logit width ``C``.
+    """
+
+    batch: int = 32
+    seq: int = 128
+    student_hidden: int = 384
+    teacher_hidden: int = 768
+    student_layers: int = 6
+    teacher_layers: int = 12
+    classes: int = 2
+
+    def dims(self) -> ModelDims:
+        """Returns the model sizes these shapes imply."""
+        return ModelDims(self.student_layers, self.teacher_layers, self.student_hidden, self.teacher_hidden)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark case: a registered loss with parameters.
+
+    Attributes:
+        name: Case name shown in the table.
+        loss: Registered loss name.
+        params: The loss's parameters.
+        shapes: Shape overrides for this case (field -> value), applied to the run's shapes.
+    """
+
+    name: str
+    loss: str
+    params: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, int] = field(default_factory=dict)
+
+
+def synthetic_taps(
+    shapes: BenchShapes, device: str, dtype: torch.dtype
+) -> tuple[Taps, Taps, list[torch.Tensor]]:
+    """Builds random student/teacher taps.
+
+    Returns:
+        student taps (leaf tensors requiring grad), teacher taps, and the student leaves.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def states(layers: int, hidden: int, grad: bool) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            torch.randn(shapes.batch, shapes.seq, hidden, generator=generator)
+            .to(device, dtype)
+            .requires_grad_(grad)
+            for _ in range(layers + 1)
+        )
+
+    mask = torch.ones(shapes.batch, shapes.seq, dtype=torch.long, device=device)
+    mask[: shapes.batch // 2, shapes.seq // 2 :] = 0
+    labels = torch.randint(0, shapes.classes, (shapes.batch,), generator=generator).to(device)
+    ids = torch.arange(shapes.batch, device=device)
+    student_logits = torch.randn(shapes.batch, shapes.classes, generator=generator).to(device, dtype)
+    student_logits.requires_grad_(True)
+    student_states = states(shapes.student_layers, shapes.student_hidden, True)
+    student = Taps(student_states, student_logits, mask, labels, ids)
+    teacher_logits = torch.randn(shapes.batch, shapes.classes, generator=generator).to(device, dtype)
+    teacher = Taps(
+        states(shapes.teacher_layers, shapes.teacher_hidden, False), teacher_logits, mask, labels, ids
+    )
+    return student, teacher, [*student_states, student_logits]
+
+
+def collect_cases(losses: list[str] | None = None) -> list[BenchCase]:
+    """Returns a default case per registered loss plus every plugin-contributed case.
+
+    Args:
+        losses: Keep only cases of these losses (None: all).
+    """
+    from distillkit.plugins import load_plugins
+    from distillkit.registry import loss_registry
+
+    cases = [BenchCase(name, name) for name in sorted(loss_registry())]
+    load_plugins().hook.distillkit_register_bench_cases(register=cases.append)
+    if losses is not None:
+        cases = [case for case in cases if case.loss in losses]
+    return cases
+
+
+def time_case(
+    case: BenchCase,
+    shapes: BenchShapes,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeat: int = 5,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Times forward+backward of one case.
+
+    Returns:
+        A table row: case, loss, median and min milliseconds, and peak CUDA memory when on a GPU.
+    """
+    from distillkit.registry import get_loss
+
+    shapes = replace(shapes, **case.shapes)
+    cls: type[LossTerm] = get_loss(case.loss).cls
+    term = cls(cls.parse_params(case.params), shapes.dims()).to(device)
+    student, teacher, leaves = synthetic_taps(shapes, device, dtype)
+    for module in term.modules():  # time a full queue, not the first steps of an empty one
+        if isinstance(module, QueueBank):
+            module.fill_random()
+
+    def step() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        term.zero_grad(set_to_none=True)
+        loss = term(student, teacher)
+        loss.backward()
+        term.after_step()
+
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - started) * 1e3)
+    row: dict[str, Any] = {
+        "case": case.name,
+        "loss": case.loss,
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+    }
+    if device.startswith("cuda"):
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Formats rows (dicts with the same keys) as a markdown table."""
+    if not rows:
+        return "(no rows)"
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``distillkit bench`` options to ``parser``."""
+    defaults = BenchShapes()
+    parser.add_argument("--losses", help="comma-separated loss names (default: every registered loss)")
+    for name in ("batch", "seq", "student_hidden", "teacher_hidden", "student_layers", "teacher_layers"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--op", action="store_true", help="compare InfoNCE implementations vs bank size")
+    parser.add_argument("--op-k", default="4096,16384,65536", help="bank sizes for --op")
+    parser.add_argument("--op-b", type=int, default=256, help="queries for --op")
+    parser.add_argument("--op-d", type=int, default=128, help="vector size for --op")
+    parser.add_argument("--plot", help="with --op: write a PNG of time and memory vs K here")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    """Runs ``distillkit bench`` and prints a markdown table; returns the exit status."""
+    dtype = getattr(torch, args.dtype)
+    if args.op:
+        from distillkit.opbench import run_op_table
+
+        return run_op_table(
+            batch=args.op_b,
+            dim=args.op_d,
+            bank_sizes=[int(k) for k in args.op_k.split(",")],
+            device=args.device,
+            dtype=dtype,
+            repeat=args.repeat,
+            plot=args.plot,
+        )
+    shapes = BenchShapes(
+        batch=args.batch,
+        seq=args.seq,
+        student_hidden=args.student_hidden,
+        teacher_hidden=args.teacher_hidden,
+        student_layers=args.student_layers,
+        teacher_layers=args.teacher_layers,
+    )
+    wanted = args.losses.split(",") if args.losses else None
+    rows = []
+    for case in collect_cases(wanted):
+        try:
+            rows.append(time_case(case, shapes, args.device, dtype, repeat=args.repeat))
+        except Exception as exc:  # one broken case must not hide the others
+            rows.append(
+                {
+                    "case": case.name,
+                    "loss": case.loss,
+                    "median_ms": float("nan"),
+                    "min_ms": float("nan"),
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
+        print(f"  {case.name}: done", flush=True)
+    print(f"\nforward+backward on synthetic taps, {shapes}, device={args.device}, dtype={args.dtype}\n")
+    print(format_table(rows))
+    return 0
