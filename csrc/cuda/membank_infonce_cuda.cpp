@@ -1,0 +1,177 @@
+// CUDA implementation of distillkit::membank_infonce_fwd and the `distillkit._C_cuda` Python module.
+//
+// The schema is defined once, by the CPU extension (csrc/cpu, TORCH_LIBRARY(distillkit, m)); this file
+// only adds the CUDA kernel (TORCH_LIBRARY_IMPL(distillkit, CUDA, m)). It adapts tensors to the torch-free
+// launcher in membank_infonce_kernels.cuh: checks, canonical layouts, output and workspace allocation on
+// the current device and stream, error checks.
+//
+// Canonical inputs (the Python wrapper produces them):
+//   query, positive  [L, B, D], same dtype (float32, float64, bfloat16, float16)
+//   bank             [L, K, D], or [K, D] shared by all L layers (read with layer stride 0, never copied)
+//   query_labels     [B] int64 and bank_labels [K] int64, both or neither
+//   negative_index   [L, B, K] int64 into the bank's rows (then the bank is [L, N, D] or [N, D])
+// Outputs: loss [L, B], lse [L, B], wsum [L, B, D] in float32 (float64 for float64 inputs).
+//
+// Environment (read per call, for tests and benchmarks):
+//   DISTILLKIT_CUDA_PATH = auto | generic | tensorcore   (default auto)
+// fp32 inputs use tf32 tensor cores only when torch.backends.cuda.matmul.allow_tf32 is set.
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "cuda/membank_infonce_kernels.cuh"
+
+namespace distillkit {
+namespace {
+
+using cuda::MembankDType;
+using cuda::MembankPath;
+
+MembankPath path_from_env() {
+  const char* env = std::getenv("DISTILLKIT_CUDA_PATH");
+  if (env == nullptr) return MembankPath::kAuto;
+  const std::string v(env);
+  if (v == "generic") return MembankPath::kGeneric;
+  if (v == "tensorcore") return MembankPath::kTensorCore;
+  TORCH_CHECK(v.empty() || v == "auto", "DISTILLKIT_CUDA_PATH must be auto, generic or tensorcore, got '", v,
+              "'");
+  return MembankPath::kAuto;
+}
+
+MembankDType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return MembankDType::kFloat32;
+    case at::kDouble:
+      return MembankDType::kFloat64;
+    case at::kBFloat16:
+      return MembankDType::kBFloat16;
+    case at::kHalf:
+      return MembankDType::kFloat16;
+    default:
+      TORCH_CHECK(false, "membank_infonce_fwd: unsupported dtype ", t,
+                  "; use float32, float64, bfloat16 or float16");
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "membank_infonce_fwd (CUDA): ", what, " failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
+    const at::Tensor& query, const at::Tensor& positive, const at::Tensor& bank, double temperature,
+    const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& bank_labels,
+    const std::optional<at::Tensor>& negative_index) {
+  TORCH_CHECK(query.dim() == 3, "membank_infonce_fwd: query must be [L, B, D], got ", query.sizes());
+  TORCH_CHECK(positive.sizes() == query.sizes(), "membank_infonce_fwd: positive must match query ",
+              query.sizes(), ", got ", positive.sizes());
+  TORCH_CHECK(bank.dim() == 3 || bank.dim() == 2, "membank_infonce_fwd: bank must be [L, K, D] or [K, D]");
+  const int64_t L = query.size(0), B = query.size(1), D = query.size(2);
+  const bool shared = bank.dim() == 2;
+  TORCH_CHECK(shared || bank.size(0) == L, "membank_infonce_fwd: bank has ", bank.size(0), " layers, query ",
+              L);
+  TORCH_CHECK(bank.size(-1) == D, "membank_infonce_fwd: bank feature size ", bank.size(-1), " != ", D);
+  TORCH_CHECK(positive.scalar_type() == query.scalar_type() && bank.scalar_type() == query.scalar_type(),
+              "membank_infonce_fwd: query, positive and bank must share a dtype");
+  TORCH_CHECK(temperature > 0, "membank_infonce_fwd: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(query_labels.has_value() == bank_labels.has_value(),
+              "membank_infonce_fwd: give both query_labels and bank_labels or neither");
+  const at::Device device = query.device();
+  TORCH_CHECK(device.is_cuda() && positive.device() == device && bank.device() == device,
+              "membank_infonce_fwd: query, positive and bank must be on the same CUDA device");
+  const int64_t rows = bank.size(-2);
+  if (query_labels.has_value()) {
+    TORCH_CHECK(query_labels->dim() == 1 && query_labels->size(0) == B &&
+                    query_labels->scalar_type() == at::kLong && query_labels->device() == device,
+                "membank_infonce_fwd: query_labels must be int64 [B] on the query's device");
+    TORCH_CHECK(bank_labels->dim() == 1 && bank_labels->size(0) == rows &&
+                    bank_labels->scalar_type() == at::kLong && bank_labels->device() == device,
+                "membank_infonce_fwd: bank_labels must be int64 [rows of bank] on the query's device");
+  }
+  if (negative_index.has_value()) {
+    TORCH_CHECK(negative_index->dim() == 3 && negative_index->size(0) == L && negative_index->size(1) == B &&
+                    negative_index->scalar_type() == at::kLong && negative_index->device() == device,
+                "membank_infonce_fwd: negative_index must be int64 [L, B, K] on the query's device");
+  }
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::ScalarType acc_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Inner (feature) dims must be contiguous; contiguous() is a no-op for the canonical inputs.
+  const at::Tensor q = query.contiguous();
+  const at::Tensor pos = positive.contiguous();
+  const at::Tensor bk = bank.contiguous();
+  at::Tensor ql, bl, ni;
+  if (query_labels.has_value()) {
+    ql = query_labels->contiguous();
+    bl = bank_labels->contiguous();
+  }
+  if (negative_index.has_value()) ni = negative_index->contiguous();
+
+  const auto opts = query.options().dtype(acc_dtype);
+  at::Tensor loss = at::empty({L, B}, opts);
+  at::Tensor lse = at::empty({L, B}, opts);
+  at::Tensor wsum = at::empty({L, B, D}, opts);
+  if (L * B == 0) return {loss, lse, wsum};
+
+  cuda::MembankInfonceParams p;
+  p.dtype = to_dtype(query.scalar_type());
+  p.L = L;
+  p.B = B;
+  p.D = D;
+  p.N = rows;
+  p.K = negative_index.has_value() ? ni.size(2) : rows;
+  p.query = q.data_ptr();
+  p.query_stride_l = B * D;
+  p.query_stride_b = D;
+  p.positive = pos.data_ptr();
+  p.positive_stride_l = B * D;
+  p.positive_stride_b = D;
+  p.bank = bk.data_ptr();
+  p.bank_stride_l = shared ? 0 : rows * D;
+  p.bank_stride_n = D;
+  if (query_labels.has_value()) {
+    p.query_labels = ql.data_ptr<int64_t>();
+    p.bank_labels = bl.data_ptr<int64_t>();
+  }
+  if (negative_index.has_value()) {
+    p.negative_index = ni.data_ptr<int64_t>();
+    p.index_stride_l = B * p.K;
+    p.index_stride_b = p.K;
+  }
+  p.temperature = temperature;
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  p.path = path_from_env();
+  p.loss = loss.data_ptr();
+  p.lse = lse.data_ptr();
+  p.wsum = wsum.data_ptr();
+
+  cuda::MembankInfoncePlan plan;
+  check_cuda(cuda::membank_infonce_plan(p, device.index(), &plan), "planning");
+  // Scratch for the per-range partials: num_splits * L * B * (D + 2) accumulators (never B * K).
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(plan.workspace_bytes)}, query.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_cuda(cuda::membank_infonce_forward(p, plan, workspace.data_ptr(), stream), "kernel launch");
+  return {loss, lse, wsum};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillkit, CUDA, m) { m.impl("membank_infonce_fwd", &membank_infonce_fwd_cuda); }
+
+}  // namespace distillkit
+
+extern "C" {
+// An empty Python module: importing distillkit._C_cuda runs the registration above (after distillkit._C,
+// which defines the schema).
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
