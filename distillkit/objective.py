@@ -67,6 +67,17 @@ def build_term(loss: str, dims: ModelDims, **params: Any) -> LossTerm:
     return cls(cls.parse_params(params), dims)
 
 
+def check_terms(specs: Sequence[TermConfig | Mapping[str, Any]]) -> None:
+    """Validates loss names and parameters without building anything (fail before loading models).
+
+    Raises:
+        UnknownLossError: For a loss no plugin registers.
+        ConfigError: For an unknown or invalid parameter.
+    """
+    for config in parse_term_configs(specs):
+        get_loss(config.loss).cls.parse_params(config.params())
+
+
 def _unique_labels(names: Sequence[str]) -> list[str]:
     labels: list[str] = []
     for name in names:
