@@ -1,0 +1,86 @@
+"""Loads the compiled op (``distillkit._C``, then ``distillkit._C_cuda``) and registers its Python parts.
+
+``distillkit._C`` defines ``distillkit::membank_infonce_fwd`` with ``TORCH_LIBRARY`` and its CPU kernel;
+``distillkit._C_cuda``, when built, adds a CUDA kernel for the same schema. Here the op gets its fake
+(meta) implementation for ``torch.compile`` and its autograd formula. Nothing fails when the extensions are
+missing: :func:`kernel_available` says so and callers use the pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+from distillkit.ops._backward import infonce_backward
+
+OP_NAME = "distillkit::membank_infonce_fwd"
+_state: dict[str, object] = {"loaded": False, "error": None, "warned": False}
+# device type -> whether the compiled op has a kernel for it; filled once by load().
+_KERNELS: dict[str, bool] = {}
+
+
+def _fake_fwd(query, positive, bank, temperature, query_labels, bank_labels, negative_index):
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    layers, batch, dim = query.shape
+    loss = query.new_empty((layers, batch), dtype=acc)
+    lse = query.new_empty((layers, batch), dtype=acc)
+    wsum = query.new_empty((layers, batch, dim), dtype=acc)
+    return loss, lse, wsum
+
+
+def _setup_context(ctx, inputs, output):
+    query, positive, _bank, temperature, *_ = inputs
+    loss, lse, wsum = output
+    ctx.save_for_backward(query, positive, loss, wsum)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(lse, wsum)
+
+
+def _backward(ctx, grad_loss, _grad_lse, _grad_wsum):
+    query, positive, loss, wsum = ctx.saved_tensors
+    grad_query, grad_positive = infonce_backward(grad_loss, query, positive, loss, wsum, ctx.temperature)
+    return grad_query, grad_positive, None, None, None, None, None
+
+
+def load() -> None:
+    """Imports the extensions once and registers the fake and autograd parts of the op."""
+    if _state["loaded"]:
+        return
+    _state["loaded"] = True
+    try:
+        importlib.import_module("distillkit._C")
+    except ImportError as exc:  # not built, or built against another torch
+        _state["error"] = exc
+        return
+    try:
+        importlib.import_module("distillkit._C_cuda")
+    except ImportError:
+        pass
+    torch.library.register_fake(OP_NAME)(_fake_fwd)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+    for device_type in ("cpu", "cuda"):
+        key = "CPU" if device_type == "cpu" else "CUDA"
+        _KERNELS[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, key)
+
+
+def compiled_available() -> bool:
+    """Returns True when the compiled op (``distillkit._C``) is loaded."""
+    load()
+    return _state["error"] is None
+
+
+def kernel_available(device_type: str) -> bool:
+    """Whether the compiled op has a kernel for ``device_type``; warns once when the extension is missing."""
+    if _KERNELS.get(device_type, False):
+        return True
+    if _state["error"] is not None and not _state["warned"] and not torch.compiler.is_compiling():
+        _state["warned"] = True
+        warnings.warn(
+            "distillkit: compiled membank_infonce not available "
+            f"({_state['error']}); using the pure-PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False

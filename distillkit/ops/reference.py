@@ -1,0 +1,174 @@
+"""Pure-PyTorch forms of the memory-bank InfoNCE loss: the chunked reference and the naive one.
+
+The reference computes the same ``(loss, lse, wsum)`` as the compiled op with an online softmax over bank
+chunks, so its memory stays bounded for any bank size and it runs on any device; it shares the compiled
+op's backward. It is the fallback when the extension is missing. The naive form materialises the logits
+(``[..., B, K+1]``, or the gathered ``[..., B, K, D]`` keys with ``negative_index``) and is differentiated by
+autograd: the baseline for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distillkit.ops._backward import infonce_backward
+from distillkit.ops._validate import canonicalize
+
+# Elements of the per-chunk score (and gathered-key) temporaries the reference allows itself.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gather_keys(bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``bank`` (``[L, N, D]`` or ``[N, D]``) at ``index`` ``[L, B, c]`` -> ``[L, B, c, D]``."""
+    if bank.dim() == 2:
+        return bank[index]
+    layer = torch.arange(bank.shape[0], device=bank.device).view(-1, 1, 1)
+    return bank[layer, index]
+
+
+def reference_forward(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    query_labels: torch.Tensor | None = None,
+    bank_labels: torch.Tensor | None = None,
+    negative_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward pass on canonical inputs, chunked over the bank (or over ``negative_index``'s K).
+
+    Args:
+        query: ``[L, B, D]``.
+        positive: ``[L, B, D]``.
+        bank: ``[L, K, D]`` or shared ``[K, D]`` (``N`` rows with ``negative_index``).
+        temperature: > 0.
+        query_labels: ``[B]`` int64 or None.
+        bank_labels: ``[K]`` / ``[N]`` int64 or None.
+        negative_index: ``[L, B, K]`` int64 or None.
+
+    Returns:
+        ``(loss [L, B], lse [L, B], wsum [L, B, D])`` in float32 (float64 for float64 inputs).
+    """
+    acc = _acc_dtype(query.dtype)
+    with torch.no_grad():
+        q = query.to(acc)
+        s_pos = (q * positive.to(acc)).sum(-1) / temperature
+        m = s_pos.clone()
+        total = torch.ones_like(s_pos)
+        w = torch.zeros_like(q)
+        layers, batch, dim = q.shape
+        count = negative_index.shape[-1] if negative_index is not None else bank.shape[-2]
+        per_col = layers * batch * (dim if negative_index is not None else 1)
+        chunk = max(1, min(count, _CHUNK_ELEMENTS // max(1, per_col)))
+        for j0 in range(0, count, chunk):
+            if negative_index is None:
+                keys = bank[..., j0 : j0 + chunk, :].to(acc)  # [L, c, D] or [c, D]
+                scores = q @ keys.transpose(-1, -2) / temperature  # [L, B, c]
+                if query_labels is not None:
+                    same = query_labels[:, None] == bank_labels[None, j0 : j0 + chunk]
+                    scores = scores.masked_fill(same, float("-inf"))
+            else:
+                index = negative_index[..., j0 : j0 + chunk]
+                keys = _gather_keys(bank, index).to(acc)  # [L, B, c, D]
+                scores = (keys @ q.unsqueeze(-1)).squeeze(-1) / temperature
+                if query_labels is not None:
+                    scores = scores.masked_fill(bank_labels[index] == query_labels[:, None], float("-inf"))
+            m_new = torch.maximum(m, scores.amax(-1))
+            alpha = torch.exp(m - m_new)
+            p = torch.exp(scores - m_new.unsqueeze(-1))
+            total = total * alpha + p.sum(-1)
+            if negative_index is None:
+                w = w * alpha.unsqueeze(-1) + p @ keys
+            else:
+                w = w * alpha.unsqueeze(-1) + (p.unsqueeze(-2) @ keys).squeeze(-2)
+            m = m_new
+        lse = m + torch.log(total)
+        return lse - s_pos, lse, w / total.unsqueeze(-1)
+
+
+class _ReferenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, positive, bank, temperature, query_labels, bank_labels, negative_index):
+        loss, _lse, wsum = reference_forward(
+            query, positive, bank, temperature, query_labels, bank_labels, negative_index
+        )
+        ctx.save_for_backward(query, positive, loss, wsum)
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        query, positive, loss, wsum = ctx.saved_tensors
+        grad_query, grad_positive = infonce_backward(grad_loss, query, positive, loss, wsum, ctx.temperature)
+        return grad_query, grad_positive, None, None, None, None, None
+
+
+def reference_membank_infonce(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    *,
+    query_labels: torch.Tensor | None = None,
+    bank_labels: torch.Tensor | None = None,
+    negative_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Memory-bank InfoNCE in pure PyTorch, chunked over the bank; same contract as ``membank_infonce``.
+
+    Args:
+        query: ``[..., B, D]``.
+        positive: ``[..., B, D]``.
+        bank: ``[..., K, D]`` or shared ``[K, D]`` (``N`` rows with ``negative_index``); gets no gradient.
+        temperature: > 0.
+        query_labels: ``[B]`` int64; bank rows with the query's label are not negatives.
+        bank_labels: ``[K]`` (``[N]``) int64.
+        negative_index: ``[..., B, K]`` int64 per-query negatives.
+
+    Returns:
+        ``[..., B]`` per-row loss, float32 (float64 for float64 inputs).
+    """
+    c = canonicalize(query, positive, bank, temperature, query_labels, bank_labels, negative_index)
+    loss = _ReferenceFunction.apply(
+        c.query, c.positive, c.bank, c.temperature, c.query_labels, c.bank_labels, c.negative_index
+    )
+    return loss.reshape(*c.lead_shape, c.query.shape[1])
+
+
+def naive_membank_infonce(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    *,
+    query_labels: torch.Tensor | None = None,
+    bank_labels: torch.Tensor | None = None,
+    negative_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Memory-bank InfoNCE written the obvious way: full logits, ``logsumexp``, autograd.
+
+    Computes in the inputs' dtype. With ``negative_index`` it gathers ``[..., B, K, D]`` keys and uses a
+    batched matmul (the usual CRD implementation). Arguments and result as in ``membank_infonce``.
+
+    Returns:
+        ``[..., B]`` per-row loss, float32 (float64 for float64 inputs).
+    """
+    c = canonicalize(query, positive, bank, temperature, query_labels, bank_labels, negative_index)
+    q, bank = c.query, c.bank
+    s_pos = (q * c.positive).sum(-1, keepdim=True)  # [L, B, 1]
+    if c.negative_index is None:
+        s_neg = q @ bank.transpose(-1, -2)  # [L, B, K]
+        if c.query_labels is not None:
+            s_neg = s_neg.masked_fill(c.query_labels[:, None] == c.bank_labels[None, :], float("-inf"))
+    else:
+        keys = _gather_keys(bank, c.negative_index)  # [L, B, K, D]
+        s_neg = (keys @ q.unsqueeze(-1)).squeeze(-1)
+        if c.query_labels is not None:
+            same = c.bank_labels[c.negative_index] == c.query_labels[:, None]
+            s_neg = s_neg.masked_fill(same, float("-inf"))
+    logits = torch.cat([s_pos, s_neg], dim=-1) / c.temperature
+    loss = torch.logsumexp(logits, dim=-1) - logits[..., 0]
+    return loss.to(_acc_dtype(q.dtype)).reshape(*c.lead_shape, q.shape[1])
