@@ -1,0 +1,146 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillkit.plugins import failed_plugins, plugin_infos, reset_plugins
+from distillkit.registry import get_loss, loss_registry, reset_registry
+from tests.plugin_helpers import PathPlugins, write_distribution
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry(monkeypatch):
+    monkeypatch.delenv("DISTILLKIT_PLUGINS", raising=False)
+    reset_plugins()
+    reset_registry()
+    yield
+    reset_plugins()
+    reset_registry()
+
+
+def test_builtins_come_from_entry_points_with_their_distribution():
+    registry = loss_registry()
+    for name in ("l2", "kd", "codir", "ce"):
+        info = registry[name]
+        assert info.plugin.distribution == "distillkit"
+        assert info.plugin.version
+        assert info.cls.__module__ == f"distillkit_plugins.{name}"
+
+
+def test_core_never_imports_builtin_plugins_by_name():
+    for path in (ROOT / "distillkit").rglob("*.py"):
+        assert "distillkit_plugins" not in path.read_text(), path
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory):
+    """Installs examples/distillkit-cosine into a private target directory with pip (a real dist-info)."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "distillkit-cosine"),
+        ],
+        check=True,
+    )
+    return target
+
+
+def test_third_party_plugin_is_discovered_through_its_entry_point(installed_example, dims):
+    assert list(installed_example.glob("distillkit_cosine-0.1.0.dist-info"))
+    with PathPlugins(installed_example):
+        info = get_loss("cosine")
+        assert (info.plugin.distribution, info.plugin.version) == ("distillkit-cosine", "0.1.0")
+        from distillkit import DistillationObjective
+
+        objective = DistillationObjective.from_config([{"loss": "cosine", "layers": "last"}], dims_equal())
+        assert list(objective.terms) == ["cosine"]
+
+
+def dims_equal():
+    from distillkit.losses import ModelDims
+
+    return ModelDims(student_layers=2, teacher_layers=4, student_hidden=16, teacher_hidden=16)
+
+
+def test_cli_lists_third_party_plugin(installed_example):
+    env_path = f"{installed_example}"
+    result = subprocess.run(
+        [sys.executable, "-m", "distillkit.cli", "losses"],
+        capture_output=True,
+        text=True,
+        env={**_env(), "PYTHONPATH": env_path},
+        check=True,
+    )
+    assert "cosine  (distillkit-cosine 0.1.0, plugin 'cosine')" in result.stdout
+    assert "codir  (distillkit" in result.stdout
+
+
+def _env():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "DISTILLKIT_PLUGINS"}
+
+
+BROKEN = "raise ImportError('needs a library that is not installed: frobnicate')\n"
+
+
+def test_broken_plugin_is_reported_and_others_still_load(tmp_path):
+    write_distribution(tmp_path, "distillkit-broken", "distillkit_broken", BROKEN, "broken")
+    with PathPlugins(tmp_path):
+        failed = {info.name: info for info in failed_plugins()}
+        assert "frobnicate" in failed["broken"].error
+        assert failed["broken"].distribution == "distillkit-broken"
+        assert {"l2", "kd", "codir"} <= set(loss_registry())
+        result = subprocess.run(
+            [sys.executable, "-m", "distillkit.cli", "losses"],
+            capture_output=True,
+            text=True,
+            env={**_env(), "PYTHONPATH": str(tmp_path)},
+            check=True,
+        )
+    assert "plugins that failed to load" in result.stdout
+    assert "broken (distillkit-broken 0.1): ImportError: needs a library" in result.stdout
+    assert "kd  (distillkit" in result.stdout
+
+
+def test_plugin_raising_inside_registration_keeps_others(tmp_path):
+    source = (
+        "from distillkit import hookimpl\n"
+        "@hookimpl\n"
+        "def distillkit_register_losses(register):\n"
+        "    register(object)\n"
+    )
+    write_distribution(tmp_path, "distillkit-bad-register", "distillkit_bad_register", source, "badreg")
+    from distillkit.registry import registration_errors
+
+    with PathPlugins(tmp_path):
+        assert "l2" in loss_registry()
+        assert "expects a LossTerm subclass" in registration_errors()["badreg"]
+
+
+def test_env_var_limits_loaded_plugins(monkeypatch):
+    monkeypatch.setenv("DISTILLKIT_PLUGINS", "kd, l2")
+    assert sorted(info.name for info in plugin_infos()) == ["kd", "l2"]
+    assert sorted(loss_registry()) == ["kd", "l2"]
+
+
+def test_unknown_loss_lists_known_names_and_close_matches():
+    with pytest.raises(KeyError) as excinfo:
+        get_loss("codr")
+    message = str(excinfo.value)
+    assert "unknown loss 'codr'" in message
+    assert "did you mean 'codir'" in message
+    assert "Known losses: ce, codir, kd, l2" in message
