@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -240,7 +241,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                     "error": f"{type(exc).__name__}: {exc}",
                 }
             )
-        print(f"  {case.name}: done", flush=True)
+        print(f"  {case.name}: {rows[-1]['median_ms']:.3g} ms", file=sys.stderr, flush=True)
     print(f"\nforward+backward on synthetic taps, {shapes}, device={args.device}, dtype={args.dtype}\n")
     print(format_table(rows))
     return 0
