@@ -1,0 +1,72 @@
+"""Tiny end-to-end setups: a CSV of a few dozen labelled sentences, a WordPiece vocab, tiny BERT configs."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Any
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "bright", "warm"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "sad", "grim", "cold"]
+FILLER = ["the", "movie", "film", "was", "very", "a", "plot", "and", "story", "quite"]
+
+
+def write_vocab(directory: Path) -> Path:
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+    path = directory / "vocab.txt"
+    path.write_text("\n".join(words) + "\n", encoding="utf-8")
+    return path
+
+
+def write_csv(directory: Path, rows: int = 48, name: str = "data.csv", seed: int = 0, **columns: Any) -> Path:
+    rng = random.Random(seed)
+    path = directory / name
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence", "sentiment"])
+        for i in range(rows):
+            positive = i % 2 == 0
+            words = rng.sample(FILLER, 3) + rng.sample(POSITIVE if positive else NEGATIVE, 2)
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), "pos" if positive else "neg"])
+    return path
+
+
+def bert(layers: int, hidden: int) -> dict[str, Any]:
+    return {
+        "model_type": "bert",
+        "vocab_size": 40,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "intermediate_size": 2 * hidden,
+        "max_position_embeddings": 32,
+    }
+
+
+def tiny_config(tmp_path: Path, **train: Any) -> dict[str, Any]:
+    """A config dict for a ~1 second distillation of a 4-layer teacher into a 2-layer student."""
+    vocab = write_vocab(tmp_path)
+    data = write_csv(tmp_path)
+    return {
+        "teacher": {"config": bert(4, 32), "tokenizer": str(vocab)},
+        "student": {"layers": 2},
+        "objective": [
+            {"loss": "kd", "weight": 1.0, "temperature": 2.0},
+            {"loss": "l2", "weight": 0.5},
+            {"loss": "ce", "weight": 1.0},
+        ],
+        "data": {"path": str(data), "text_column": "sentence", "label_column": "sentiment", "max_length": 16},
+        "train": {
+            "steps": 8,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "warmup_ratio": 0.0,
+            "log_every": 1,
+            "progress": False,
+            "seed": 0,
+            **train,
+        },
+        "output_dir": str(tmp_path / "run"),
+    }
