@@ -171,7 +171,8 @@ extern "C" {
 // An empty Python module: importing distillkit._C_cuda runs the registration above (after distillkit._C,
 // which defines the schema).
 PyMODINIT_FUNC PyInit__C_cuda(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr,
+                                          nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }

@@ -239,22 +239,25 @@ struct TcTraits<float> {
   static constexpr int kPad = 4;
 };
 
+constexpr size_t round128(size_t n) { return (n + 127) & ~static_cast<size_t>(127); }
+
 /// Dynamic shared-memory layout of the tensor-core kernel (byte offsets, each 128-byte aligned).
+/// bf16/fp16: 47104 bytes; fp32 (tf32): 71680 bytes; then the optional on-chip O.
 template <typename T>
 struct TcLayout {
   static constexpr int kLdQ = kDK + TcTraits<T>::kPad;  // Qs, Ks
   static constexpr int kLdP = kKT + TcTraits<T>::kPad;  // Ps
   static constexpr int kLdV = kDV + TcTraits<T>::kPad;  // Vs
-  static constexpr size_t round(size_t n) { return (n + 127) & ~static_cast<size_t>(127); }
-  static constexpr size_t kQ = 0;                                            // [kQT][kLdQ] T
-  static constexpr size_t kK = kQ + round(sizeof(T) * kQT * kLdQ);           // [kKT][kLdQ] T
-  static constexpr size_t kV = kK + round(sizeof(T) * kKT * kLdQ);           // [kKT][kLdV] T
-  static constexpr size_t kP = kV + round(sizeof(T) * kKT * kLdV);           // [kQT][kLdP] T
-  static constexpr size_t kS = kP + round(sizeof(T) * kQT * kLdP);           // [kQT][kLdS] fp32
-  static constexpr size_t kQLab = kS + round(sizeof(float) * kQT * kLdS);    // [kQT] int64
-  static constexpr size_t kBLab = kQLab + round(sizeof(int64_t) * kQT);      // [kKT] int64
-  static constexpr size_t kO = kBLab + round(sizeof(int64_t) * kKT);         // [kQT][D] fp32 (optional)
+  static constexpr size_t kQ = 0;                                           // [kQT][kLdQ] T
+  static constexpr size_t kK = kQ + round128(sizeof(T) * kQT * kLdQ);       // [kKT][kLdQ] T
+  static constexpr size_t kV = kK + round128(sizeof(T) * kKT * kLdQ);       // [kKT][kLdV] T
+  static constexpr size_t kP = kV + round128(sizeof(T) * kKT * kLdV);       // [kQT][kLdP] T
+  static constexpr size_t kS = kP + round128(sizeof(T) * kQT * kLdP);       // [kQT][kLdS] fp32
+  static constexpr size_t kQLab = kS + round128(sizeof(float) * kQT * kLdS);// [kQT] int64
+  static constexpr size_t kBLab = kQLab + round128(sizeof(int64_t) * kQT);  // [kKT] int64
+  static constexpr size_t kO = kBLab + round128(sizeof(int64_t) * kKT);     // [kQT][D] fp32 (optional)
 };
+static_assert(TcLayout<__half>::kO == 47104 && TcLayout<float>::kO == 71680, "see the layout comment");
 
 /// Copies rows [0, rows_valid) x features [col0, col0 + COLS) of a row-major global matrix (row stride
 /// `stride` elements) into a [ROWS][LD] smem tile, writing zeros outside the valid rows / past D.
@@ -355,7 +358,9 @@ __global__ void __launch_bounds__(kTcThreads)
       stage_tile<T, kQT, kDK, kLdQ>(Qs, qbase, p.query_stride_b, q_rows, d0, D, vec);
       stage_tile<T, kKT, kDK, kLdQ>(Ks, kbase, p.bank_stride_n, k_rows, d0, D, vec);
       if (use_labels && d0 == 0) {
-        for (int j = threadIdx.x; j < kKT; j += kTcThreads) blab_s[j] = j < k_rows ? p.bank_labels[kt0 + j] : 0;
+        for (int j = threadIdx.x; j < kKT; j += kTcThreads) {
+          blab_s[j] = j < k_rows ? p.bank_labels[kt0 + j] : 0;
+        }
       }
       __syncthreads();
 #pragma unroll
@@ -571,12 +576,13 @@ cudaError_t launch_typed(const MembankInfonceParams& p, const MembankInfoncePlan
       const int64_t q_tiles = (p.B + kQT - 1) / kQT;
       if (p.L > 65535 || q_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
       auto kernel = tc_partial_kernel<T>;
-      cudaError_t err =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(plan.smem_bytes));
       if (err != cudaSuccess) return err;
       const dim3 grid(static_cast<unsigned>(q_tiles), static_cast<unsigned>(plan.num_splits),
                       static_cast<unsigned>(p.L));
-      kernel<<<grid, kTcThreads, plan.smem_bytes, stream>>>(p, plan.keys_per_split, plan.o_in_smem, vec, parts);
+      kernel<<<grid, kTcThreads, plan.smem_bytes, stream>>>(p, plan.keys_per_split, plan.o_in_smem, vec,
+                                                            parts);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -603,7 +609,9 @@ cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, Memb
   int sms = 0, major = 0, optin = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
   if (err != cudaSuccess) return err;
 
   const bool half_in = p.dtype == MembankDType::kFloat16 || p.dtype == MembankDType::kBFloat16;
@@ -650,7 +658,8 @@ cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, Memb
   const int64_t tiles_per_split = (n_tiles + splits - 1) / splits;
   out.num_splits = static_cast<int>((n_tiles + tiles_per_split - 1) / tiles_per_split);  // no empty range
   out.keys_per_split = tiles_per_split * tile;
-  out.workspace_bytes = workspace_bytes_for(static_cast<int64_t>(out.num_splits) * p.L * p.B, p.D, acc_bytes);
+  out.workspace_bytes =
+      workspace_bytes_for(static_cast<int64_t>(out.num_splits) * p.L * p.B, p.D, acc_bytes);
   *plan = out;
   return cudaSuccess;
 }
@@ -658,7 +667,8 @@ cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, Memb
 cudaError_t membank_infonce_forward(const MembankInfonceParams& p, const MembankInfoncePlan& plan,
                                     void* workspace, cudaStream_t stream) {
   if (p.L == 0 || p.B == 0) return cudaSuccess;
-  if (plan.num_splits < 1 || plan.num_splits > kMaxSplits || plan.keys_per_split <= 0 || workspace == nullptr) {
+  if (plan.num_splits < 1 || plan.num_splits > kMaxSplits || plan.keys_per_split <= 0 ||
+      workspace == nullptr) {
     return cudaErrorInvalidValue;
   }
   switch (p.dtype) {
