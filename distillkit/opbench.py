@@ -1,0 +1,311 @@
+"""Measurements of the memory-bank InfoNCE op: time, peak extra memory, and the machine's sgemm rate.
+
+Used by the pytest-benchmark suite (``benchmarks/``) and by ``distillkit bench``; ``python -m
+distillkit.opbench`` prints the table in ``benchmarks/RESULTS.md``.
+
+Variants (all run forward + backward of ``loss.sum()`` with gradients to query and positive):
+
+- ``naive``: :func:`~distillkit.ops.naive_membank_infonce`, full ``[B, K+1]`` logits and autograd.
+- ``reference``: :func:`~distillkit.ops.reference_membank_infonce`, pure PyTorch chunked over the bank.
+- ``compiled``: :func:`~distillkit.ops.membank_infonce`, the fused kernel.
+- ``gather_bmm``: the usual CRD code for ``negative_index``: gather ``[B, K+1, D]`` keys, then ``bmm``
+  (the naive form's indexed path).
+
+Time: the median wall time of ``repeats`` runs after a warm-up; variants are interleaved round by round so
+that a noisy neighbour slows all of them alike and the ratios stay meaningful.
+
+Peak extra memory (CPU): each (case, variant) runs in a fresh Python process that builds the inputs,
+warms the variant up on a tiny case (so one-off allocations such as thread pools and BLAS buffers are not
+counted), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads the resident set
+(``VmRSS``), runs one forward + backward and reads the peak (``VmHWM``). The difference is the peak memory
+the pass added on top of its inputs (where the mark cannot be reset, ``ru_maxrss`` growth is used). Large
+tensors are allocated with ``mmap`` and given back on free, so resident memory follows what is live; the
+measure is coarse (pages, not bytes) but exact enough to compare hundreds of MiB with a few. Inputs live on
+the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from distillkit.ops import membank_infonce, naive_membank_infonce, reference_membank_infonce
+
+VARIANTS: tuple[str, ...] = ("naive", "reference", "compiled", "gather_bmm")
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark problem.
+
+    Attributes:
+        name: Short label for tables.
+        batch: B, queries per layer.
+        dim: D, feature size.
+        negatives: K, bank rows (dense) or negatives per query (with ``rows``).
+        rows: N, bank rows for the ``negative_index`` form; None for the dense form.
+        layers: L, leading dim batched in one call (the bank is shared, ``[K, D]``).
+        dtype: Input dtype name.
+        temperature: τ.
+    """
+
+    name: str
+    batch: int
+    dim: int
+    negatives: int
+    rows: int | None = None
+    layers: int = 1
+    dtype: str = "float32"
+    temperature: float = 0.07
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the case uses per-query ``negative_index``."""
+        return self.rows is not None
+
+    @property
+    def flops(self) -> int:
+        """Forward + backward flops of the fused op: 2 GEMM-equivalents of 2·L·B·K·D each."""
+        return 4 * self.layers * self.batch * self.negatives * self.dim
+
+    def variants(self) -> tuple[str, ...]:
+        """The variants that make sense for this case (baseline first)."""
+        return ("gather_bmm", "reference", "compiled") if self.indexed else ("naive", "reference", "compiled")
+
+
+# The cases the targets in benchmarks/RESULTS.md are stated for.
+TARGET_CASES: tuple[Case, ...] = (
+    Case("dense B256 D128 K64k", batch=256, dim=128, negatives=65536),
+    Case("dense B128 D768 K64k", batch=128, dim=768, negatives=65536),
+    Case("dense B256 D128 K256k", batch=256, dim=128, negatives=262144),
+    Case("index B64 D128 K16k N50k", batch=64, dim=128, negatives=16384, rows=50000),
+)
+
+
+def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor | float]:
+    """Synthetic inputs for ``case``: unit-norm query/positive/bank rows.
+
+    Returns:
+        Keyword arguments for the variants: ``query``/``positive`` ``[L, B, D]`` (leaf tensors requiring
+        grad; the leading dim is dropped when L == 1), ``bank`` ``[K or N, D]``, ``temperature`` and, for
+        indexed cases, ``negative_index`` ``[L, B, K]``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype = _DTYPES[case.dtype]
+    lead = (case.layers,) if case.layers > 1 else ()
+    shape = (*lead, case.batch, case.dim)
+
+    def unit(*size: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(*size, generator=g), dim=-1).to(dtype)
+
+    inputs: dict[str, torch.Tensor | float] = {
+        "query": unit(*shape).requires_grad_(),
+        "positive": unit(*shape).requires_grad_(),
+        "bank": unit(case.rows if case.indexed else case.negatives, case.dim),
+        "temperature": case.temperature,
+    }
+    if case.indexed:
+        inputs["negative_index"] = torch.randint(
+            0, case.rows, (*lead, case.batch, case.negatives), generator=g
+        )
+    return inputs
+
+
+def variant_step(variant: str) -> Callable[[dict], None]:
+    """Returns a function running one forward + backward of ``variant`` on ``make_inputs`` output."""
+    fn = {
+        "naive": naive_membank_infonce,
+        "gather_bmm": naive_membank_infonce,
+        "reference": reference_membank_infonce,
+        "compiled": membank_infonce,
+    }[variant]
+
+    def step(inputs: dict) -> None:
+        kw = {k: v for k, v in inputs.items() if k in ("negative_index",)}
+        loss = fn(inputs["query"], inputs["positive"], inputs["bank"], inputs["temperature"], **kw)
+        loss.sum().backward()
+        inputs["query"].grad = None
+        inputs["positive"].grad = None
+
+    return step
+
+
+def time_variants(case: Case, variants: Sequence[str], repeats: int = 5) -> dict[str, float]:
+    """Median seconds of forward + backward per variant, interleaving variants round by round."""
+    inputs = make_inputs(case)
+    steps = {v: variant_step(v) for v in variants}
+    for step in steps.values():  # warm-up
+        step(inputs)
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v, step in steps.items():
+            start = time.perf_counter()
+            step(inputs)
+            samples[v].append(time.perf_counter() - start)
+    return {v: statistics.median(s) for v, s in samples.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_extra_bytes_here(case: Case, variant: str) -> int:
+    """In this process: peak resident memory (bytes) one forward + backward adds to inputs and warm-up."""
+    tiny = Case("warm-up", batch=4, dim=case.dim, negatives=64, rows=256 if case.indexed else None)
+    variant_step(variant)(make_inputs(tiny))
+    inputs = make_inputs(case)
+    if _reset_peak_rss():  # Linux: peak since the reset minus what is resident now
+        before = _status_kib("VmRSS")
+        variant_step(variant)(inputs)
+        return (_status_kib("VmHWM") - before) * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak so far: may hide small passes
+    variant_step(variant)(inputs)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def peak_extra_memory(case: Case, variant: str, timeout: float = 600.0) -> int:
+    """Peak extra resident memory (bytes) of one forward + backward, measured in a fresh process."""
+    code = (
+        "import json, sys\n"
+        "from distillkit.opbench import Case, _peak_extra_bytes_here\n"
+        "case = Case(**json.loads(sys.argv[1]))\n"
+        "print(_peak_extra_bytes_here(case, sys.argv[2]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(case)), variant],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def sgemm_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """GFLOP/s of float32 ``torch.mm`` of ``[m, k] @ [k, n]`` (median of ``repeats``) on all threads."""
+    a = torch.randn(m, k)
+    b = torch.randn(n, k).t()  # the bank's layout: [K, D] used transposed
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2.0 * m * k * n / statistics.median(times) / 1e9
+
+
+def sgemm_rates(case: Case) -> dict[str, float]:
+    """This machine's sgemm rate for ``case``.
+
+    Returns:
+        ``{"same_shape": ...}``: ``torch.mm`` of ``[B, D] @ [D, K]``, the GEMM the naive form runs;
+        ``{"tiled": ...}``: ``[B, D] @ [D, 2048]``, a cache-friendly shape near the BLAS peak.
+    """
+    return {
+        "same_shape": sgemm_gflops(case.batch * case.layers, case.dim, case.negatives),
+        "tiled": sgemm_gflops(case.batch * case.layers, case.dim, 2048),
+    }
+
+
+def measure(cases: Iterable[Case] = TARGET_CASES, repeats: int = 5, memory: bool = True) -> list[dict]:
+    """Measures every case and variant.
+
+    Returns:
+        One dict per (case, variant): ``case``, ``variant``, ``ms`` (median fwd+bwd), ``speedup`` (over
+        the case's baseline, the first variant), ``gflops`` (fused-op flop count / time), ``sgemm_frac``
+        and ``sgemm_tiled_frac`` (gflops over :func:`sgemm_rates`), ``peak_mib`` and ``mem_frac`` (over
+        the baseline's), the last two None when ``memory`` is False.
+    """
+    rows = []
+    for case in cases:
+        variants = case.variants()
+        times = time_variants(case, variants, repeats)
+        dense_fp32 = case.dtype == "float32" and not case.indexed
+        rates = sgemm_rates(case) if dense_fp32 else {"same_shape": None, "tiled": None}
+        peaks = {v: peak_extra_memory(case, v) for v in variants} if memory else {}
+        base = variants[0]
+        for v in variants:
+            gflops = case.flops / times[v] / 1e9
+            rows.append(
+                {
+                    "case": case.name,
+                    "variant": v,
+                    "ms": times[v] * 1e3,
+                    "speedup": times[base] / times[v],
+                    "gflops": gflops,
+                    "sgemm_gflops": rates["same_shape"],
+                    "sgemm_frac": gflops / rates["same_shape"] if rates["same_shape"] else None,
+                    "sgemm_tiled_frac": gflops / rates["tiled"] if rates["tiled"] else None,
+                    "peak_mib": peaks[v] / 2**20 if memory else None,
+                    "mem_frac": peaks[v] / max(peaks[base], 1) if memory else None,
+                }
+            )
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Renders :func:`measure` rows as a Markdown table."""
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "| case | variant | fwd+bwd ms | speedup | GFLOP/s | of sgemm (same shape) | of sgemm (tiled) "
+        "| peak extra MiB | memory vs baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['gflops']:.1f} "
+            f"| {fmt(r['sgemm_frac'] and 100 * r['sgemm_frac'], '.0f')}% "
+            f"| {fmt(r['sgemm_tiled_frac'] and 100 * r['sgemm_tiled_frac'], '.0f')}% "
+            f"| {fmt(r['peak_mib'], '.1f')} | {fmt(r['mem_frac'] and 100 * r['mem_frac'], '.2f')}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prints the benchmark table for the target cases (``python -m distillkit.opbench``)."""
+    parser = argparse.ArgumentParser(prog="python -m distillkit.opbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median is shown)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--case", action="append", help="only cases whose name contains this text")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
+    args = parser.parse_args(argv)
+    cases = [c for c in TARGET_CASES if not args.case or any(s in c.name for s in args.case)]
+    rows = measure(cases, repeats=args.repeats, memory=not args.no_memory)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
