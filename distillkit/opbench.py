@@ -12,7 +12,9 @@ Variants (all run forward + backward of ``loss.sum()`` with gradients to query a
   (the naive form's indexed path).
 
 Time: the median wall time of ``repeats`` runs after a warm-up; variants are interleaved round by round so
-that a noisy neighbour slows all of them alike and the ratios stay meaningful.
+that a noisy neighbour slows all of them alike and the ratios stay meaningful. The machine's sgemm rate
+(``torch.mm`` in float32 at the naive form's shape ``[B, D] @ [D, K]``, and at a cache-friendly
+``[B, D] @ [D, 2048]``) is timed in the same rounds.
 
 Peak extra memory (CPU): each (case, variant) runs in a fresh Python process that builds the inputs,
 warms the variant up on a tiny case (so one-off allocations such as thread pools and BLAS buffers are not
@@ -27,6 +29,7 @@ the CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -41,6 +44,7 @@ import torch
 from distillkit.ops import membank_infonce, naive_membank_infonce, reference_membank_infonce
 
 VARIANTS: tuple[str, ...] = ("naive", "reference", "compiled", "gather_bmm")
+SGEMM: tuple[str, ...] = ("same_shape", "tiled")
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -145,19 +149,35 @@ def variant_step(variant: str) -> Callable[[dict], None]:
     return step
 
 
-def time_variants(case: Case, variants: Sequence[str], repeats: int = 5) -> dict[str, float]:
-    """Median seconds of forward + backward per variant, interleaving variants round by round."""
+def time_variants(
+    case: Case,
+    variants: Sequence[str],
+    repeats: int = 5,
+    probes: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, float]:
+    """Median seconds of forward + backward per variant, interleaving variants round by round.
+
+    Args:
+        case: The problem.
+        variants: Names from :data:`VARIANTS`.
+        repeats: Timed rounds.
+        probes: Extra named callables timed in the same rounds (e.g. the sgemm reference).
+
+    Returns:
+        Median seconds per variant and probe name.
+    """
     inputs = make_inputs(case)
-    steps = {v: variant_step(v) for v in variants}
+    steps: dict[str, Callable[[], None]] = {v: functools.partial(variant_step(v), inputs) for v in variants}
+    steps.update(probes or {})
     for step in steps.values():  # warm-up
-        step(inputs)
-    samples: dict[str, list[float]] = {v: [] for v in variants}
+        step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        for v, step in steps.items():
+        for name, step in steps.items():
             start = time.perf_counter()
-            step(inputs)
-            samples[v].append(time.perf_counter() - start)
-    return {v: statistics.median(s) for v, s in samples.items()}
+            step()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def _status_kib(field: str) -> int:
@@ -210,29 +230,45 @@ def peak_extra_memory(case: Case, variant: str, timeout: float = 600.0) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def sgemm_probe(m: int, k: int, n: int, calls: int = 1) -> tuple[Callable[[], None], int]:
+    """A float32 ``torch.mm`` of ``[m, k] @ [k, n]`` (the bank's ``[n, k]`` layout used transposed).
+
+    Returns:
+        ``(run, flops)``: ``run`` performs ``calls`` products, ``flops`` is their flop count.
+    """
+    a = torch.randn(m, k)
+    b = torch.randn(n, k).t()
+
+    def run() -> None:
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return run, 2 * m * k * n * calls
+
+
 def sgemm_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
     """GFLOP/s of float32 ``torch.mm`` of ``[m, k] @ [k, n]`` (median of ``repeats``) on all threads."""
-    a = torch.randn(m, k)
-    b = torch.randn(n, k).t()  # the bank's layout: [K, D] used transposed
-    torch.mm(a, b)
+    run, flops = sgemm_probe(m, k, n)
+    run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        run()
         times.append(time.perf_counter() - start)
-    return 2.0 * m * k * n / statistics.median(times) / 1e9
+    return flops / statistics.median(times) / 1e9
 
 
-def sgemm_rates(case: Case) -> dict[str, float]:
-    """This machine's sgemm rate for ``case``.
+def sgemm_probes(case: Case) -> dict[str, tuple[Callable[[], None], int]]:
+    """This machine's sgemm references for ``case``.
 
     Returns:
-        ``{"same_shape": ...}``: ``torch.mm`` of ``[B, D] @ [D, K]``, the GEMM the naive form runs;
-        ``{"tiled": ...}``: ``[B, D] @ [D, 2048]``, a cache-friendly shape near the BLAS peak.
+        ``"same_shape"``: ``torch.mm`` of ``[L·B, D] @ [D, K]``, the GEMM the naive form runs;
+        ``"tiled"``: repeated ``[L·B, D] @ [D, 2048]``, a cache-friendly shape near the BLAS peak.
     """
+    m = case.batch * case.layers
     return {
-        "same_shape": sgemm_gflops(case.batch * case.layers, case.dim, case.negatives),
-        "tiled": sgemm_gflops(case.batch * case.layers, case.dim, 2048),
+        "same_shape": sgemm_probe(m, case.dim, case.negatives),
+        "tiled": sgemm_probe(m, case.dim, 2048, calls=max(1, case.negatives // 2048)),
     }
 
 
@@ -241,16 +277,17 @@ def measure(cases: Iterable[Case] = TARGET_CASES, repeats: int = 5, memory: bool
 
     Returns:
         One dict per (case, variant): ``case``, ``variant``, ``ms`` (median fwd+bwd), ``speedup`` (over
-        the case's baseline, the first variant), ``gflops`` (fused-op flop count / time), ``sgemm_frac``
-        and ``sgemm_tiled_frac`` (gflops over :func:`sgemm_rates`), ``peak_mib`` and ``mem_frac`` (over
-        the baseline's), the last two None when ``memory`` is False.
+        the case's baseline, the first variant), ``gflops`` (fused-op flop count / time),
+        ``sgemm_gflops`` / ``sgemm_tiled_gflops`` (the :func:`sgemm_probes` rates, timed in the same
+        rounds; None for indexed or non-float32 cases), ``sgemm_frac`` / ``sgemm_tiled_frac`` (gflops over
+        them), ``peak_mib`` and ``mem_frac`` (over the baseline's; None when ``memory`` is False).
     """
     rows = []
     for case in cases:
         variants = case.variants()
-        times = time_variants(case, variants, repeats)
-        dense_fp32 = case.dtype == "float32" and not case.indexed
-        rates = sgemm_rates(case) if dense_fp32 else {"same_shape": None, "tiled": None}
+        probes = sgemm_probes(case) if case.dtype == "float32" and not case.indexed else {}
+        times = time_variants(case, variants, repeats, {name: run for name, (run, _) in probes.items()})
+        rates = {name: probes[name][1] / times[name] / 1e9 if name in probes else None for name in SGEMM}
         peaks = {v: peak_extra_memory(case, v) for v in variants} if memory else {}
         base = variants[0]
         for v in variants:
@@ -263,6 +300,7 @@ def measure(cases: Iterable[Case] = TARGET_CASES, repeats: int = 5, memory: bool
                     "speedup": times[base] / times[v],
                     "gflops": gflops,
                     "sgemm_gflops": rates["same_shape"],
+                    "sgemm_tiled_gflops": rates["tiled"],
                     "sgemm_frac": gflops / rates["same_shape"] if rates["same_shape"] else None,
                     "sgemm_tiled_frac": gflops / rates["tiled"] if rates["tiled"] else None,
                     "peak_mib": peaks[v] / 2**20 if memory else None,
@@ -275,8 +313,8 @@ def measure(cases: Iterable[Case] = TARGET_CASES, repeats: int = 5, memory: bool
 def format_table(rows: Sequence[dict]) -> str:
     """Renders :func:`measure` rows as a Markdown table."""
 
-    def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+    def fmt(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+        return "-" if value is None else format(value * scale, spec) + unit
 
     lines = [
         "| case | variant | fwd+bwd ms | speedup | GFLOP/s | of sgemm (same shape) | of sgemm (tiled) "
@@ -286,9 +324,8 @@ def format_table(rows: Sequence[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['gflops']:.1f} "
-            f"| {fmt(r['sgemm_frac'] and 100 * r['sgemm_frac'], '.0f')}% "
-            f"| {fmt(r['sgemm_tiled_frac'] and 100 * r['sgemm_tiled_frac'], '.0f')}% "
-            f"| {fmt(r['peak_mib'], '.1f')} | {fmt(r['mem_frac'] and 100 * r['mem_frac'], '.2f')}% |"
+            f"| {fmt(r['sgemm_frac'], '.0f', 100, '%')} | {fmt(r['sgemm_tiled_frac'], '.0f', 100, '%')} "
+            f"| {fmt(r['peak_mib'], '.1f')} | {fmt(r['mem_frac'], '.2f', 100, '%')} |"
         )
     return "\n".join(lines)
 
