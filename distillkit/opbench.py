@@ -12,9 +12,12 @@ Variants (all run forward + backward of ``loss.sum()`` with gradients to query a
   (the naive form's indexed path).
 
 Time: the median wall time of ``repeats`` runs after a warm-up; variants are interleaved round by round so
-that a noisy neighbour slows all of them alike and the ratios stay meaningful. The machine's sgemm rate
-(``torch.mm`` in float32 at the naive form's shape ``[B, D] @ [D, K]``, and at a cache-friendly
-``[B, D] @ [D, 2048]``) is timed in the same rounds.
+that a noisy neighbour slows all of them alike and the ratios stay meaningful. The machine's sgemm rate is
+timed in the same rounds, two ways: ``torch.mm`` in float32 at the naive form's shape ``[B, D] @ [D, K]`` on
+all threads (wall clock), and ``[B, D] @ [D, 2048]`` on one thread per CPU-second. The second is compared
+with the variants' flops per CPU-second (``time.process_time``, all threads): on a shared machine, where
+neighbours take cores away and multi-threaded BLAS calls stall at their barriers, that efficiency stays
+stable while wall-clock rates do not.
 
 Peak extra memory (CPU): each (case, variant) runs in a fresh Python process that builds the inputs,
 warms the variant up on a tiny case (so one-off allocations such as thread pools and BLAS buffers are not
@@ -44,7 +47,6 @@ import torch
 from distillkit.ops import membank_infonce, naive_membank_infonce, reference_membank_infonce
 
 VARIANTS: tuple[str, ...] = ("naive", "reference", "compiled", "gather_bmm")
-SGEMM: tuple[str, ...] = ("same_shape", "tiled")
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -154,30 +156,35 @@ def time_variants(
     variants: Sequence[str],
     repeats: int = 5,
     probes: dict[str, Callable[[], None]] | None = None,
-) -> dict[str, float]:
-    """Median seconds of forward + backward per variant, interleaving variants round by round.
+) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of forward + backward per variant, interleaving variants by round.
 
     Args:
         case: The problem.
         variants: Names from :data:`VARIANTS`.
         repeats: Timed rounds.
-        probes: Extra named callables timed in the same rounds (e.g. the sgemm reference).
+        probes: Extra named callables timed in the same rounds (e.g. the sgemm references).
 
     Returns:
-        Median seconds per variant and probe name.
+        ``{name: {"wall": s, "cpu": s}}`` per variant and probe: median wall seconds and median CPU
+        seconds of the whole process (all threads, ``time.process_time``).
     """
     inputs = make_inputs(case)
     steps: dict[str, Callable[[], None]] = {v: functools.partial(variant_step(v), inputs) for v in variants}
     steps.update(probes or {})
     for step in steps.values():  # warm-up
         step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])} for name in steps
+    }
 
 
 def _status_kib(field: str) -> int:
@@ -230,8 +237,17 @@ def peak_extra_memory(case: Case, variant: str, timeout: float = 600.0) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def sgemm_probe(m: int, k: int, n: int, calls: int = 1) -> tuple[Callable[[], None], int]:
+def sgemm_probe(
+    m: int, k: int, n: int, calls: int = 1, threads: int | None = None
+) -> tuple[Callable[[], None], int]:
     """A float32 ``torch.mm`` of ``[m, k] @ [k, n]`` (the bank's ``[n, k]`` layout used transposed).
+
+    Args:
+        m: Rows of the left factor.
+        k: Inner size.
+        n: Columns of the product.
+        calls: Products per run.
+        threads: Threads to run them on (all of torch's when None).
 
     Returns:
         ``(run, flops)``: ``run`` performs ``calls`` products, ``flops`` is their flop count.
@@ -240,15 +256,21 @@ def sgemm_probe(m: int, k: int, n: int, calls: int = 1) -> tuple[Callable[[], No
     b = torch.randn(n, k).t()
 
     def run() -> None:
-        for _ in range(calls):
-            torch.mm(a, b)
+        saved = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            for _ in range(calls):
+                torch.mm(a, b)
+        finally:
+            torch.set_num_threads(saved)
 
     return run, 2 * m * k * n * calls
 
 
-def sgemm_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
-    """GFLOP/s of float32 ``torch.mm`` of ``[m, k] @ [k, n]`` (median of ``repeats``) on all threads."""
-    run, flops = sgemm_probe(m, k, n)
+def sgemm_gflops(m: int, k: int, n: int, repeats: int = 5, threads: int | None = None) -> float:
+    """GFLOP/s (wall) of float32 ``torch.mm`` of ``[m, k] @ [k, n]``, median of ``repeats``."""
+    run, flops = sgemm_probe(m, k, n, threads=threads)
     run()
     times = []
     for _ in range(repeats):
@@ -262,13 +284,15 @@ def sgemm_probes(case: Case) -> dict[str, tuple[Callable[[], None], int]]:
     """This machine's sgemm references for ``case``.
 
     Returns:
-        ``"same_shape"``: ``torch.mm`` of ``[L·B, D] @ [D, K]``, the GEMM the naive form runs;
-        ``"tiled"``: repeated ``[L·B, D] @ [D, 2048]``, a cache-friendly shape near the BLAS peak.
+        ``"same_shape"``: ``torch.mm`` of ``[L·B, D] @ [D, K]`` on all threads, the GEMM the naive form
+        runs (its wall-clock rate is "the machine's sgemm rate at this shape");
+        ``"one_core"``: repeated ``[L·B, D] @ [D, 2048]`` on one thread, a cache-friendly shape at the
+        BLAS peak of one core (compared per CPU-second, it does not depend on how busy the machine is).
     """
     m = case.batch * case.layers
     return {
         "same_shape": sgemm_probe(m, case.dim, case.negatives),
-        "tiled": sgemm_probe(m, case.dim, 2048, calls=max(1, case.negatives // 2048)),
+        "one_core": sgemm_probe(m, case.dim, 2048, calls=max(1, case.negatives // 8192), threads=1),
     }
 
 
@@ -276,33 +300,39 @@ def measure(cases: Iterable[Case] = TARGET_CASES, repeats: int = 5, memory: bool
     """Measures every case and variant.
 
     Returns:
-        One dict per (case, variant): ``case``, ``variant``, ``ms`` (median fwd+bwd), ``speedup`` (over
-        the case's baseline, the first variant), ``gflops`` (fused-op flop count / time),
-        ``sgemm_gflops`` / ``sgemm_tiled_gflops`` (the :func:`sgemm_probes` rates, timed in the same
-        rounds; None for indexed or non-float32 cases), ``sgemm_frac`` / ``sgemm_tiled_frac`` (gflops over
-        them), ``peak_mib`` and ``mem_frac`` (over the baseline's; None when ``memory`` is False).
+        One dict per (case, variant): ``case``, ``variant``, ``ms`` / ``cpu_ms`` (median wall / CPU time
+        of fwd+bwd), ``speedup`` (wall, over the case's baseline: the first variant), ``gflops`` (fused-op
+        flop count per wall second), ``sgemm_gflops`` and ``sgemm_frac`` (the all-thread same-shape
+        ``torch.mm`` rate and gflops over it), ``core_gflops`` (flops per CPU second), ``sgemm_core_gflops``
+        and ``core_frac`` (the one-core ``torch.mm`` rate per CPU second and core_gflops over it),
+        ``peak_mib`` and ``mem_frac`` (over the baseline's). The sgemm fields are None for indexed or
+        non-float32 cases, the memory fields when ``memory`` is False.
     """
     rows = []
     for case in cases:
         variants = case.variants()
         probes = sgemm_probes(case) if case.dtype == "float32" and not case.indexed else {}
         times = time_variants(case, variants, repeats, {name: run for name, (run, _) in probes.items()})
-        rates = {name: probes[name][1] / times[name] / 1e9 if name in probes else None for name in SGEMM}
+        sgemm = probes["same_shape"][1] / times["same_shape"]["wall"] / 1e9 if probes else None
+        core = probes["one_core"][1] / times["one_core"]["cpu"] / 1e9 if probes else None
         peaks = {v: peak_extra_memory(case, v) for v in variants} if memory else {}
         base = variants[0]
         for v in variants:
-            gflops = case.flops / times[v] / 1e9
+            gflops = case.flops / times[v]["wall"] / 1e9
+            core_gflops = case.flops / times[v]["cpu"] / 1e9
             rows.append(
                 {
                     "case": case.name,
                     "variant": v,
-                    "ms": times[v] * 1e3,
-                    "speedup": times[base] / times[v],
+                    "ms": times[v]["wall"] * 1e3,
+                    "cpu_ms": times[v]["cpu"] * 1e3,
+                    "speedup": times[base]["wall"] / times[v]["wall"],
                     "gflops": gflops,
-                    "sgemm_gflops": rates["same_shape"],
-                    "sgemm_tiled_gflops": rates["tiled"],
-                    "sgemm_frac": gflops / rates["same_shape"] if rates["same_shape"] else None,
-                    "sgemm_tiled_frac": gflops / rates["tiled"] if rates["tiled"] else None,
+                    "sgemm_gflops": sgemm,
+                    "sgemm_frac": gflops / sgemm if sgemm else None,
+                    "core_gflops": core_gflops,
+                    "sgemm_core_gflops": core,
+                    "core_frac": core_gflops / core if core else None,
                     "peak_mib": peaks[v] / 2**20 if memory else None,
                     "mem_frac": peaks[v] / max(peaks[base], 1) if memory else None,
                 }
@@ -317,14 +347,15 @@ def format_table(rows: Sequence[dict]) -> str:
         return "-" if value is None else format(value * scale, spec) + unit
 
     lines = [
-        "| case | variant | fwd+bwd ms | speedup | GFLOP/s | of sgemm (same shape) | of sgemm (tiled) "
-        "| peak extra MiB | memory vs baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | variant | fwd+bwd ms | speedup | GFLOP/s | of sgemm, same shape | GFLOP per CPU-s "
+        "| of 1-core sgemm | peak extra MiB | memory vs baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['gflops']:.1f} "
-            f"| {fmt(r['sgemm_frac'], '.0f', 100, '%')} | {fmt(r['sgemm_tiled_frac'], '.0f', 100, '%')} "
+            f"| {fmt(r['sgemm_frac'], '.0f', 100, '%')} | {r['core_gflops']:.1f} "
+            f"| {fmt(r['core_frac'], '.0f', 100, '%')} "
             f"| {fmt(r['peak_mib'], '.1f')} | {fmt(r['mem_frac'], '.2f', 100, '%')} |"
         )
     return "\n".join(lines)
