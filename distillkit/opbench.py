@@ -220,15 +220,16 @@ def _peak_extra_bytes_here(case: Case, variant: str) -> int:
 
 
 def peak_extra_memory(case: Case, variant: str, timeout: float = 600.0) -> int:
-    """Peak extra resident memory (bytes) of one forward + backward, measured in a fresh process."""
+    """Peak extra resident memory (bytes) of one forward + backward, in a fresh process (same threads)."""
     code = (
-        "import json, sys\n"
+        "import json, sys, torch\n"
         "from distillkit.opbench import Case, _peak_extra_bytes_here\n"
+        "torch.set_num_threads(int(sys.argv[3]))\n"
         "case = Case(**json.loads(sys.argv[1]))\n"
         "print(_peak_extra_bytes_here(case, sys.argv[2]))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(case)), variant],
+        [sys.executable, "-c", code, json.dumps(asdict(case)), variant, str(torch.get_num_threads())],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -368,7 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--case", action="append", help="only cases whose name contains this text")
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = [c for c in TARGET_CASES if not args.case or any(s in c.name for s in args.case)]
     rows = measure(cases, repeats=args.repeats, memory=not args.no_memory)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
