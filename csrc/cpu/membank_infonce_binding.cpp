@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -86,15 +87,14 @@ void run(cpu::Problem<in_t, acc_t>& p, at::ScalarType acc_dtype) {
   if (p.negative_index != nullptr) {
     int64_t bad = 0;
     bool ok = true;
+    std::mutex bad_mutex;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(static_cast<size_t>(cpu::indexed_scratch_size(p)));
       int64_t local_bad = 0;
       if (!cpu::indexed_rows(p, begin, end, scratch.data(), &local_bad)) {
-#pragma omp critical(distillkit_bad_index)
-        {
-          ok = false;
-          bad = local_bad;
-        }
+        std::lock_guard<std::mutex> lock(bad_mutex);
+        ok = false;
+        bad = local_bad;
       }
     });
     TORCH_CHECK_INDEX(ok, "membank_infonce: negative_index holds ", bad, ", outside [0, ", p.bank_rows,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -83,5 +84,25 @@ def test_fallback_without_extension_warns_once_and_matches():
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@needs_op
+def test_kernel_without_fortran_blas_uses_aten_gemm():
+    code = (
+        "import torch\n"
+        "from distillkit.ops import membank_infonce\n"
+        "from tests.ops.helpers import float64_truth\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, p = torch.randn(3, 5, 19, generator=g), torch.randn(3, 5, 19, generator=g)\n"
+        "bank = torch.randn(3, 700, 19, generator=g)\n"
+        "for dtype in (torch.float32, torch.float64):\n"
+        "    got = membank_infonce(q.to(dtype), p.to(dtype), bank.to(dtype), 0.3).double()\n"
+        "    torch.testing.assert_close(got, float64_truth(q, p, bank, 0.3), rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "DISTILLKIT_CPU_GEMM": "aten", "DISTILLKIT_CPU_TILE": "64"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
