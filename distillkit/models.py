@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,9 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
     source = resolve_path(source)
     try:
         if source.endswith(".txt"):
+            if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
+                words = Path(source).read_text(encoding="utf-8").splitlines()
+                return BertTokenizerFast(vocab={w: i for i, w in enumerate(words) if w}, do_lower_case=True)
             return BertTokenizerFast(vocab_file=source, do_lower_case=True)
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
@@ -154,8 +158,8 @@ def teacher_layer_indices(student_layers: int, teacher_layers: int) -> list[int]
 
 def _narrow_config(config: Any, hidden: int) -> Any:
     head_dim = config.hidden_size // config.num_attention_heads
-    heads = max(1, hidden // head_dim)
-    if hidden % heads:
+    heads = hidden // head_dim
+    if hidden % head_dim:
         raise ConfigError(
             f"student.hidden_size {hidden} is not a multiple of the teacher's attention-head size "
             f"{head_dim}; "

@@ -383,16 +383,23 @@ def prepare_teacher(
     """
     spec = config.teacher
     tune = spec.finetune
+    set_seed(config.data.split_seed)  # a teacher built from `config` is the same in every run and seed
     if tune is None:
         return freeze(load_model(spec, data.num_labels, "teacher")), {}
-    key = _fingerprint(spec.model_dump(), config.data.model_dump(), data.label_names, config.train.precision)
+    # The cache key covers what the fine-tuning sees (not the size of the evaluation subset).
+    data_key = config.data.model_dump(exclude={"max_eval_examples"})
+    key = _fingerprint(spec.model_dump(), data_key, data.label_names, config.train.precision)
+    eval_key = _fingerprint(config.data.model_dump())
     name = Path((spec.path or "config").rstrip("/")).name.replace(":", "_")
     cache = Path(tune.cache_dir) / f"{name}-{key}"
     done = cache / "finetune.json"
     if done.exists():
         teacher = load_model(spec.model_copy(update={"path": str(cache)}), data.num_labels, "teacher")
-        return freeze(teacher), json.loads(done.read_text(encoding="utf-8"))
-    set_seed(config.data.split_seed)
+        info = json.loads(done.read_text(encoding="utf-8"))
+        scored = cache / f"eval-{eval_key}.json"  # the teacher's score on this evaluation subset, if known
+        info["eval"] = json.loads(scored.read_text(encoding="utf-8")) if scored.exists() else {}
+        info["eval_cache"] = str(scored)
+        return freeze(teacher), info
     teacher = load_model(spec, data.num_labels, "teacher")
     dims = ModelDims.from_models(teacher, teacher)
     objective = DistillationObjective.from_config([{"loss": "ce"}], dims)
@@ -419,11 +426,18 @@ def prepare_teacher(
         output_dir=cache / "run",
         description="fine-tune teacher",
     )
-    info = {"cache": str(cache), "eval": result.eval, "seconds": result.seconds, "steps": result.step}
+    info = {
+        "cache": str(cache),
+        "eval": result.eval,
+        "eval_key": eval_key,
+        "seconds": result.seconds,
+        "steps": result.step,
+    }
     if accelerator.is_main_process:
         teacher.save_pretrained(cache)
         tokenizer.save_pretrained(cache)
         done.write_text(json.dumps(info, indent=2), encoding="utf-8")
+        (cache / f"eval-{eval_key}.json").write_text(json.dumps(result.eval), encoding="utf-8")
     accelerator.wait_for_everyone()
     return freeze(teacher), info
 
@@ -518,13 +532,15 @@ def _finish(
     teacher_eval = teacher_info.get("eval")  # a fine-tuned teacher was scored on this eval split
     if not teacher_eval:
         teacher_eval = evaluate(teacher, eval_loader, data.num_labels, accelerator)
+        if teacher_info.get("eval_cache") and accelerator.is_main_process:
+            Path(teacher_info["eval_cache"]).write_text(json.dumps(teacher_eval), encoding="utf-8")
     summary: dict[str, Any] = {
         "steps": result.step,
         "skipped_steps": result.skipped,
         "train_seconds": result.seconds,
         "final_terms": result.final_terms,
         "student": {"eval": result.eval, "parameters": count_parameters(student)},
-        "teacher": {"eval": teacher_eval, "parameters": count_parameters(teacher), **teacher_info},
+        "teacher": {**teacher_info, "eval": teacher_eval, "parameters": count_parameters(teacher)},
         "labels": data.label_names,
         "eval_examples": len(data.eval),
         "train_examples": len(data.train),
@@ -535,7 +551,7 @@ def _finish(
                 k: v.to(accelerator.device)
                 for k, v in collator([data.eval[i] for i in range(s, min(s + 32, len(data.eval)))]).items()
             }
-            for s in range(0, min(len(data.eval), 256), 32)
+            for s in range(0, min(len(data.eval), 128), 32)
         ]
         teacher_s = time_inference(teacher, timing, repeats=2)
         student_s = time_inference(student, timing, repeats=2)
