@@ -16,9 +16,10 @@ import torch
 from distillkit.ops._backward import infonce_backward
 
 OP_NAME = "distillkit::membank_infonce_fwd"
-_state: dict[str, object] = {"loaded": False, "error": None, "warned": False}
+_state: dict[str, object] = {"loaded": False, "error": None}
 # device type -> whether the compiled op has a kernel for it; filled once by load().
 _KERNELS: dict[str, bool] = {}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta", "mps": "MPS", "xpu": "XPU"}
 
 
 def _fake_fwd(query, positive, bank, temperature, query_labels, bank_labels, negative_index):
@@ -60,8 +61,7 @@ def load() -> None:
         pass
     torch.library.register_fake(OP_NAME)(_fake_fwd)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-    for device_type in ("cpu", "cuda"):
-        key = "CPU" if device_type == "cpu" else "CUDA"
+    for device_type, key in _DISPATCH_KEYS.items():
         _KERNELS[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, key)
 
 
@@ -72,14 +72,16 @@ def compiled_available() -> bool:
 
 
 def kernel_available(device_type: str) -> bool:
-    """Whether the compiled op has a kernel for ``device_type``; warns once when the extension is missing."""
+    """Whether the compiled op has a kernel for ``device_type``; warns once per device type when not."""
     if _KERNELS.get(device_type, False):
         return True
-    if _state["error"] is not None and not _state["warned"] and not torch.compiler.is_compiling():
-        _state["warned"] = True
+    warned = _state.setdefault("warned_devices", set())
+    if device_type not in warned and not torch.compiler.is_compiling():
+        warned.add(device_type)
+        reason = _state["error"] if _state["error"] is not None else f"no {device_type} kernel built"
         warnings.warn(
-            "distillkit: compiled membank_infonce not available "
-            f"({_state['error']}); using the pure-PyTorch reference",
+            f"distillkit: compiled membank_infonce not available ({reason}); "
+            "using the pure-PyTorch reference",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -169,7 +169,7 @@ def canonicalize(
                 "membank_infonce: negative_index has no negatives (K=0); give at least one per query"
             )
         ni = ni.to(torch.int64).reshape(layers, batch, ni.shape[-1]).contiguous()
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and ni.device.type != "meta":
             low, high = int(ni.min()), int(ni.max())
             if low < 0 or high >= rows:
                 bad = low if low < 0 else high
