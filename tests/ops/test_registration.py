@@ -45,14 +45,15 @@ def test_kernel_rejects_out_of_range_index_without_crashing():
         torch.ops.distillkit.membank_infonce_fwd(q, p, bank, tau, None, None, bad)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
     def step(q, p, bank, ni):
         return (
             membank_infonce(q, p, bank, 0.2).mean()
             + membank_infonce(q, p, bank, 0.2, negative_index=ni).mean()
         )
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 16, generator=g, requires_grad=True)
     p = torch.randn(3, 16, generator=g)
