@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distillkit.config import DistillConfig, apply_overrides, config_from_dict, safe_load_yaml
 from distillkit.errors import ConfigError
+from distillkit.registry import get_loss
 
 
 class StudyConfig(BaseModel):
@@ -108,6 +109,8 @@ def load_study(
             data["train"] = {**(data.get("train") or {}), "seed": seed}
             try:
                 runs[run_id] = config_from_dict(data)
+                for term in runs[run_id].objective:  # loss parameters too, before any run starts
+                    get_loss(term.loss).cls.parse_params(term.params())
             except ConfigError as exc:
                 raise ConfigError(f"study variant '{name}': {exc}") from None
     return study, runs
