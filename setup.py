@@ -82,9 +82,13 @@ setup(
         "transformers>=4.40",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "datasets>=2.14",
+        "accelerate>=0.26",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],
+        "tensorboard": ["tensorboard"],
         "dev": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "ruff>=0.4", "ninja"],
     },
     entry_points={
