@@ -203,21 +203,75 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", help="with --op: write a PNG of time and memory vs K here")
 
 
+def run_op_table(
+    batch: int,
+    dim: int,
+    bank_sizes: list[int],
+    dtype: torch.dtype = torch.float32,
+    repeat: int = 5,
+    plot: str | None = None,
+) -> int:
+    """Prints fwd+bwd time and peak extra memory vs bank size for naive, reference and compiled InfoNCE.
+
+    Args:
+        batch: Queries ``B``.
+        dim: Vector size ``D``.
+        bank_sizes: The ``K`` values.
+        dtype: Input dtype.
+        repeat: Timed runs per variant (median shown).
+        plot: Write a PNG of time and memory vs ``K`` here (needs matplotlib).
+
+    Returns:
+        The exit status.
+    """
+    from distillkit.opbench import Case, format_table, measure
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    cases = [
+        Case(f"B{batch} D{dim} K{k}", batch=batch, dim=dim, negatives=k, dtype=dtype_name) for k in bank_sizes
+    ]
+    rows = []
+    for case in cases:
+        rows += measure([case], repeats=repeat)
+        print(f"  {case.name}: done", file=sys.stderr, flush=True)
+    print(f"\nmembank InfoNCE forward+backward, CPU, {dtype_name}, {torch.get_num_threads()} threads\n")
+    print(format_table(rows))
+    if plot:
+        _plot_op_rows(rows, bank_sizes, plot)
+        print(f"\nplot written to {plot}")
+    return 0
+
+
+def _plot_op_rows(rows: list[dict[str, Any]], bank_sizes: list[int], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from exc
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        chosen = [row for row in rows if row["variant"] == variant]
+        time_axis.plot(bank_sizes, [row["ms"] for row in chosen], marker="o", label=variant)
+        memory_axis.plot(bank_sizes, [row["peak_mib"] for row in chosen], marker="o", label=variant)
+    for axis, label in ((time_axis, "fwd+bwd ms"), (memory_axis, "peak extra MiB")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("bank size K")
+        axis.set_ylabel(label)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Runs ``distillkit bench`` and prints a markdown table; returns the exit status."""
     dtype = getattr(torch, args.dtype)
     if args.op:
-        from distillkit.opbench import run_op_table
-
-        return run_op_table(
-            batch=args.op_b,
-            dim=args.op_d,
-            bank_sizes=[int(k) for k in args.op_k.split(",")],
-            device=args.device,
-            dtype=dtype,
-            repeat=args.repeat,
-            plot=args.plot,
-        )
+        if args.device != "cpu":
+            raise SystemExit("--op measures CPU time and memory; on a GPU use benchmarks/cuda_bench.py")
+        bank_sizes = [int(k) for k in args.op_k.split(",")]
+        return run_op_table(args.op_b, args.op_d, bank_sizes, dtype=dtype, repeat=args.repeat, plot=args.plot)
     shapes = BenchShapes(
         batch=args.batch,
         seq=args.seq,
