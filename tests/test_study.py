@@ -39,7 +39,9 @@ def test_study_writes_table_and_plot_and_skips_finished_runs(tmp_path, capsys):
     assert all(r["runs"] == 2 for r in rows)
     assert "term.kd" in rows[1] and "term.kd" not in rows[0]
     table = (out / "results.md").read_text(encoding="utf-8")
-    assert table.count("±") == 2 + 2 * 2  # header + two metrics per row and "| none |" in table and "| kd+l2 |" in table
+    assert (
+        table.count("±") == 2 + 2 * 2
+    )  # header + two metrics per row and "| none |" in table and "| kd+l2 |" in table
     with open(out / "results.csv", encoding="utf-8") as handle:
         assert [r["variant"] for r in csv.DictReader(handle)] == ["none", "kd+l2"]
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
