@@ -105,7 +105,9 @@ class StudentObjective(nn.Module):
 def make_accelerator() -> Accelerator:
     """The accelerate engine: device placement, DDP, gathering (mixed precision is set per run)."""
     return Accelerator(
-        rng_types=[], kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        cpu=not torch.cuda.is_available(),  # on CPU, torchrun then means gloo processes (MULTI_CPU)
+        rng_types=[],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
 
