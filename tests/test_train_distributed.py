@@ -1,0 +1,35 @@
+"""Two gloo processes under torchrun: rank-0-only logs and checkpoints, sharded data, gathered evaluation."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.distill_fixtures import tiny_config
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+
+
+def test_two_processes(tmp_path):
+    raw = tiny_config(tmp_path, steps=4, save_every=2, batch_size=4, tensorboard=False)
+    raw["objective"].append({"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 16}})
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "distillkit.cli"]
+    result = subprocess.run(
+        [*command, "distill", str(path)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("student saved to") == 1  # only rank 0 reports
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["student"]["eval"]["examples"] == 5  # gathered from both ranks, padding dropped
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-00000002",
+        "step-00000004",
+    ]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
