@@ -159,5 +159,13 @@ def test_cli_reports_errors(tmp_path, capsys):
     path.write_text(json.dumps(raw), encoding="utf-8")  # JSON is YAML
     assert cli.main(["distill", str(path), "--set", "data.text_column=txt"]) == 2
     assert "data.text_column 'txt'" in capsys.readouterr().err
-    assert cli.main(["distill", str(path), "--set", "train.steps=2", "--set", "train.tensorboard=false"]) == 0
+    overrides = [
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.tensorboard=false",
+        "--set",
+        "train.precision=bf16",
+    ]
+    assert cli.main(["distill", str(path), *overrides]) == 0  # bf16 autocast (CPU autocast here)
     assert (tmp_path / "run" / "summary.json").exists()
