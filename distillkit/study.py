@@ -196,7 +196,8 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(summaries.values()))
     teacher = first["teacher"]
-    terms = list(dict.fromkeys(k for row in rows for k in row if k.startswith("term.")))
+    terms = list(dict.fromkeys(k for row in rows for k in row if k.startswith("term.") and k != "term.total"))
+    terms.append("term.total")
     metric = study.metric
     header = [
         "variant",
