@@ -1,0 +1,115 @@
+"""Crash safety: a run killed with SIGKILL and resumed ends exactly where an uninterrupted run ends."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillkit.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tests.distill_fixtures import tiny_config
+
+STEPS = 60
+
+
+def _config(tmp_path: Path, name: str) -> Path:
+    raw = tiny_config(tmp_path, steps=STEPS, save_every=5, keep_last=3, batch_size=8, tensorboard=False)
+    raw["objective"].append({"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 32}})
+    raw["output_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    return path
+
+
+def _distill(config: Path, *extra: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "distillkit.cli", "distill", str(config), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def _final_state(run: Path) -> tuple[dict, dict]:
+    last = latest_checkpoint(run / "checkpoints")
+    assert last is not None and last.name == f"step-{STEPS:08d}"
+    return load_file(str(last / "student.safetensors")), load_file(str(last / "objective.safetensors"))
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    reference = _distill(_config(tmp_path, "reference"))
+    out, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+
+    victim_config = _config(tmp_path, "victim")
+    victim = _distill(victim_config)
+    checkpoints = tmp_path / "victim" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(checkpoints) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random().uniform(0.0, 0.5))  # somewhere after the first checkpoint, maybe mid-save
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = latest_checkpoint(checkpoints)
+    assert killed_at is not None and killed_at.name != f"step-{STEPS:08d}"
+    print(f"killed with the newest checkpoint at {killed_at.name} of step-{STEPS:08d}")
+
+    resumed = _distill(victim_config, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from {killed_at}" in out
+
+    (ref_student, ref_objective), (student, objective) = (
+        _final_state(tmp_path / "reference"),
+        _final_state(tmp_path / "victim"),
+    )
+    assert ref_student.keys() == student.keys() and ref_objective.keys() == objective.keys()
+    for name in ref_student:
+        assert torch.equal(ref_student[name], student[name]), name
+    for name in ref_objective:  # projection heads and the memory bank (keys, labels, pointer)
+        assert torch.equal(ref_objective[name], objective[name]), name
+    assert any("bank.keys" in name for name in objective)
+
+
+def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    objective = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    parts = {"student": model, "objective": objective, "optimizer": optimizer, "scheduler": scheduler}
+    first = save_checkpoint(tmp_path, 1, **parts)
+
+    import distillkit.checkpoint as checkpoint
+
+    def crash(*args, **kwargs):
+        raise OSError("disk vanished")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)  # dies after writing the files, before publishing
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk vanished"):
+        save_checkpoint(tmp_path, 2, **parts)
+    assert list_checkpoints(tmp_path) == [first]
+    restored = torch.nn.Linear(3, 2)
+    restored_optimizer = torch.optim.AdamW(restored.parameters())
+    load_checkpoint(
+        first,
+        student=restored,
+        objective=torch.nn.Linear(2, 2),
+        optimizer=restored_optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(restored_optimizer, lambda step: 1.0),
+        restore_rng=False,
+    )
+    assert not torch.equal(restored.weight, model.weight)
+    torch.testing.assert_close(restored.weight, model.weight - 1.0)
