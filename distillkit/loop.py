@@ -353,6 +353,8 @@ def fit(
         if stopping:
             break
     bar.close()
+    if not result.eval and step >= train.steps:  # resumed from the final checkpoint: nothing left to train
+        result.eval = evaluate(student, eval_loader, data.num_labels, accelerator, autocast)
     log.close()
     result.step, result.skipped = step, skipped
     result.history = result.history[:1] + result.history[-1:] if len(result.history) > 1 else result.history

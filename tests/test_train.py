@@ -69,6 +69,8 @@ def test_resume_gives_the_same_weights(tmp_path):
     logs = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("whole", "parted")]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
     train = [[r for r in log if r["split"] == "train"] for log in logs]
+    again = distill(config_from_dict(parted), resume=True)  # resuming a finished run only reports
+    assert again["steps"] == 6 and again["student"]["eval"]["examples"] == 5
     assert [r["total"] for r in train[0]] == pytest.approx([r["total"] for r in train[1]], rel=1e-6)
 
 
