@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader
 
 from distillkit.config import DistillConfig, load_config
 from distillkit.data import Collator, TaskData, load_task_data
+from distillkit.errors import ConfigError
 from distillkit.evaluate import evaluate, time_inference
 from distillkit.loop import FitResult, NonFiniteLossError, fit, make_accelerator
 from distillkit.losses import ModelDims
+from distillkit.membank import IndexBank
 from distillkit.models import count_parameters, freeze, load_model, load_tokenizer, student_from_teacher
 from distillkit.objective import DistillationObjective
 
@@ -112,6 +114,17 @@ def prepare_teacher(
     return freeze(teacher), info
 
 
+def _check_index_banks(objective: nn.Module, examples: int) -> None:
+    """Index-keyed memory banks need one slot per training example (``example_ids`` are 0..N-1)."""
+    for name, module in objective.named_modules():
+        if isinstance(module, IndexBank) and module.size < examples:
+            term = name.split(".")[1] if name.startswith("terms.") else name
+            raise ConfigError(
+                f"objective term '{term}' has an index bank of {module.size} slots but the training data has "
+                f"{examples} examples; set its bank.size to {examples}"
+            )
+
+
 def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int) -> nn.Module:
     """Builds the student from its path or config, or from the teacher (``layers``, ``hidden_size``)."""
     spec = config.student
@@ -146,7 +159,10 @@ def distill(
     # Validate the objective against the real model sizes before any training (also the teacher's).
     base = load_model(config.teacher.model_copy(update={"finetune": None}), data.num_labels, "teacher")
     probe = build_student(config, base, data.num_labels)
-    DistillationObjective.from_config(config.objective, ModelDims.from_models(probe, base))
+    _check_index_banks(
+        DistillationObjective.from_config(config.objective, ModelDims.from_models(probe, base)),
+        len(data.train),
+    )
     del base, probe
 
     teacher, teacher_info = prepare_teacher(config, data, collator, tokenizer, accelerator)

@@ -144,6 +144,10 @@ def test_nonfinite_skip(tmp_path, monkeypatch):
         ),
         (lambda r: r["student"].update(layers=9), "student.layers must be between 1"),
         (lambda r: r["train"].update(batch_size=64), "fewer than one batch"),
+        (
+            lambda r: r["objective"].append({"loss": "codir", "bank": {"kind": "index", "size": 10}}),
+            "index bank of 10 slots but the training data has 43 examples; set its bank.size to 43",
+        ),
     ],
 )
 def test_errors_before_training(tmp_path, change, message):
