@@ -19,10 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _gather(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """All-gathers ``tensor`` along ``dim`` across ranks (identity outside distributed runs).
+def rank_and_world() -> tuple[int, int]:
+    """Returns ``(rank, world_size)``; ``(0, 1)`` outside distributed runs."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    Every rank must pass a tensor of the same shape (the distributed sampler pads to equal batches).
+
+def all_gather_rows(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """All-gathers ``tensor`` along ``dim`` across ranks, in rank order (identity outside distributed runs).
+
+    The result carries no gradient. Every rank must pass a tensor of the same shape (the distributed
+    sampler gives every rank equal batches).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
@@ -80,8 +88,8 @@ class QueueBank(nn.Module):
         """
         if labels is None:
             labels = torch.full((keys.shape[1],), -1, dtype=torch.long, device=keys.device)
-        keys = _gather(keys.detach().to(self.keys.dtype), dim=1)
-        labels = _gather(labels.detach().to(torch.long), dim=0)
+        keys = all_gather_rows(keys.detach().to(self.keys.dtype), dim=1)
+        labels = all_gather_rows(labels.detach().to(torch.long), dim=0)
         count = keys.shape[1]
         if count >= self.size:
             keys, labels, count = keys[:, -self.size :], labels[-self.size :], self.size
@@ -148,10 +156,10 @@ class IndexBank(nn.Module):
             labels: ``[n]`` or None.
 
         """
-        example_ids = _gather(example_ids.to(torch.long), dim=0)
-        keys = _gather(keys.detach().to(self.keys.dtype), dim=1)
+        example_ids = all_gather_rows(example_ids.to(torch.long), dim=0)
+        keys = all_gather_rows(keys.detach().to(self.keys.dtype), dim=1)
         self.check_ids(example_ids)
         mixed = self.momentum * self.keys[:, example_ids] + (1.0 - self.momentum) * keys
         self.keys[:, example_ids] = F.normalize(mixed, dim=-1)
         if labels is not None:
-            self.labels[example_ids] = _gather(labels.detach().to(torch.long), dim=0)
+            self.labels[example_ids] = all_gather_rows(labels.detach().to(torch.long), dim=0)

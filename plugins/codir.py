@@ -8,7 +8,8 @@ vector of the same input (positive) and pushed away from negatives, via InfoNCE 
 - ``queue``: a FIFO of past teacher keys (MoCo style), ``bank.size`` keys.
 - ``index``: one slot per training example, momentum-updated, ``bank.negatives`` slots drawn per query
   (CRD style, the form of CoDIR's released code). Needs ``example_ids`` in the batch.
-- ``in_batch``: the teacher keys of the other examples in the batch (CoDIR's pre-training form).
+- ``in_batch``: the teacher keys of the other examples in the batch, across all processes under DDP
+  (CoDIR's pre-training form).
 
 ``negatives: other_labels`` drops negatives that share the query's label (CoDIR fine-tuning).
 """
@@ -25,7 +26,7 @@ from torch import nn
 from distillkit import hookimpl
 from distillkit.losses import LossParams, LossTerm, ModelDims, Taps, masked_mean
 from distillkit.mapping import LayerMapSpec
-from distillkit.membank import IndexBank, QueueBank
+from distillkit.membank import IndexBank, QueueBank, all_gather_rows, rank_and_world
 from distillkit.ops import membank_infonce
 
 
@@ -156,12 +157,42 @@ class CoDIRLoss(LossTerm):
                 bank_labels=None if labels is None else bank_labels,
             )
         else:  # in-batch negatives (also the queue's first step, while it is empty)
-            rows = torch.arange(query.shape[1], device=query.device)
-            own = rows if labels is None else labels  # a query's own row always shares its "label"
-            loss = membank_infonce(query, positive, keys, tau, query_labels=own, bank_labels=own)
+            loss = self._in_batch(query, positive, keys, labels)
         if self.bank is not None:
             self._pending = (keys, labels, None)
         return loss.mean()
+
+    def _in_batch(
+        self, query: torch.Tensor, positive: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """InfoNCE against the teacher keys of the whole (global, under DDP) batch but the query's own.
+
+        Args:
+            query: ``[L, B, dim]``.
+            positive: ``[L, B, dim]``.
+            keys: ``[L, B, dim]`` detached teacher keys of this rank's batch.
+            labels: ``[B]`` class labels for ``other_labels``, or None.
+
+        Returns:
+            ``[L, B]`` per-row losses.
+        """
+        rank, _ = rank_and_world()
+        batch = query.shape[1]
+        bank = all_gather_rows(keys, dim=1)  # [L, world·B, dim], rank order
+        if labels is None:  # each row is its own class, so only the query's own key is excluded
+            own = torch.arange(batch, device=query.device) + rank * batch
+            return membank_infonce(
+                query,
+                positive,
+                bank,
+                self.params.temperature,
+                query_labels=own,
+                bank_labels=torch.arange(bank.shape[1], device=query.device),
+            )
+        bank_labels = all_gather_rows(labels, dim=0)  # the own row shares the query's label
+        return membank_infonce(
+            query, positive, bank, self.params.temperature, query_labels=labels, bank_labels=bank_labels
+        )
 
     def after_step(self) -> None:
         """Enqueues (``queue``) or momentum-updates (``index``) the last batch's teacher keys."""
