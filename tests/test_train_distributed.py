@@ -2,15 +2,15 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.distill_fixtures import tiny_config
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
 def test_two_processes(tmp_path):
