@@ -13,6 +13,7 @@ and every random generator is checkpointed, so a resumed run reproduces an unint
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -165,6 +166,36 @@ def _micro_batches(
         epoch, skip = epoch + 1, 0
 
 
+def _mean_across_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Averages per-process loss values over processes, so logs show the global batch's losses."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    names = sorted(values)
+    packed = torch.tensor([values[name] for name in names], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(names, accelerator.reduce(packed, "mean").tolist(), strict=True))
+
+
+def _buffer_checksums(accelerator: Accelerator, objective: nn.Module, step: int) -> list[str]:
+    """Returns every process's SHA-256 of the objective's buffers (memory banks), in rank order.
+
+    Raises:
+        DistillkitError: If the processes' banks differ: a checkpoint of one rank would not describe the run.
+    """
+    digest = hashlib.sha256()
+    for name, buffer in sorted(objective.named_buffers()):
+        digest.update(name.encode())
+        digest.update(buffer.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    checksums = [digest.hexdigest()[:16]]
+    if accelerator.num_processes > 1:
+        checksums = gather_object(checksums)
+    if len(set(checksums)) > 1:
+        raise DistillkitError(
+            f"the objective's memory banks differ across processes at step {step} ({checksums}); every rank "
+            "must call objective.after_step() after each optimizer step"
+        )
+    return checksums
+
+
 def fit(
     *,
     accelerator: Accelerator,
@@ -289,6 +320,7 @@ def fit(
                         problem = _describe_nonfinite(label, value, step + 1, student_taps, teacher_taps)
                     sums[label] = sums.get(label, 0.0) + float(value.detach()) / train.grad_accum
                 accelerator.backward(total / train.grad_accum)
+        sums = _mean_across_processes(accelerator, sums)
         grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or float("inf"))
         if problem is None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
             problem = f"gradient norm is {float(grad_norm)} at step {step + 1} (all loss terms finite)"
@@ -338,6 +370,7 @@ def fit(
                 )
         stopping = stop_after_step is not None and step >= stop_after_step
         if step == train.steps or stopping or (train.save_every and step % train.save_every == 0):
+            checksums = _buffer_checksums(accelerator, objective, step)
             if main:
                 save_checkpoint(
                     checkpoints,
@@ -346,7 +379,7 @@ def fit(
                     objective=objective,
                     optimizer=optimizer,
                     scheduler=scheduler,
-                    extra={"fingerprint": fingerprint, "skipped": skipped},
+                    extra={"fingerprint": fingerprint, "skipped": skipped, "buffer_checksums": checksums},
                     keep_last=train.keep_last,
                 )
             accelerator.wait_for_everyone()
