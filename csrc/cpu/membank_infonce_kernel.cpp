@@ -102,12 +102,24 @@ inline void axpy(acc_t* y, acc_t alpha, const acc_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// max(a, b) that returns NaN when either is NaN (std::max and fmax drop a NaN), so that a NaN score is never
+// mistaken for "no valid negative" and always reaches the row's loss.
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || b != b) ? std::numeric_limits<acc_t>::quiet_NaN() : (a < b ? b : a);
+}
+
+// Row maximum; NaN if any element is NaN.
 template <typename acc_t>
 inline acc_t max_of(const acc_t* x, int64_t n) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+  int nan_seen = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan_seen)
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    nan_seen |= x[i] != x[i];
+  }
+  return nan_seen ? std::numeric_limits<acc_t>::quiet_NaN() : m;
 }
 
 // exp(x) for x <= 0 (arguments here are always score - running max), vectorisable; exp(-inf) = 0.
@@ -232,7 +244,7 @@ void dense_item(const Problem<in_t, acc_t>& p, const DensePlan& plan, int64_t it
       acc_t* s = scores + b * T;
       if (p.query_labels != nullptr) mask_labels(s, p.bank_labels + j0, p.query_labels[b], T);
       const acc_t m_old = part_max[b];
-      const acc_t m_new = std::max(m_old, max_of(s, T));
+      const acc_t m_new = nan_max(m_old, max_of(s, T));
       if (m_new == neg_inf) {  // no valid negative so far: contributes nothing
         std::fill(s, s + T, acc_t(0));
         continue;
@@ -258,7 +270,7 @@ void dense_merge(const Problem<in_t, acc_t>& p, const DensePlan& plan, int64_t r
     const int64_t l = row / B, b = row % B;
     const acc_t s_pos = dot(p.query + row * D, p.positive + row * D, D) * p.inv_tau;
     acc_t m = s_pos;
-    for (int64_t c = 0; c < C; ++c) m = std::max(m, part_max[(l * C + c) * B + b]);
+    for (int64_t c = 0; c < C; ++c) m = nan_max(m, part_max[(l * C + c) * B + b]);
     acc_t sum = exp_scalar(s_pos - m);
     acc_t* w = p.wsum + row * D;
     std::fill(w, w + D, acc_t(0));
@@ -321,7 +333,7 @@ bool indexed_rows(const Problem<in_t, acc_t>& p, int64_t row_begin, int64_t row_
         }
         keys[t] = as_acc<in_t, acc_t>(bank + r * D, key_buf + t * D, D);
         s[t] = (labelled && p.bank_labels[r] == label) ? neg_inf : dot(q, keys[t], D) * p.inv_tau;
-        cmax = std::max(cmax, s[t]);
+        cmax = nan_max(cmax, s[t]);
       }
       if (!row_ok || cmax == neg_inf) continue;
       if (cmax > m) {

@@ -73,13 +73,17 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
+/// max(a, b) that is NaN when either is NaN (fmaxf drops a NaN), so a NaN score always reaches the row's
+/// loss instead of being mistaken for "no valid negative".
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {
+  return (isnan(a) || isnan(b)) ? a + b : (a < b ? b : a);
+}
+
 template <typename A>
 __device__ __forceinline__ A warp_max(A v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const A other = __shfl_xor_sync(kFullMask, v, o);
-    v = other > v ? other : v;
-  }
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 
@@ -177,7 +181,7 @@ __global__ void __launch_bounds__(kGenericThreads)
     }
 
     // Online softmax: one rescale per chunk.
-    const A m_new = max(m, warp_max(my_z));
+    const A m_new = nan_max(m, warp_max(my_z));
     if (m_new == neg_inf<A>()) continue;  // no valid key so far (warp-uniform)
     const A alpha = exp2_acc(m - m_new);  // m == -inf -> 0 (o and lsum are 0 then)
     const A pj = valid ? exp2_acc(my_z - m_new) : A(0);
@@ -394,7 +398,7 @@ __global__ void __launch_bounds__(kTcThreads)
       z0 = ok0 ? z0 : -INFINITY;
       z1 = ok1 ? z1 : -INFINITY;
       const float m_old = __shfl_sync(kFullMask, m_mine, r);
-      const float m_new = fmaxf(m_old, warp_max(fmaxf(z0, z1)));
+      const float m_new = nan_max(m_old, warp_max(nan_max(z0, z1)));
       float alpha = 1.f, p0 = 0.f, p1 = 0.f;
       if (m_new != -INFINITY) {  // warp-uniform; all masked so far -> keep zeros, avoid -inf - -inf
         alpha = exp2f(m_old - m_new);  // m_old == -inf -> 0
@@ -509,7 +513,7 @@ __global__ void __launch_bounds__(kMergeThreads)
     A mx = z_pos;  // finite, so the merged max is finite even when every range is empty
     for (int i = lane; i < num_splits; i += 32) {
       const A mi = parts.m[i * LB + row];
-      mx = mi > mx ? mi : mx;
+      mx = nan_max(mx, mi);
     }
     mx = warp_max(mx);
     A total = A(0);
