@@ -113,3 +113,50 @@ def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_loadable(tmp_p
     )
     assert not torch.equal(restored.weight, model.weight)
     torch.testing.assert_close(restored.weight, model.weight - 1.0)
+
+
+EXPLODING = """
+from distillkit import LossTerm, hookimpl
+
+
+class Exploding(LossTerm):
+    name = "exploding"
+
+    def forward(self, student, teacher):
+        raise RuntimeError("shape bug inside the plugin")
+
+
+@hookimpl
+def distillkit_register_losses(register):
+    register(Exploding)
+"""
+
+
+def test_a_plugin_raising_in_forward_is_named_with_its_distribution_and_term(tmp_path):
+    from tests.plugin_helpers import write_distribution
+
+    site = tmp_path / "site"
+    site.mkdir()
+    write_distribution(site, "distillkit-exploding", "distillkit_exploding", EXPLODING, "exploding")
+    raw = tiny_config(tmp_path, steps=2, tensorboard=False)
+    raw["objective"].append({"loss": "exploding", "name": "aux", "weight": 0.5})
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(raw), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    env.pop("DISTILLKIT_PLUGINS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "distillkit.cli", "distill", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        "loss term 'aux' (loss 'exploding', plugin 'exploding' from distillkit-exploding 0.1) failed: "
+        "RuntimeError: shape bug inside the plugin"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list_checkpoints(
+        tmp_path / "run" / "checkpoints"
+    )
