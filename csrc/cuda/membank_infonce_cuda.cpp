@@ -26,6 +26,7 @@
 #include <tuple>
 
 #include "cuda/membank_infonce_kernels.cuh"
+#include "membank_infonce_checks.h"
 
 namespace distillkit {
 namespace {
@@ -68,36 +69,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
     const at::Tensor& query, const at::Tensor& positive, const at::Tensor& bank, double temperature,
     const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& bank_labels,
     const std::optional<at::Tensor>& negative_index) {
-  TORCH_CHECK(query.dim() == 3, "membank_infonce_fwd: query must be [L, B, D], got ", query.sizes());
-  TORCH_CHECK(positive.sizes() == query.sizes(), "membank_infonce_fwd: positive must match query ",
-              query.sizes(), ", got ", positive.sizes());
-  TORCH_CHECK(bank.dim() == 3 || bank.dim() == 2, "membank_infonce_fwd: bank must be [L, K, D] or [K, D]");
+  check_membank_infonce_args(query, positive, bank, temperature, query_labels, bank_labels, negative_index);
   const int64_t L = query.size(0), B = query.size(1), D = query.size(2);
   const bool shared = bank.dim() == 2;
-  TORCH_CHECK(shared || bank.size(0) == L, "membank_infonce_fwd: bank has ", bank.size(0), " layers, query ",
-              L);
-  TORCH_CHECK(bank.size(-1) == D, "membank_infonce_fwd: bank feature size ", bank.size(-1), " != ", D);
-  TORCH_CHECK(positive.scalar_type() == query.scalar_type() && bank.scalar_type() == query.scalar_type(),
-              "membank_infonce_fwd: query, positive and bank must share a dtype");
-  TORCH_CHECK(temperature > 0, "membank_infonce_fwd: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(query_labels.has_value() == bank_labels.has_value(),
-              "membank_infonce_fwd: give both query_labels and bank_labels or neither");
+  const int64_t rows = bank.size(-2);
   const at::Device device = query.device();
   TORCH_CHECK(device.is_cuda() && positive.device() == device && bank.device() == device,
               "membank_infonce_fwd: query, positive and bank must be on the same CUDA device");
-  const int64_t rows = bank.size(-2);
-  if (query_labels.has_value()) {
-    TORCH_CHECK(query_labels->dim() == 1 && query_labels->size(0) == B &&
-                    query_labels->scalar_type() == at::kLong && query_labels->device() == device,
-                "membank_infonce_fwd: query_labels must be int64 [B] on the query's device");
-    TORCH_CHECK(bank_labels->dim() == 1 && bank_labels->size(0) == rows &&
-                    bank_labels->scalar_type() == at::kLong && bank_labels->device() == device,
-                "membank_infonce_fwd: bank_labels must be int64 [rows of bank] on the query's device");
-  }
-  if (negative_index.has_value()) {
-    TORCH_CHECK(negative_index->dim() == 3 && negative_index->size(0) == L && negative_index->size(1) == B &&
-                    negative_index->scalar_type() == at::kLong && negative_index->device() == device,
-                "membank_infonce_fwd: negative_index must be int64 [L, B, K] on the query's device");
+  for (const auto* extra : {&query_labels, &bank_labels, &negative_index}) {
+    TORCH_CHECK(!extra->has_value() || (*extra)->device() == device,
+                "membank_infonce_fwd: labels and negative_index must be on the query's device");
   }
 
   const c10::cuda::CUDAGuard guard(device);
