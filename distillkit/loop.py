@@ -307,7 +307,7 @@ def fit(
         for micro in range(train.grad_accum):
             batch = next(batches)
             teacher_taps = None
-            if teacher is not None:
+            if teacher is not None and objective.uses_teacher:
                 inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
                 with torch.no_grad(), autocast():
                     teacher_taps = Taps.from_output(teacher(**inputs, output_hidden_states=True), batch)

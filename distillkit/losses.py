@@ -118,7 +118,9 @@ class LossTerm(nn.Module):
 
     Subclasses set ``name`` (the config name) and ``Params`` (a :class:`LossParams` subclass), and implement
     :meth:`forward`. Learned parts (projections, heads) are submodules, so the objective's parameters include
-    them. State that changes after the optimizer step (memory banks) is updated in :meth:`after_step`.
+    them. State that changes after the optimizer step (memory banks) is updated in :meth:`after_step`. A
+    term that reads nothing of the teacher sets ``uses_teacher = False``; when no term of an objective uses
+    it, the training loop skips the teacher's forward pass.
 
     Args:
         params: The validated parameters.
@@ -128,6 +130,7 @@ class LossTerm(nn.Module):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[LossParams]] = LossParams
+    uses_teacher: ClassVar[bool] = True
 
     def __init__(self, params: LossParams, dims: ModelDims) -> None:
         super().__init__()

@@ -164,6 +164,11 @@ class DistillationObjective(nn.Module):
             total = weighted if total is None else total + weighted
         return ObjectiveOutput(total=total, terms=values)
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any term reads the teacher's taps (if not, the teacher need not run)."""
+        return any(term.uses_teacher for term in self.terms.values())
+
     def after_step(self) -> None:
         """Lets each term update its state after the optimizer step (memory banks)."""
         for term in self.terms.values():

@@ -13,6 +13,7 @@ class CrossEntropyLoss(LossTerm):
     """Cross-entropy of the student's logits ``[B, C]`` (or ``[B, T, V]``, -100 ignored) against labels."""
 
     name = "ce"
+    uses_teacher = False
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss; ``teacher`` is not used."""

@@ -100,6 +100,35 @@ def test_teacher_is_frozen(tmp_path):
     assert not same_weights(student, student_before)
 
 
+def test_teacher_does_not_run_when_no_term_uses_it(tmp_path):
+    raw = tiny_config(tmp_path, steps=2)
+    raw["objective"] = [{"loss": "ce", "weight": 1.0}]
+    cfg = config_from_dict(raw)
+    tokenizer = load_tokenizer(cfg.teacher)
+    data = load_task_data(cfg.data, tokenizer)
+    teacher = load_model(cfg.teacher, data.num_labels, "teacher")
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    student = student_from_teacher(teacher, cfg.student)
+    objective = DistillationObjective.from_config(cfg.objective, ModelDims.from_models(student, teacher))
+    assert not objective.uses_teacher
+    fit(
+        accelerator=make_accelerator(),
+        student=student,
+        teacher=teacher,
+        objective=objective,
+        data=data,
+        collator=Collator(tokenizer),
+        train=cfg.train.model_copy(update={"eval_every": None}),
+        output_dir=tmp_path / "labels-only",
+    )
+    assert calls == []
+    with_kd = DistillationObjective.from_config(
+        [{"loss": "kd"}, {"loss": "ce"}], ModelDims.from_models(student, teacher)
+    )
+    assert with_kd.uses_teacher
+
+
 def _nan_on_third_call(monkeypatch):
     from distillkit_plugins.kd import KDLoss
 
