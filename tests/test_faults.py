@@ -19,8 +19,10 @@ from tests.distill_fixtures import tiny_config
 STEPS = 60
 
 
-def _config(tmp_path: Path, name: str) -> Path:
-    raw = tiny_config(tmp_path, steps=STEPS, save_every=5, keep_last=3, batch_size=8, tensorboard=False)
+def _config(tmp_path: Path, name: str, batch_size: int = 8, steps: int = STEPS) -> Path:
+    raw = tiny_config(
+        tmp_path, steps=steps, save_every=5, keep_last=3, batch_size=batch_size, tensorboard=False
+    )
     raw["objective"].append({"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 32}})
     raw["output_dir"] = str(tmp_path / name)
     path = tmp_path / f"{name}.yaml"
@@ -40,9 +42,9 @@ def _distill(config: Path, *extra: str, **popen) -> subprocess.Popen:
     )
 
 
-def _final_state(run: Path) -> tuple[dict, dict]:
+def _final_state(run: Path, steps: int = STEPS) -> tuple[dict, dict]:
     last = latest_checkpoint(run / "checkpoints")
-    assert last is not None and last.name == f"step-{STEPS:08d}"
+    assert last is not None and last.name == f"step-{steps:08d}"
     return load_file(str(last / "student.safetensors")), load_file(str(last / "objective.safetensors"))
 
 
@@ -160,3 +162,76 @@ def test_a_plugin_raising_in_forward_is_named_with_its_distribution_and_term(tmp
     assert not (tmp_path / "run" / "checkpoints").exists() or not list_checkpoints(
         tmp_path / "run" / "checkpoints"
     )
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to find the worker processes")
+def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path):
+    def launch(config: Path, *extra: str) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "distillkit.cli",
+        ]
+        return subprocess.Popen(
+            [*command, "distill", str(config), *extra],
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    steps = 120
+    reference = launch(_config(tmp_path, "reference", batch_size=4, steps=steps))
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+
+    victim_config = _config(tmp_path, "victim", batch_size=4, steps=steps)
+    victim = launch(victim_config)
+    checkpoints = tmp_path / "victim" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(checkpoints) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random().uniform(0.0, 0.5))
+    for pid in [victim.pid, *_descendants(victim.pid)]:  # the launcher and both workers (own sessions)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    victim.communicate(timeout=60)
+    killed_at = latest_checkpoint(checkpoints)
+    assert killed_at is not None and killed_at.name != f"step-{steps:08d}", "the run finished before the kill"
+    print(f"killed with the newest checkpoint at {killed_at.name} of step-{steps:08d}")
+
+    resumed = launch(victim_config, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from {killed_at}" in out
+    for ref, got in zip(
+        _final_state(tmp_path / "reference", steps), _final_state(tmp_path / "victim", steps), strict=True
+    ):
+        assert ref.keys() == got.keys()
+        for name in ref:
+            assert torch.equal(ref[name], got[name]), name
