@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -119,18 +120,21 @@ def collect_cases(losses: list[str] | None = None) -> list[BenchCase]:
     return cases
 
 
-def time_case(
-    case: BenchCase,
-    shapes: BenchShapes,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    repeat: int = 5,
-    warmup: int = 1,
-) -> dict[str, Any]:
-    """Times forward+backward of one case.
+def make_step(
+    case: BenchCase, shapes: BenchShapes, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Callable[[], None]:
+    """Builds the case's term and synthetic taps and returns one forward+backward step.
+
+    ``distillkit bench`` and the pytest-benchmark suite time the same closure.
+
+    Args:
+        case: The case.
+        shapes: Base shapes (``case.shapes`` overrides them).
+        device: Where to run.
+        dtype: Dtype of the synthetic hidden states and logits.
 
     Returns:
-        A table row: case, loss, median and min milliseconds, and peak CUDA memory when on a GPU.
+        A function running forward, backward and ``after_step`` once.
     """
     from distillkit.registry import get_loss
 
@@ -150,6 +154,23 @@ def time_case(
         loss.backward()
         term.after_step()
 
+    return step
+
+
+def time_case(
+    case: BenchCase,
+    shapes: BenchShapes,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeat: int = 5,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Times forward+backward of one case.
+
+    Returns:
+        A table row: case, loss, median and min milliseconds, and peak CUDA memory when on a GPU.
+    """
+    step = make_step(case, shapes, device, dtype)
     for _ in range(warmup):
         step()
     if device.startswith("cuda"):
