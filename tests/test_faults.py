@@ -59,7 +59,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     deadline = time.monotonic() + 300
     while not list_checkpoints(checkpoints) and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(random.Random().uniform(0.0, 0.5))  # somewhere after the first checkpoint, maybe mid-save
+    time.sleep(random.Random().uniform(0.0, 0.2))  # somewhere after the first checkpoint, maybe mid-save
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=60)
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -214,7 +214,7 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path):
     deadline = time.monotonic() + 300
     while not list_checkpoints(checkpoints) and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(random.Random().uniform(0.0, 0.5))
+    time.sleep(random.Random().uniform(0.0, 0.2))
     for pid in [victim.pid, *_descendants(victim.pid)]:  # the launcher and both workers (own sessions)
         try:
             os.kill(pid, signal.SIGKILL)
