@@ -74,26 +74,35 @@ def test_resume_gives_the_same_weights(tmp_path):
     assert [r["total"] for r in train[0]] == pytest.approx([r["total"] for r in train[1]], rel=1e-6)
 
 
-def test_teacher_is_frozen(tmp_path):
-    cfg = config_from_dict(tiny_config(tmp_path, steps=3))
+def _load_tiny(cfg):
+    """The tokenizer, tokenised data and teacher of a tiny config, as distill() would load them."""
     tokenizer = load_tokenizer(cfg.teacher)
     data = load_task_data(cfg.data, tokenizer)
-    teacher = load_model(cfg.teacher, data.num_labels, "teacher")
-    teacher.train()
-    before = copy.deepcopy(teacher)
-    student = student_from_teacher(teacher, cfg.student)
-    objective = DistillationObjective.from_config(cfg.objective, ModelDims.from_models(student, teacher))
-    student_before = copy.deepcopy(student)
-    fit(
+    return tokenizer, data, load_model(cfg.teacher, data.num_labels, "teacher")
+
+
+def _fit_tiny(tokenizer, data, teacher, student, objective, train, output_dir):
+    return fit(
         accelerator=make_accelerator(),
         student=student,
         teacher=teacher,
         objective=objective,
         data=data,
         collator=Collator(tokenizer),
-        train=cfg.train,
-        output_dir=tmp_path / "frozen",
+        train=train,
+        output_dir=output_dir,
     )
+
+
+def test_teacher_is_frozen(tmp_path):
+    cfg = config_from_dict(tiny_config(tmp_path, steps=3))
+    tokenizer, data, teacher = _load_tiny(cfg)
+    teacher.train()
+    before = copy.deepcopy(teacher)
+    student = student_from_teacher(teacher, cfg.student)
+    objective = DistillationObjective.from_config(cfg.objective, ModelDims.from_models(student, teacher))
+    student_before = copy.deepcopy(student)
+    _fit_tiny(tokenizer, data, teacher, student, objective, cfg.train, tmp_path / "frozen")
     assert not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert same_weights(teacher, before)
@@ -104,29 +113,17 @@ def test_teacher_does_not_run_when_no_term_uses_it(tmp_path):
     raw = tiny_config(tmp_path, steps=2)
     raw["objective"] = [{"loss": "ce", "weight": 1.0}]
     cfg = config_from_dict(raw)
-    tokenizer = load_tokenizer(cfg.teacher)
-    data = load_task_data(cfg.data, tokenizer)
-    teacher = load_model(cfg.teacher, data.num_labels, "teacher")
+    tokenizer, data, teacher = _load_tiny(cfg)
     calls = []
     teacher.register_forward_hook(lambda *args: calls.append(1))
     student = student_from_teacher(teacher, cfg.student)
-    objective = DistillationObjective.from_config(cfg.objective, ModelDims.from_models(student, teacher))
+    dims = ModelDims.from_models(student, teacher)
+    objective = DistillationObjective.from_config(cfg.objective, dims)
     assert not objective.uses_teacher
-    fit(
-        accelerator=make_accelerator(),
-        student=student,
-        teacher=teacher,
-        objective=objective,
-        data=data,
-        collator=Collator(tokenizer),
-        train=cfg.train.model_copy(update={"eval_every": None}),
-        output_dir=tmp_path / "labels-only",
-    )
+    train = cfg.train.model_copy(update={"eval_every": None})
+    _fit_tiny(tokenizer, data, teacher, student, objective, train, tmp_path / "labels-only")
     assert calls == []
-    with_kd = DistillationObjective.from_config(
-        [{"loss": "kd"}, {"loss": "ce"}], ModelDims.from_models(student, teacher)
-    )
-    assert with_kd.uses_teacher
+    assert DistillationObjective.from_config([{"loss": "kd"}, {"loss": "ce"}], dims).uses_teacher
 
 
 def _nan_on_third_call(monkeypatch):
