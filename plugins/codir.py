@@ -92,7 +92,8 @@ class CoDIRLoss(LossTerm):
             self.bank = IndexBank(layers, bank.size, params.dim, bank.momentum)
         else:
             self.bank = None
-        self._pending: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        # teacher keys of every micro-batch since the last optimizer step: (keys, labels, example ids)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.params.pooling == "cls":
@@ -144,7 +145,7 @@ class CoDIRLoss(LossTerm):
                 bank_labels=None if labels is None else self.bank.labels,
                 negative_index=index,
             )
-            self._pending = (keys, labels, ids)
+            self._pending.append((keys, labels, ids))
             return loss.mean()
         if kind == "queue" and int(self.bank.filled) > 0:
             bank, bank_labels = self.bank.negatives()
@@ -159,7 +160,7 @@ class CoDIRLoss(LossTerm):
         else:  # in-batch negatives (also the queue's first step, while it is empty)
             loss = self._in_batch(query, positive, keys, labels)
         if self.bank is not None:
-            self._pending = (keys, labels, None)
+            self._pending.append((keys, labels, None))
         return loss.mean()
 
     def _in_batch(
@@ -195,15 +196,23 @@ class CoDIRLoss(LossTerm):
         )
 
     def after_step(self) -> None:
-        """Enqueues (``queue``) or momentum-updates (``index``) the last batch's teacher keys."""
-        if self._pending is None or self.bank is None:
+        """Adds the teacher keys of every micro-batch since the last step to the bank, oldest first.
+
+        ``queue`` enqueues them, ``index`` momentum-updates their slots. Under DDP each micro-batch is one
+        all-gather: every rank runs the same number of micro-batches per step.
+        """
+        pending, self._pending = self._pending, []
+        if self.bank is None:
             return
-        keys, labels, ids = self._pending
-        self._pending = None
-        if isinstance(self.bank, IndexBank):
-            self.bank.update(ids, keys, labels)
-        else:
-            self.bank.enqueue(keys, labels)
+        for keys, labels, ids in pending:
+            if isinstance(self.bank, IndexBank):
+                self.bank.update(ids, keys, labels)
+            else:
+                self.bank.enqueue(keys, labels)
+
+    def discard_pending(self) -> None:
+        """Drops the keys collected since the last step (for a step that was skipped, not applied)."""
+        self._pending = []
 
 
 @hookimpl

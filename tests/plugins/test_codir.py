@@ -104,3 +104,27 @@ def test_cls_pooling_reads_first_token_only():
     for state in student.hidden_states:
         state[:, 1:] += 3.0
     torch.testing.assert_close(term(student, teacher), base)
+
+
+@pytest.mark.parametrize("kind", ["queue", "index"])
+def test_after_step_adds_every_micro_batch_since_the_last_step(kind):
+    bank = {"kind": kind, "size": 16} if kind == "queue" else {"kind": kind, "size": 16, "negatives": 4}
+    term = build_term("codir", DIMS, bank=bank, dim=8)
+    before = term.bank.keys.clone()
+    ids = [torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([6, 7, 8, 9, 10, 11])]
+    for micro in range(2):  # two micro-batches of one optimizer step (gradient accumulation)
+        term(make_taps(2, 12, micro, ids=ids[micro]), make_taps(4, 20, 10 + micro, ids=ids[micro]))
+    term.after_step()
+    if kind == "queue":
+        assert int(term.bank.filled) == 12 and int(term.bank.pointer) == 12
+        expected = torch.cat(
+            [projections(term, make_taps(2, 12, m), make_taps(4, 20, 10 + m))[1] for m in range(2)], dim=1
+        )
+        torch.testing.assert_close(term.bank.negatives()[0].double(), expected, rtol=1e-5, atol=1e-6)
+    else:
+        changed = (term.bank.keys != before).any(dim=-1).any(dim=0)
+        assert changed.nonzero().flatten().tolist() == list(range(12))
+    term.after_step()  # nothing pending: the bank does not change
+    filled = term.bank.keys.clone()
+    term.after_step()
+    assert torch.equal(term.bank.keys, filled)
