@@ -162,10 +162,7 @@ class LossTerm(nn.Module):
         try:
             return cls.Params(**raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
-                for err in exc.errors()
-            )
+            problems = "; ".join(_describe_error(err) for err in exc.errors())
             raise ConfigError(f"loss '{cls.name}': invalid parameters: {problems}") from None
 
     @classmethod
@@ -198,6 +195,13 @@ class LossTerm(nn.Module):
 
     def after_step(self) -> None:
         """Updates state after the optimizer step (e.g. enqueue teacher keys into a memory bank)."""
+
+
+def _describe_error(err: Any) -> str:
+    """Formats one pydantic error as ``field: message (got value)``, or the message alone for a model check."""
+    if not err["loc"]:
+        return err["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
 
 
 def _type_name(annotation: Any) -> str:
