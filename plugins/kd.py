@@ -1,12 +1,29 @@
-"""``kd``: Hinton soft-target distillation, ``T² · KL(teacher ‖ student)``, plus optional hard-label CE."""
+"""``kd``: soft-target distillation with a choice of token-level divergence, plus optional hard-label CE.
+
+``T² ×`` the mean over counted positions of ``D(p ‖ q)``, with ``p = softmax(teacher logits / T)`` and
+``q = softmax(student logits / T)``. ``D`` is one of (see :mod:`distillkit.divergences`):
+
+- ``forward_kl`` — ``KL(p ‖ q)`` (Hinton, Vinyals & Dean 2015);
+- ``reverse_kl`` — ``KL(q ‖ p)`` (Gu et al. 2024, MiniLLM);
+- ``jsd`` — ``β·KL(p ‖ m) + (1−β)·KL(q ‖ m)``, ``m = β·p + (1−β)·q`` (Agarwal et al. 2024, GKD);
+- ``tvd`` — ``½·Σ|p − q|`` (total variation distance);
+- ``skew_forward_kl`` — ``KL(p ‖ α·p + (1−α)·q)`` and ``skew_reverse_kl`` — ``KL(q ‖ α·q + (1−α)·p)``
+  (Ko et al. 2024, DistiLLM).
+
+Counted positions: every example for ``[B, C]`` logits, the positions of ``student.token_mask()`` for
+``[B, T, V]`` logits.
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distillkit import hookimpl
+from distillkit.divergences import divergence
 from distillkit.losses import LossParams, LossTerm, Taps
 
 
@@ -14,27 +31,43 @@ class KDParams(LossParams):
     """Parameters of ``kd``.
 
     Attributes:
+        divergence: The token-level divergence ``D(p ‖ q)`` between teacher ``p`` and student ``q``.
         temperature: Softmax temperature ``T`` (> 0).
+        beta: ``jsd``'s mixing weight ``β`` in ``(0, 1)``; accepted only with ``divergence: jsd``.
+        alpha: The skew weight ``α`` in ``(0, 1)``; accepted only with the ``skew_*`` divergences.
         ce_weight: Weight of the hard-label cross-entropy added to the soft term (0 disables it).
 
     """
 
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = (
+        "forward_kl"
+    )
     temperature: float = Field(default=2.0, gt=0.0)
+    beta: float = Field(default=0.5, gt=0.0, lt=1.0)
+    alpha: float = Field(default=0.1, gt=0.0, lt=1.0)
     ce_weight: float = Field(default=0.0, ge=0.0)
 
-
-def _token_weights(student: Taps) -> torch.Tensor | None:
-    """Returns ``[B, T]`` weights for token-level logits ``[B, T, V]`` (None for ``[B, C]`` logits)."""
-    if student.logits.dim() == 2:
-        return None
-    return student.token_mask().float()
+    @model_validator(mode="after")
+    def _mixing_weights_match_divergence(self) -> KDParams:
+        """Refuses ``beta`` without ``jsd`` and ``alpha`` without a skew divergence."""
+        if "beta" in self.model_fields_set and self.divergence != "jsd":
+            raise ValueError(
+                f"beta applies only to divergence 'jsd' (got divergence '{self.divergence}'); "
+                "remove beta or set divergence: jsd"
+            )
+        if "alpha" in self.model_fields_set and not self.divergence.startswith("skew_"):
+            raise ValueError(
+                f"alpha applies only to divergences 'skew_forward_kl' and 'skew_reverse_kl' (got divergence "
+                f"'{self.divergence}'); remove alpha or choose a skew divergence"
+            )
+        return self
 
 
 class KDLoss(LossTerm):
-    """Soft-target KD on logits ``[B, C]`` (per example) or ``[B, T, V]`` (per real token).
+    """Soft-target KD with a token-level divergence, on logits ``[B, C]`` or ``[B, T, V]``.
 
-    The KL is summed over classes and averaged over examples (or real tokens), then scaled by ``T²`` so its
-    gradient scale does not depend on ``T``.
+    The divergence is summed over classes, averaged over examples (or counted tokens), then scaled by ``T²``
+    so its gradient scale does not depend on ``T``. Computed in float32 (also under autocast).
     """
 
     name = "kd"
@@ -48,7 +81,7 @@ class KDLoss(LossTerm):
             teacher: Teacher taps with logits of the same shape.
 
         Returns:
-            Scalar loss.
+            Scalar float32 loss.
 
         """
         if student.logits is None or teacher.logits is None:
@@ -58,23 +91,26 @@ class KDLoss(LossTerm):
                 f"kd needs logits of equal shape, got student {tuple(student.logits.shape)} and teacher "
                 f"{tuple(teacher.logits.shape)}; the models must share the label set or vocabulary"
             )
-        temperature = self.params.temperature
-        log_p_student = F.log_softmax(student.logits.float() / temperature, dim=-1)
-        log_p_teacher = F.log_softmax(teacher.logits.float() / temperature, dim=-1)
-        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)  # [B] or [B, T]
-        weights = _token_weights(student)
-        if weights is None:
-            soft = kl.mean()
-        else:
-            soft = (kl * weights).sum() / weights.sum().clamp_min(1.0)
-        loss = temperature**2 * soft
-        if self.params.ce_weight > 0:
-            if student.labels is None:
-                raise ValueError("kd with ce_weight > 0 needs labels in the batch")
-            logits = student.logits.float()
-            loss = loss + self.params.ce_weight * F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), student.labels.reshape(-1), ignore_index=-100
-            )
+        params = self.params
+        with torch.autocast(student.logits.device.type, enabled=False):
+            temperature = params.temperature
+            log_q = F.log_softmax(student.logits.float() / temperature, dim=-1)
+            log_p = F.log_softmax(teacher.logits.float() / temperature, dim=-1)
+            per_position = divergence(log_p, log_q, params.divergence, beta=params.beta, alpha=params.alpha)
+            if student.logits.dim() == 2:
+                soft = per_position.mean()
+            else:
+                counted = student.token_mask().to(per_position.device) > 0  # [B, T]
+                total = torch.where(counted, per_position, torch.zeros_like(per_position)).sum()
+                soft = total / counted.sum().clamp_min(1)
+            loss = temperature**2 * soft
+            if params.ce_weight > 0:
+                if student.labels is None:
+                    raise ValueError("kd with ce_weight > 0 needs labels in the batch")
+                logits = student.logits.float()
+                loss = loss + params.ce_weight * F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), student.labels.reshape(-1), ignore_index=-100
+                )
         return loss
 
 
