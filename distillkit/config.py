@@ -70,10 +70,13 @@ class ModelConfig(_Strict):
         hidden_size: Student only: a narrower hidden size (randomly initialised then).
         num_labels: Number of classes of the classification head; taken from the data when omitted.
         finetune: Teacher only: fine-tune the teacher on the task first (see :class:`FinetuneConfig`).
+        gguf_file: A GGUF checkpoint inside ``path`` (de-quantised to float on load; needs the ``gguf``
+            package), e.g. ``SmolLM2-135M-Instruct.Q4_1.gguf``.
 
     """
 
     path: str | None = None
+    gguf_file: str | None = None
     config: dict[str, Any] | None = None
     tokenizer: str | None = None
     layers: int | None = Field(default=None, ge=1)
@@ -100,6 +103,10 @@ class DataConfig(_Strict):
             seeds, so every run of a study is scored on the same held-out examples).
         max_train_examples: Cap on training examples (None: all).
         max_eval_examples: Cap on evaluation examples (None: all).
+        packing: Text tasks: concatenate texts (separated by the tokenizer's end-of-text token) and cut them
+            into blocks of ``max_length`` tokens, instead of one truncated text per example. None: on for
+            ``causal_lm``, off otherwise.
+        mlm_probability: ``masked_lm``: fraction of tokens masked per batch (BERT: 0.15, 80/10/10).
 
     """
 
@@ -115,6 +122,25 @@ class DataConfig(_Strict):
     split_seed: int = 0
     max_train_examples: int | None = Field(default=None, ge=1)
     max_eval_examples: int | None = Field(default=None, ge=1)
+    packing: bool | None = None
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+
+
+class EvaluationConfig(_Strict):
+    """Task-specific evaluation settings.
+
+    Attributes:
+        pooling: ``representation``: how sentence embeddings are made from the last hidden state (the
+            teacher's own pooling; all-MiniLM-L6-v2 uses ``mean``).
+        probe: ``representation``: a labelled data set for the linear probe of frozen embeddings (its
+            ``path``, columns and sizes, as in ``data``). None: no probe.
+        sample_tokens: ``causal_lm``: tokens of the greedy continuation the summary shows per model.
+
+    """
+
+    pooling: Literal["mean", "cls"] = "mean"
+    probe: DataConfig | None = None
+    sample_tokens: int = Field(default=24, ge=1)
 
 
 class TrainConfig(_Strict):
@@ -161,13 +187,17 @@ class TrainConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """A whole ``distillkit distill`` run."""
+    """A whole ``distillkit distill`` run (``task`` decides the models' heads, data and evaluation)."""
 
+    task: Literal["sequence_classification", "causal_lm", "masked_lm", "representation"] = (
+        "sequence_classification"
+    )
     student: ModelConfig
     teacher: ModelConfig
     objective: list[TermConfig] = Field(min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output_dir: str = "runs/distill"
 
     @field_validator("objective", mode="before")
@@ -187,6 +217,10 @@ class DistillConfig(_Strict):
             raise ValueError("`finetune` is a teacher option; set it under teacher")
         if self.student.tokenizer is not None:
             raise ValueError("the student uses the teacher's tokenizer; set `tokenizer` under teacher")
+        if self.teacher.finetune is not None and self.task != "sequence_classification":
+            raise ValueError(
+                f"teacher.finetune fine-tunes a classifier; task '{self.task}' distils the teacher as it is"
+            )
         student = self.student
         if all(v is None for v in (student.path, student.config, student.layers, student.hidden_size)):
             raise ValueError(

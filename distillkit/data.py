@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ from datasets import Dataset, DatasetDict
 from distillkit.config import DataConfig
 from distillkit.errors import ConfigError, close_matches
 
-_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 def _rotten_tomatoes() -> Dataset:
@@ -63,7 +70,7 @@ class TaskData:
 
     train: Dataset
     eval: Dataset
-    label_names: list[str]
+    label_names: list[str] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
@@ -139,12 +146,12 @@ def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return train, evaluation
 
 
-def _check_columns(dataset: Dataset, cfg: DataConfig, which: str) -> None:
-    for field in ("text_column", "text_pair_column", "label_column"):
-        column = getattr(cfg, field)
+def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, labelled: bool = True) -> None:
+    for name in ("text_column", "text_pair_column", "label_column")[: 3 if labelled else 2]:
+        column = getattr(cfg, name)
         if column is not None and column not in dataset.column_names:
             raise ConfigError(
-                f"data.{field} '{column}' is not a column of the {which} data"
+                f"data.{name} '{column}' is not a column of the {which} data"
                 f"{close_matches(column, dataset.column_names)}; columns: {', '.join(dataset.column_names)}"
             )
     for column in (cfg.text_column, cfg.text_pair_column):
@@ -226,6 +233,72 @@ def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
     return TaskData(train=tokenise(train), eval=tokenise(evaluation), label_names=names)
 
 
+def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
+    """Loads, validates and tokenises unlabelled text (causal LM, masked LM, representation tasks).
+
+    Args:
+        cfg: The ``data`` section (``text_column`` is read; labels are ignored).
+        tokenizer: The teacher's tokenizer.
+        packing: Concatenate the texts, each followed by the end-of-text token, and cut the stream into
+            blocks of ``max_length`` tokens (the last partial block is dropped); else one truncated text
+            per example.
+
+    Returns:
+        Train and eval splits with ``input_ids``, ``attention_mask`` and ``example_ids``.
+
+    Raises:
+        ConfigError: For a missing file or column, empty data, or too little text for one block.
+
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    train, evaluation = _split(cfg)
+    _check_columns(train, cfg, "training", labelled=False)
+    _check_columns(evaluation, cfg, "evaluation", labelled=False)
+    separator = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]
+
+    def encode(rows: dict[str, list], ids: list[int]) -> dict[str, list]:
+        encoded = tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "example_ids": ids,
+        }
+
+    def pack(dataset: Dataset, which: str) -> Dataset:
+        stream: list[int] = []
+        for text in dataset[cfg.text_column]:
+            stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
+        blocks = len(stream) // cfg.max_length
+        if blocks == 0:
+            raise ConfigError(
+                f"the {which} text has {len(stream)} tokens, less than one block of data.max_length="
+                f"{cfg.max_length}; lower data.max_length or add text"
+            )
+        rows = [stream[i * cfg.max_length : (i + 1) * cfg.max_length] for i in range(blocks)]
+        return Dataset.from_dict(
+            {
+                "input_ids": rows,
+                "attention_mask": [[1] * cfg.max_length] * blocks,
+                "example_ids": list(range(blocks)),
+            }
+        )
+
+    def tokenise(dataset: Dataset, which: str) -> Dataset:
+        if packing:
+            return pack(dataset, which)
+        return dataset.map(
+            encode,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            load_from_cache_file=False,
+        )
+
+    return TaskData(train=tokenise(train, "training"), eval=tokenise(evaluation, "evaluation"))
+
+
 class Collator:
     """Pads a list of tokenised rows to the longest in the batch (dynamic padding).
 
@@ -243,7 +316,7 @@ class Collator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collates ``rows`` into a batch dict."""
-        extra = ("labels", "example_ids")
+        extra = [key for key in ("labels", "example_ids") if key in rows[0]]
         features = [{k: v for k, v in row.items() if k not in extra} for row in rows]
         batch = dict(self.tokenizer.pad(features, padding=True, return_tensors="pt"))
         for key in extra:

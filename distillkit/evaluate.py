@@ -1,8 +1,7 @@
-"""Evaluation of a sequence classifier: loss, accuracy, macro-F1, and inference timing."""
+"""Evaluation of a sequence classifier: loss, accuracy and macro-F1."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distillkit.taps import MODEL_INPUTS
 
 
 def classification_metrics(
@@ -65,7 +66,7 @@ def evaluate(
     for batch in batches:
         if accelerator is not None:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_ids")}
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         with autocast() if autocast is not None else nullcontext():
             logits = model(**inputs).logits.float()
         labels = batch["labels"]
@@ -79,34 +80,3 @@ def evaluate(
     metrics["loss"] = float(F.cross_entropy(logits, labels))
     metrics["examples"] = len(labels)
     return metrics
-
-
-@torch.no_grad()
-def time_inference(model: nn.Module, batches: list[dict[str, torch.Tensor]], repeats: int = 1) -> float:
-    """Seconds to run ``model`` over ``batches`` (best of ``repeats``), after one warm-up batch.
-
-    Args:
-        model: The model (run in eval mode).
-        batches: Input batches (already on the model's device).
-        repeats: Timed passes; the fastest is returned.
-
-    Returns:
-        Wall-clock seconds of one pass over all batches.
-
-    """
-    was_training = model.training
-    model.eval()
-    inputs = [{k: v for k, v in b.items() if k not in ("labels", "example_ids")} for b in batches]
-    model(**inputs[0])
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for batch in inputs:
-            model(**batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    model.train(was_training)
-    return best

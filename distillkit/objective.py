@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from distillkit.config import TermConfig, parse_term_configs
-from distillkit.errors import LossTermError
-from distillkit.losses import LossTerm, ModelDims, Taps
+from distillkit.errors import ConfigError, LossTermError
+from distillkit.losses import LossTerm, ModelDims, TaskInfo
 from distillkit.registry import get_loss
+from distillkit.taps import NOTHING, TapRequest, Taps, find_module, use_eager_attention
 
 
 @dataclass
@@ -67,17 +68,6 @@ def build_term(loss: str, dims: ModelDims, **params: Any) -> LossTerm:
     return cls(cls.parse_params(params), dims)
 
 
-def check_terms(specs: Sequence[TermConfig | Mapping[str, Any]]) -> None:
-    """Validates loss names and parameters without building anything (fail before loading models).
-
-    Raises:
-        UnknownLossError: For a loss no plugin registers.
-        ConfigError: For an unknown or invalid parameter.
-    """
-    for config in parse_term_configs(specs):
-        get_loss(config.loss).cls.parse_params(config.params())
-
-
 def _unique_labels(names: Sequence[str]) -> list[str]:
     labels: list[str] = []
     for name in names:
@@ -106,6 +96,7 @@ class DistillationObjective(nn.Module):
         if len(labels) != len(terms) or len(set(labels)) != len(labels):
             raise ValueError(f"term labels must be unique, one per term; got {labels}")
         self.terms = nn.ModuleDict({label: term for label, (term, _) in zip(labels, terms, strict=True)})
+        self.dims = terms[0][0].dims
         self.weights = {label: float(weight) for label, (_, weight) in zip(labels, terms, strict=True)}
 
     @classmethod
@@ -123,9 +114,16 @@ class DistillationObjective(nn.Module):
 
         """
         configs = parse_term_configs(specs)
-        terms = [(build_term(c.loss, dims, **c.params()), c.weight) for c in configs]
-        names = [c.name or c.loss for c in configs]
-        return cls(terms, labels=_unique_labels(names))
+        labels = _unique_labels([c.name or c.loss for c in configs])
+        terms = []
+        for label, config in zip(labels, configs, strict=True):
+            try:
+                terms.append((build_term(config.loss, dims, **config.params()), config.weight))
+            except ConfigError as exc:
+                raise type(exc)(f"objective term '{label}': {exc}") from None
+            except (ValueError, TypeError) as exc:  # a plugin's own construction check
+                raise ConfigError(f"objective term '{label}' (loss '{config.loss}'): {exc}") from None
+        return cls(terms, labels=labels)
 
     def forward(
         self, student_output: Any, teacher_output: Any, batch: Mapping[str, torch.Tensor] | None = None
@@ -134,8 +132,8 @@ class DistillationObjective(nn.Module):
 
         Args:
             student_output: The student's HF output (with ``hidden_states``) or its :class:`Taps`.
-            teacher_output: The teacher's HF output or :class:`Taps`; detached here, so no gradient ever
-                reaches the teacher.
+            teacher_output: The teacher's HF output or :class:`Taps` (None when no term reads the teacher);
+                detached here, so no gradient ever reaches the teacher.
             batch: The batch dict (``attention_mask``, ``labels``, ``example_ids``); used when outputs are
                 given rather than taps.
 
@@ -146,10 +144,13 @@ class DistillationObjective(nn.Module):
         student = (
             student_output if isinstance(student_output, Taps) else Taps.from_output(student_output, batch)
         )
-        teacher = (
-            teacher_output if isinstance(teacher_output, Taps) else Taps.from_output(teacher_output, batch)
-        )
-        teacher = _detach_taps(teacher)
+        if teacher_output is None:
+            teacher = Taps.from_batch(batch)
+        elif isinstance(teacher_output, Taps):
+            teacher = teacher_output
+        else:
+            teacher = Taps.from_output(teacher_output, batch)
+        teacher = teacher.detached()
         values: dict[str, torch.Tensor] = {}
         total = None
         for label, term in self.terms.items():
@@ -164,25 +165,67 @@ class DistillationObjective(nn.Module):
             total = weighted if total is None else total + weighted
         return ObjectiveOutput(total=total, terms=values)
 
+    def tap_requests(self) -> tuple[TapRequest, TapRequest]:
+        """The union of the terms' requests: what the student and the teacher must produce per batch."""
+        student, teacher = NOTHING, NOTHING
+        for term in self.terms.values():
+            reads_student, reads_teacher = term.tap_requests()
+            student, teacher = student | reads_student, teacher | reads_teacher
+        return student, teacher
+
     @property
     def uses_teacher(self) -> bool:
-        """Whether any term reads the teacher's taps (if not, the teacher need not run)."""
-        return any(term.uses_teacher for term in self.terms.values())
+        """Whether any term reads the teacher's outputs (if not, the teacher need not run)."""
+        return self.tap_requests()[1].needs_forward
+
+    def check_task(self, task: TaskInfo) -> None:
+        """Refuses terms that cannot work on ``task``, naming the term (before any model loads).
+
+        Raises:
+            ConfigError: For the first term that cannot work on the task.
+
+        """
+        for label, term in self.terms.items():
+            try:
+                term.check_task(task)
+            except ConfigError as exc:
+                raise ConfigError(f"objective term '{label}': {exc}") from None
+
+    def prepare_models(self, student: nn.Module, teacher: nn.Module | None, announce: bool = True) -> None:
+        """Checks the models can give what the terms read, before the first step.
+
+        Module paths are looked up (an error names the term and nearby module names); a model some term
+        reads attention probabilities of is switched to eager attention, said once when ``announce``.
+
+        Raises:
+            ConfigError: For a module path a model does not have, or a model that cannot return attentions.
+
+        """
+        for index, (role, model) in enumerate((("student", student), ("teacher", teacher))):
+            if model is None:
+                continue
+            readers = {label: term.tap_requests()[index] for label, term in self.terms.items()}
+            for label, request in readers.items():
+                for path in request.modules:
+                    find_module(model, path, who=f"objective term '{label}' ({role})")
+            attention_readers = [label for label, request in readers.items() if request.attentions]
+            if attention_readers:
+                who = f"objective term '{attention_readers[0]}'"
+                if use_eager_attention(model, who) and announce:
+                    print(
+                        f"distillkit: the {role} runs eager attention, since {', '.join(attention_readers)} "
+                        "read(s) its attention probabilities"
+                    )
+
+    def terms_reading(self, side: str) -> list[str]:
+        """Labels of the terms that read ``side`` (``student`` or ``teacher``), for messages."""
+        index = 0 if side == "student" else 1
+        return [label for label, term in self.terms.items() if term.tap_requests()[index].needs_forward]
 
     def after_step(self) -> None:
         """Lets each term update its state after the optimizer step (memory banks)."""
         for term in self.terms.values():
             term.after_step()
-
-
-def _detach_taps(taps: Taps) -> Taps:
-    return Taps(
-        hidden_states=tuple(h.detach() for h in taps.hidden_states),
-        logits=None if taps.logits is None else taps.logits.detach(),
-        attention_mask=taps.attention_mask,
-        labels=taps.labels,
-        example_ids=taps.example_ids,
-    )
 
 
 def _describe_term(label: str, term: LossTerm) -> str:

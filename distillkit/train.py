@@ -1,33 +1,49 @@
-"""``distillkit distill``: data, teacher (fine-tuned once and cached if asked), student, loop, report.
+"""``distillkit distill``: task, data, objective check, teacher, student, loop, report.
 
 :func:`distill` checks everything the user can get wrong (config fields, data columns, labels, loss
-parameters) before the first training step, then hands over to :func:`distillkit.loop.fit`.
+parameters, task/loss combinations, layer maps against the model configs) before any model weights load,
+then hands over to :func:`distillkit.loop.fit`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader
 
 from distillkit.config import DistillConfig, load_config
-from distillkit.data import Collator, TaskData, load_task_data
-from distillkit.errors import ConfigError
-from distillkit.evaluate import evaluate, time_inference
-from distillkit.loop import FitResult, NonFiniteLossError, fit, make_accelerator
-from distillkit.losses import ModelDims
-from distillkit.membank import IndexBank
-from distillkit.models import count_parameters, freeze, load_model, load_tokenizer, student_from_teacher
+from distillkit.data import TaskData
+from distillkit.loop import (
+    FitResult,
+    NonFiniteLossError,
+    autocast_factory,
+    eval_loader,
+    fit,
+    make_accelerator,
+)
+from distillkit.losses import LossTerm, ModelDims
+from distillkit.models import (
+    count_parameters,
+    freeze,
+    load_config_of,
+    load_model,
+    load_tokenizer,
+    quiet_loading,
+    student_config,
+    student_from_teacher,
+)
 from distillkit.objective import DistillationObjective
+from distillkit.taps import TapRequest, Taps
+from distillkit.tasks import Task, make_task
 
 __all__ = ["NonFiniteLossError", "distill", "fit", "make_accelerator", "run_distill"]
 
@@ -37,8 +53,20 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+class _LabelCrossEntropy(LossTerm):
+    """The student's cross-entropy on the task's labels: the objective of a teacher's fine-tuning."""
+
+    name = "label cross-entropy"
+    student_reads = TapRequest(logits=True, labels=True)
+    uses_teacher = False
+
+    def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
+        """Mean cross-entropy of ``[B, C]`` logits against ``[B]`` labels."""
+        return F.cross_entropy(student.logits.float(), student.labels)
+
+
 def prepare_teacher(
-    config: DistillConfig, data: TaskData, collator: Collator, tokenizer: Any, accelerator: Accelerator
+    config: DistillConfig, data: TaskData, collator: Any, tokenizer: Any, accelerator: Accelerator, task: Task
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Loads the teacher, fine-tuning it on the task first (once; cached) when ``teacher.finetune`` is set.
 
@@ -48,6 +76,7 @@ def prepare_teacher(
         collator: Pads batches.
         tokenizer: Saved with a fine-tuned teacher.
         accelerator: The engine.
+        task: The run's task (its model class and evaluation).
 
     Returns:
         The frozen teacher, and ``{"cache": dir, "eval": metrics}`` for a fine-tuned one (else ``{}``).
@@ -57,7 +86,7 @@ def prepare_teacher(
     tune = spec.finetune
     set_seed(config.data.split_seed)  # a teacher built from `config` is the same in every run and seed
     if tune is None:
-        return freeze(load_model(spec, data.num_labels, "teacher")), {}
+        return freeze(load_model(spec, data.num_labels, "teacher", config.task)), {"source": "as given"}
     # The cache key covers what the fine-tuning sees (not the size of the evaluation subset).
     data_key = config.data.model_dump(exclude={"max_eval_examples"})
     key = _fingerprint(spec.model_dump(), data_key, data.label_names, config.train.precision)
@@ -66,15 +95,18 @@ def prepare_teacher(
     cache = Path(tune.cache_dir) / f"{name}-{key}"
     done = cache / "finetune.json"
     if done.exists():
-        teacher = load_model(spec.model_copy(update={"path": str(cache)}), data.num_labels, "teacher")
+        teacher = load_model(
+            spec.model_copy(update={"path": str(cache)}), data.num_labels, "teacher", config.task
+        )
         info = json.loads(done.read_text(encoding="utf-8"))
+        info["source"] = f"fine-tuned, from the cache {cache}"
         scored = cache / f"eval-{eval_key}.json"  # the teacher's score on this evaluation subset, if known
         info["eval"] = json.loads(scored.read_text(encoding="utf-8")) if scored.exists() else {}
         info["eval_cache"] = str(scored)
         return freeze(teacher), info
-    teacher = load_model(spec, data.num_labels, "teacher")
+    teacher = load_model(spec, data.num_labels, "teacher", config.task)
     dims = ModelDims.from_models(teacher, teacher)
-    objective = DistillationObjective.from_config([{"loss": "ce"}], dims)
+    objective = DistillationObjective([(_LabelCrossEntropy(_LabelCrossEntropy.Params(), dims), 1.0)])
     train = config.train.model_copy(
         update={
             "steps": tune.steps,
@@ -96,9 +128,11 @@ def prepare_teacher(
         collator=collator,
         train=train,
         output_dir=cache / "run",
+        evaluator=task.evaluate,
         description="fine-tune teacher",
     )
     info = {
+        "source": f"fine-tuned for {result.step} steps, cached in {cache}",
         "cache": str(cache),
         "eval": result.eval,
         "eval_key": eval_key,
@@ -114,32 +148,40 @@ def prepare_teacher(
     return freeze(teacher), info
 
 
-def _check_index_banks(objective: nn.Module, examples: int) -> None:
-    """Index-keyed memory banks need one slot per training example (``example_ids`` are 0..N-1)."""
-    for name, module in objective.named_modules():
-        if isinstance(module, IndexBank) and module.size < examples:
-            term = name.split(".")[1] if name.startswith("terms.") else name
-            raise ConfigError(
-                f"objective term '{term}' has an index bank of {module.size} slots but the training data has "
-                f"{examples} examples; set its bank.size to {examples}"
-            )
-
-
 def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int) -> nn.Module:
     """Builds the student from its path or config, or from the teacher (``layers``, ``hidden_size``)."""
     spec = config.student
     if spec.path is not None or spec.config is not None:
-        return load_model(spec, num_labels, "student")
+        return load_model(spec, num_labels, "student", config.task)
     return student_from_teacher(teacher, spec)
+
+
+def build_objective(config: DistillConfig, task: Task, data: TaskData) -> DistillationObjective:
+    """Builds the objective from the model configs alone (no weights) and checks it against the task.
+
+    Layer maps, projections and banks are sized from the teacher's and the student's configs, so a bad layer
+    index, an impossible task/loss pair or a missing label is reported before any weights load.
+
+    Raises:
+        ConfigError: Naming the term and the fix.
+
+    """
+    teacher_config = load_config_of(config.teacher, "teacher", config.task, data.num_labels)
+    spec = config.student
+    if spec.path is not None or spec.config is not None:
+        student_cfg = load_config_of(spec, "student", config.task, data.num_labels)
+    else:
+        student_cfg = student_config(teacher_config, spec)[0]
+    dims = ModelDims.from_configs(student_cfg, teacher_config, train_examples=len(data.train))
+    objective = DistillationObjective.from_config(config.objective, dims)
+    objective.check_task(task.info)
+    return objective
 
 
 def distill(
     config: DistillConfig, resume: bool = False, stop_after_step: int | None = None
 ) -> dict[str, Any]:
-    """Runs a whole distillation: data, teacher (fine-tuned if asked), student, loop, evaluation, saving.
-
-    Everything the user can get wrong (config fields, data columns, labels, loss parameters) is checked before
-    the first training step.
+    """Runs a whole distillation: data, objective, teacher (fine-tuned if asked), student, loop, report.
 
     Args:
         config: The validated config.
@@ -153,23 +195,23 @@ def distill(
     started = time.perf_counter()
     accelerator = make_accelerator()
     output_dir = Path(config.output_dir)
+    task = make_task(config)
     tokenizer = load_tokenizer(config.teacher)
-    data = load_task_data(config.data, tokenizer)
-    collator = Collator(tokenizer)
-    # Validate the objective against the real model sizes before any training (also the teacher's).
-    base = load_model(config.teacher.model_copy(update={"finetune": None}), data.num_labels, "teacher")
-    probe = build_student(config, base, data.num_labels)
-    _check_index_banks(
-        DistillationObjective.from_config(config.objective, ModelDims.from_models(probe, base)),
-        len(data.train),
-    )
-    del base, probe
-
-    teacher, teacher_info = prepare_teacher(config, data, collator, tokenizer, accelerator)
+    data = task.load_data(tokenizer)
+    collator = task.collator(tokenizer)
     set_seed(config.train.seed)
-    student = build_student(config, teacher, data.num_labels)
-    objective = DistillationObjective.from_config(config.objective, ModelDims.from_models(student, teacher))
+    objective = build_objective(config, task, data)  # every config mistake surfaces here, before weights
+    with quiet_loading():
+        teacher, teacher_info = prepare_teacher(config, data, collator, tokenizer, accelerator, task)
+        set_seed(config.train.seed)
+        student = build_student(config, teacher, data.num_labels)
+    if accelerator.is_main_process:
+        print(f"distillkit: teacher {teacher_info['source']}; student {_student_origin(config)}")
+    actual = ModelDims.from_models(student, teacher, train_examples=len(data.train))
+    if actual != objective.dims:
+        raise AssertionError(f"model sizes {actual} differ from those the objective was built for")
     fingerprint = _fingerprint(
+        config.task,
         config.student.model_dump(),
         config.teacher.model_dump(),
         [t.model_dump() for t in config.objective],
@@ -184,43 +226,56 @@ def distill(
         collator=collator,
         train=config.train,
         output_dir=output_dir,
+        evaluator=task.evaluate,
         resume=resume,
         fingerprint=fingerprint,
         stop_after_step=stop_after_step,
     )
     if result.step < config.train.steps:
         return {"step": result.step, "stopped_early": True}
-    summary = _finish(config, accelerator, student, teacher, teacher_info, data, collator, tokenizer, result)
+    summary = _finish(
+        config, task, accelerator, student, teacher, teacher_info, data, collator, tokenizer, result
+    )
     summary["wall_seconds"] = time.perf_counter() - started
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        _print_summary(summary)
+        print("\n".join(["", *task.summary_lines(summary), *_common_lines(summary)]))
     return summary
+
+
+def _student_origin(config: DistillConfig) -> str:
+    spec = config.student
+    if spec.path is not None:
+        return f"loaded from {spec.path}"
+    if spec.config is not None:
+        return "built from student.config (random initialisation)"
+    if spec.hidden_size is not None:
+        return f"{spec.layers or 'all'} layers of width {spec.hidden_size}, randomly initialised"
+    return f"{spec.layers} layers initialised from evenly spaced teacher layers"
 
 
 def _finish(
     config: DistillConfig,
+    task: Task,
     accelerator: Accelerator,
     student: nn.Module,
     teacher: nn.Module,
     teacher_info: dict[str, Any],
     data: TaskData,
-    collator: Collator,
+    collator: Any,
     tokenizer: Any,
     result: FitResult,
 ) -> dict[str, Any]:
     output_dir = Path(config.output_dir)
-    eval_loader = accelerator.prepare_data_loader(
-        DataLoader(
-            data.eval, batch_size=config.train.eval_batch_size or config.train.batch_size, collate_fn=collator
-        )
-    )
+    autocast = autocast_factory(config.train.precision, accelerator.device)
     teacher_eval = teacher_info.get("eval")  # a fine-tuned teacher was scored on this eval split
     if not teacher_eval:
-        teacher_eval = evaluate(teacher, eval_loader, data.num_labels, accelerator)
+        loader = eval_loader(accelerator, data, collator, config.train)
+        teacher_eval = task.evaluate(teacher, loader, accelerator, autocast)
         if teacher_info.get("eval_cache") and accelerator.is_main_process:
             Path(teacher_info["eval_cache"]).write_text(json.dumps(teacher_eval), encoding="utf-8")
     summary: dict[str, Any] = {
+        "task": config.task,
         "steps": result.step,
         "skipped_steps": result.skipped,
         "train_seconds": result.seconds,
@@ -232,24 +287,21 @@ def _finish(
         "train_examples": len(data.train),
     }
     if accelerator.is_main_process:
-        timing = [
-            {
-                k: v.to(accelerator.device)
-                for k, v in collator([data.eval[i] for i in range(s, min(s + 32, len(data.eval)))]).items()
-            }
-            for s in range(0, min(len(data.eval), 128), 32)
-        ]
-        teacher_s = time_inference(teacher, timing, repeats=2)
-        student_s = time_inference(student, timing, repeats=2)
-        summary["inference"] = {
-            "examples": sum(len(b["labels"]) for b in timing),
-            "teacher_seconds": teacher_s,
-            "student_seconds": student_s,
-            "speedup": teacher_s / student_s if student_s > 0 else math.nan,
-        }
+        summary.update(
+            task.report(
+                student=student,
+                teacher=teacher,
+                data=data,
+                collator=collator,
+                tokenizer=tokenizer,
+                accelerator=accelerator,
+                autocast=autocast,
+            )
+        )
         final = output_dir / "student"
-        student.config.id2label = dict(enumerate(data.label_names))
-        student.config.label2id = {name: i for i, name in enumerate(data.label_names)}
+        if data.label_names:
+            student.config.id2label = dict(enumerate(data.label_names))
+            student.config.label2id = {name: i for i, name in enumerate(data.label_names)}
         student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         summary["student"]["path"] = str(final)
@@ -257,26 +309,10 @@ def _finish(
     return summary
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    teacher, student = summary["teacher"], summary["student"]
-    lines = [
-        "",
-        f"{'':10} {'accuracy':>9} {'macro-F1':>9} {'params':>12}",
-        *(
-            f"{name:10} {part['eval']['accuracy']:9.4f} {part['eval']['f1']:9.4f} {part['parameters']:12,}"
-            for name, part in (("teacher", teacher), ("student", student))
-        ),
-        f"held-out examples: {summary['eval_examples']}  (trained on {summary['train_examples']})",
-    ]
-    if "inference" in summary:
-        inf = summary["inference"]
-        lines.append(
-            f"inference on {inf['examples']} examples: teacher {inf['teacher_seconds']:.3f}s, student "
-            f"{inf['student_seconds']:.3f}s, speed-up x{inf['speedup']:.2f}"
-        )
-    lines.append("final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_terms"].items()))
-    lines.append(f"student saved to {student.get('path')}")
-    print("\n".join(lines))
+def _common_lines(summary: dict[str, Any]) -> list[str]:
+    lines = ["final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_terms"].items())]
+    lines.append(f"student saved to {summary['student'].get('path')}")
+    return lines
 
 
 def run_distill(

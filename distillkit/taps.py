@@ -1,0 +1,319 @@
+"""What a loss term reads of a model, and the one place that runs a model to get it.
+
+A loss term declares, per model, a :class:`TapRequest` (hidden states, attention probabilities, logits, the
+outputs of named submodules, the batch's labels). The objective unions its terms' requests;
+:func:`collect_taps` runs a model once on a batch, asking it for exactly that, and returns the
+:class:`Taps` every term of the objective receives.
+
+Example (a plain ``nn.Module`` works too; module taps need no Hugging Face model)::
+
+    request = TapRequest(hidden_states=True, modules=("bert.encoder.layer.1.attention.self.value",))
+    taps = collect_taps(model, batch, request)
+    taps.modules["bert.encoder.layer.1.attention.self.value"]   # [B, T, H]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from distillkit.errors import ConfigError, close_matches
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+"""Batch keys handed to a model's forward; every other key (labels, ids, masks) stays with the loss terms."""
+
+
+@dataclass(frozen=True)
+class TapRequest:
+    """What a loss term reads of one model's forward pass on a batch.
+
+    Attributes:
+        hidden_states: Per-layer hidden states (``Taps.hidden_states``).
+        attentions: Per-layer attention probabilities (``Taps.attentions``); the model then runs with an
+            attention implementation that returns them (eager).
+        logits: The model's head output (``Taps.logits``).
+        modules: Dotted paths of submodules whose outputs are recorded (``Taps.modules[path]``), e.g.
+            ``bert.encoder.layer.3.attention.self.query``.
+        labels: The batch's labels (``Taps.labels``); a task without labels refuses such a term.
+
+    """
+
+    hidden_states: bool = False
+    attentions: bool = False
+    logits: bool = False
+    modules: tuple[str, ...] = ()
+    labels: bool = False
+
+    def __or__(self, other: TapRequest) -> TapRequest:
+        return TapRequest(
+            hidden_states=self.hidden_states or other.hidden_states,
+            attentions=self.attentions or other.attentions,
+            logits=self.logits or other.logits,
+            modules=tuple(dict.fromkeys(self.modules + other.modules)),
+            labels=self.labels or other.labels,
+        )
+
+    @property
+    def needs_forward(self) -> bool:
+        """Whether the model has to run at all (labels alone come from the batch)."""
+        return self.hidden_states or self.attentions or self.logits or bool(self.modules)
+
+    def describe(self) -> str:
+        """Lists what is read, for messages: ``hidden states, logits``."""
+        parts = [
+            name.replace("_", " ")
+            for name in ("hidden_states", "attentions", "logits")
+            if getattr(self, name)
+        ]
+        parts += [f"module '{path}'" for path in self.modules]
+        return ", ".join(parts) or "nothing"
+
+
+NOTHING = TapRequest()
+"""The request of a term that does not read a model."""
+
+
+@dataclass
+class Taps:
+    """What a loss term may read of one model's forward pass on a batch.
+
+    Only what some term of the objective requested is filled; the rest is empty (``()``, ``None``, ``{}``).
+
+    Attributes:
+        hidden_states: Per-layer outputs ``[B, T, H]``; index 0 is the embedding output, ``i`` the output
+            of transformer layer ``i`` (the Hugging Face ``output_hidden_states`` convention).
+        logits: ``[B, C]`` for sequence classification or ``[B, T, V]`` for token-level heads, or None.
+        attention_mask: ``[B, T]``, 1 for real tokens and 0 for padding, or None (all tokens real).
+        labels: ``[B]`` class labels, ``[B, T]`` token labels (-100 ignored), or None.
+        example_ids: ``[B]`` int64 dataset indices of the examples, or None. Index-keyed memory banks need
+            them.
+        attentions: Per-layer attention probabilities ``[B, heads, T, T]``; ``attentions[i - 1]`` is layer
+            ``i`` (the Hugging Face convention), rows sum to 1 over real keys.
+        modules: Submodule path -> its output on this batch (the first element when it returns a tuple).
+        loss_mask: ``[B, T]`` bool, the positions the task's token-level loss counts (labels != -100), or
+            None for sequence-level tasks.
+        extras: Every other tensor of the batch, by key (nothing the data provides is dropped).
+
+    """
+
+    hidden_states: tuple[torch.Tensor, ...] = ()
+    logits: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    example_ids: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] = ()
+    modules: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_mask: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, torch.Tensor] | None, **outputs: Any) -> Taps:
+        """Builds taps of the batch's own tensors plus the given model outputs.
+
+        Args:
+            batch: The batch dict; ``attention_mask``, ``labels``, ``example_ids`` and ``loss_mask`` go to
+                their fields, every other non-input key to ``extras``.
+            **outputs: ``hidden_states``, ``logits``, ``attentions``, ``modules``.
+
+        Returns:
+            The taps.
+
+        """
+        batch = dict(batch or {})
+        labels = batch.get("labels")
+        loss_mask = batch.get("loss_mask")
+        if loss_mask is None and labels is not None and labels.dim() == 2:
+            loss_mask = labels != -100
+        own = {"attention_mask", "labels", "example_ids", "loss_mask", *MODEL_INPUTS}
+        return cls(
+            attention_mask=batch.get("attention_mask"),
+            labels=labels,
+            example_ids=batch.get("example_ids"),
+            loss_mask=loss_mask,
+            extras={k: v for k, v in batch.items() if k not in own},
+            **outputs,
+        )
+
+    @classmethod
+    def from_output(cls, output: Any, batch: Mapping[str, torch.Tensor] | None = None) -> Taps:
+        """Builds taps from a Hugging Face model output and the batch that produced it.
+
+        Args:
+            output: A model output with ``hidden_states`` (run the model with ``output_hidden_states=True``)
+                and optionally ``logits`` and ``attentions``.
+            batch: The batch dict.
+
+        Returns:
+            The taps.
+
+        """
+        if getattr(output, "hidden_states", None) is None:
+            raise ValueError(
+                "the model output has no hidden_states: call the model with output_hidden_states=True"
+            )
+        return _taps_from_output(output, batch, {})
+
+    def token_mask(self) -> torch.Tensor:
+        """Returns the attention mask as a float ``[B, T]`` tensor (all ones when there is none)."""
+        if self.attention_mask is not None:
+            return self.attention_mask.float()
+        reference = next(
+            (t for t in (*self.hidden_states, self.logits) if t is not None and t.dim() >= 2), None
+        )
+        if reference is None:
+            raise ValueError("these taps hold no token-level tensor to take the sequence shape from")
+        return reference.new_ones(reference.shape[:2], dtype=torch.float32)
+
+    def position_mask(self) -> torch.Tensor:
+        """Float ``[B, T]`` weights of the positions a token-level loss counts.
+
+        The task's loss mask when it has one (masked positions for masked LM, positions with a next token
+        for causal LM), else the attention mask.
+        """
+        if self.loss_mask is not None:
+            return self.loss_mask.float()
+        return self.token_mask()
+
+    def detached(self) -> Taps:
+        """Returns a copy whose model outputs are detached from the graph (the teacher's side)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["hidden_states"] = tuple(h.detach() for h in self.hidden_states)
+        values["attentions"] = tuple(a.detach() for a in self.attentions)
+        values["logits"] = None if self.logits is None else self.logits.detach()
+        values["modules"] = {k: v.detach() for k, v in self.modules.items()}
+        return Taps(**values)
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"module output of type {type(value).__name__} holds no tensor to record")
+
+
+def find_module(model: nn.Module, path: str, who: str = "a loss term") -> nn.Module:
+    """Returns the submodule at a dotted ``path``.
+
+    Raises:
+        ConfigError: Naming ``who`` asked for it and the nearest existing module paths.
+
+    """
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        near = close_matches(path, names)
+        prefix = path.rsplit(".", 1)[0]
+        siblings = [n for n in names if n.startswith(prefix + ".") and n.count(".") == path.count(".")][:8]
+        hint = near or (f"; modules under '{prefix}': {', '.join(siblings)}" if siblings else "")
+        raise ConfigError(
+            f"{who} taps module '{path}', which {type(model).__name__} does not have{hint}. "
+            "Print model.named_modules() to see the paths"
+        ) from None
+
+
+@contextmanager
+def record_modules(model: nn.Module, paths: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+    """Records the outputs of submodules during the forward passes run inside the block.
+
+    Args:
+        model: The model.
+        paths: Dotted submodule paths.
+
+    Yields:
+        Path -> output tensor, filled as the model runs (the last call's output when a module runs twice).
+
+    """
+    recorded: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for path in paths:
+
+            def hook(_module: nn.Module, _inputs: Any, output: Any, path: str = path) -> None:
+                recorded[path] = _first_tensor(output)
+
+            handles.append(find_module(model, path).register_forward_hook(hook))
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def use_eager_attention(model: nn.Module, who: str = "a loss term") -> bool:
+    """Switches a Hugging Face model to eager attention so it can return attention probabilities.
+
+    Returns:
+        Whether the implementation was changed (False when it already was eager).
+
+    Raises:
+        ConfigError: If the model cannot return attention probabilities.
+
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager"):
+        return False
+    try:
+        model.set_attn_implementation("eager")
+    except (AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"{who} reads attention probabilities, but {type(model).__name__} cannot return them "
+            f"(attention implementation '{current}': {exc}); drop the attention term or use another model"
+        ) from None
+    return True
+
+
+def collect_taps(model: nn.Module, batch: Mapping[str, torch.Tensor], request: TapRequest) -> Taps:
+    """Runs ``model`` once on ``batch`` and returns the taps ``request`` asks for.
+
+    Args:
+        model: A Hugging Face model (or any module whose forward takes the batch's model inputs and
+            returns a tensor or an object with ``logits``/``hidden_states``/``attentions``).
+        batch: The batch; keys in :data:`MODEL_INPUTS` go to the model.
+        request: What to collect.
+
+    Returns:
+        The taps; when ``request`` needs no forward pass the model is not run.
+
+    Raises:
+        ValueError: If the model does not return what was requested.
+
+    """
+    if not request.needs_forward:
+        return Taps.from_batch(batch)
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if request.hidden_states:
+        inputs["output_hidden_states"] = True
+    if request.attentions:
+        inputs["output_attentions"] = True
+    with record_modules(model, request.modules) as recorded:
+        output = model(**inputs)
+    taps = _taps_from_output(output, batch, recorded)
+    if request.hidden_states and not taps.hidden_states:
+        raise ValueError(f"{type(model).__name__} returned no hidden_states; a loss term needs them")
+    if request.attentions and not taps.attentions:
+        raise ValueError(
+            f"{type(model).__name__} returned no attentions; a loss term needs attention probabilities"
+        )
+    if request.logits and taps.logits is None:
+        raise ValueError(f"{type(model).__name__} returned no logits; a loss term needs them")
+    return taps
+
+
+def _taps_from_output(output: Any, batch: Mapping[str, torch.Tensor] | None, modules: dict) -> Taps:
+    if isinstance(output, torch.Tensor):
+        return Taps.from_batch(batch, logits=output, modules=dict(modules))
+    attentions = getattr(output, "attentions", None)
+    return Taps.from_batch(
+        batch,
+        hidden_states=tuple(getattr(output, "hidden_states", None) or ()),
+        logits=getattr(output, "logits", None),
+        attentions=tuple(a for a in (attentions or ()) if a is not None),
+        modules=dict(modules),
+    )

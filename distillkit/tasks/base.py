@@ -1,0 +1,152 @@
+"""The task contract: what data a run trains on, which model head it uses, how it is evaluated and reported.
+
+A task never changes the losses' code: it tells the objective what the batches carry (:class:`TaskInfo`),
+and the objective refuses terms that cannot work on it before any model loads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from distillkit.config import DistillConfig
+from distillkit.data import TaskData
+from distillkit.losses import TaskInfo
+from distillkit.taps import MODEL_INPUTS
+
+Autocast = Callable[[], Any]
+
+
+class Task:
+    """One kind of distillation run.
+
+    Subclasses set ``name``, ``info`` and ``metric`` and implement the data, collation and evaluation.
+
+    Args:
+        config: The run config.
+
+    """
+
+    name: ClassVar[str] = ""
+    info: ClassVar[TaskInfo]
+    metric: ClassVar[str] = "loss"
+    """The headline evaluation metric (the study ranks by it)."""
+
+    def __init__(self, config: DistillConfig) -> None:
+        self.config = config
+
+    def load_data(self, tokenizer: Any) -> TaskData:
+        """Loads, validates and tokenises the training and evaluation data."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """Returns the function that turns a list of rows into a batch."""
+        raise NotImplementedError
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[dict[str, torch.Tensor]],
+        accelerator: Any,
+        autocast: Autocast | None = None,
+        teacher: nn.Module | None = None,
+    ) -> dict[str, float]:
+        """Evaluates ``model`` on held-out batches (``teacher`` given for metrics that compare with it)."""
+        raise NotImplementedError
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """A one-line rendering of evaluation metrics for the progress output."""
+        return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+    def report(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        data: TaskData,
+        collator: Callable,
+        tokenizer: Any,
+        accelerator: Any,
+        autocast: Autocast,
+    ) -> dict[str, Any]:
+        """Extra summary entries computed once after training (main process only)."""
+        return {}
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        """The lines printed at the end of a run."""
+        raise NotImplementedError
+
+
+def on_device(
+    batches: Iterable[dict[str, torch.Tensor]], accelerator: Any
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Moves each batch to the accelerator's device (no-op without one)."""
+    for batch in batches:
+        yield batch if accelerator is None else {k: v.to(accelerator.device) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of ``batch`` a model's forward takes (:data:`distillkit.taps.MODEL_INPUTS`)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def context(autocast: Autocast | None):
+    """Enters ``autocast()`` when given, else nothing."""
+    return autocast() if autocast is not None else nullcontext()
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, batches: list[dict[str, torch.Tensor]], repeats: int = 5) -> float:
+    """Median seconds of one pass of ``model`` over ``batches``, after a warm-up pass.
+
+    Measured as a benchmark is: eval mode, one untimed warm-up pass, then ``repeats`` timed passes; the
+    median is robust to a noisy machine.
+
+    Args:
+        model: The model.
+        batches: Input batches on the model's device.
+        repeats: Timed passes.
+
+    Returns:
+        Median wall-clock seconds per pass.
+
+    """
+    was_training = model.training
+    model.eval()
+    inputs = [model_inputs(b) for b in batches]
+    cuda = torch.cuda.is_available()
+
+    def one_pass() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in inputs:
+            model(**batch)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    one_pass()
+    seconds = statistics.median(one_pass() for _ in range(repeats))
+    model.train(was_training)
+    return seconds
+
+
+def first_batches(
+    data: Any, collator: Callable, accelerator: Any, examples: int, batch: int = 32
+) -> list[dict]:
+    """Collated batches of the first ``examples`` rows of ``data``, on the accelerator's device."""
+    rows = min(len(data), examples)
+    return [
+        {
+            k: v.to(accelerator.device)
+            for k, v in collator([data[i] for i in range(s, min(s + batch, rows))]).items()
+        }
+        for s in range(0, rows, batch)
+    ]

@@ -1,0 +1,181 @@
+"""``representation``: task-agnostic distillation of an encoder on unlabelled text (embedding models).
+
+No labels and no head: terms read hidden states (``l2``, ``cosine``, ``codir`` with in-batch negatives...).
+Evaluation: the mean cosine similarity of student and teacher sentence embeddings on held-out text (the
+teacher's pooling, ``evaluation.pooling``; when both have the same width), and, at the end, a linear probe
+of frozen embeddings of both models on a labelled data set (``evaluation.probe``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillkit.data import Collator, TaskData, load_task_data, load_text_data
+from distillkit.losses import TaskInfo, masked_mean
+from distillkit.tasks.base import Autocast, Task, context, model_inputs, on_device
+
+
+@torch.no_grad()
+def sentence_embeddings(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    pooling: str,
+    autocast: Autocast | None = None,
+) -> torch.Tensor:
+    """Pooled last hidden states ``[N, H]`` (float32) of every example of ``batches``."""
+    was_training = model.training
+    model.eval()
+    vectors = []
+    for batch in batches:
+        with context(autocast):
+            hidden = model(**model_inputs(batch)).last_hidden_state.float()
+        pooled = hidden[:, 0] if pooling == "cls" else masked_mean(hidden, batch["attention_mask"])
+        vectors.append(pooled)
+    model.train(was_training)
+    return torch.cat(vectors)
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor, classes: int
+) -> float:
+    """Accuracy of a multinomial logistic regression trained on frozen features.
+
+    Features are standardised with the training statistics; the regression (L2 penalty 1e-3) is fitted by
+    full-batch L-BFGS in float64, deterministically.
+
+    Args:
+        train_x: ``[N, H]`` training features.
+        train_y: ``[N]`` class indices.
+        eval_x: ``[M, H]`` held-out features.
+        eval_y: ``[M]`` class indices.
+        classes: Number of classes.
+
+    Returns:
+        Held-out accuracy.
+
+    """
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    x, xe = ((train_x - mean) / std).double(), ((eval_x - mean) / std).double()
+    weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, train_y) + 1e-3 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((xe @ weight + bias).argmax(-1) == eval_y).double().mean())
+
+
+class Representation(Task):
+    """Task-agnostic encoder distillation: no labels, no head; embedding cosine and a linear probe."""
+
+    name = "representation"
+    info = TaskInfo(name="representation", labels=None, logits=None)
+    metric = "probe_accuracy"
+
+    def load_data(self, tokenizer: Any) -> TaskData:
+        """One truncated text per example (``data.text_column``)."""
+        return load_text_data(self.config.data, tokenizer, bool(self.config.data.packing))
+
+    def collator(self, tokenizer: Any) -> Callable:
+        """Dynamic padding."""
+        return Collator(tokenizer)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[dict[str, torch.Tensor]],
+        accelerator: Any,
+        autocast: Autocast | None = None,
+        teacher: nn.Module | None = None,
+    ) -> dict[str, float]:
+        """Mean cosine between the model's and the teacher's sentence embeddings (same width only)."""
+        batches = list(on_device(batches, accelerator))
+        pooling = self.config.evaluation.pooling
+        mine = sentence_embeddings(model, batches, pooling, autocast)
+        metrics: dict[str, float] = {"examples": len(mine)}
+        if teacher is not None and teacher is not model:
+            theirs = sentence_embeddings(teacher, batches, pooling, autocast)
+            if theirs.shape[1] == mine.shape[1]:
+                metrics["cosine"] = float(F.cosine_similarity(mine, theirs, dim=-1).mean())
+        return metrics
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """``cosine 0.93``."""
+        return (
+            f"embedding cosine {metrics['cosine']:.4f}"
+            if "cosine" in metrics
+            else "no cosine (widths differ)"
+        )
+
+    def report(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        data: TaskData,
+        collator: Callable,
+        tokenizer: Any,
+        accelerator: Any,
+        autocast: Autocast,
+    ) -> dict[str, Any]:
+        """Linear-probe accuracy of frozen student and teacher embeddings on ``evaluation.probe``."""
+        probe_cfg = self.config.evaluation.probe
+        if probe_cfg is None:
+            return {}
+        probe = load_task_data(probe_cfg, tokenizer)
+        pad = Collator(tokenizer)
+
+        def features(model: nn.Module, rows: Any) -> torch.Tensor:
+            batches = [
+                pad([rows[i] for i in range(s, min(s + 64, len(rows)))]) for s in range(0, len(rows), 64)
+            ]
+            return sentence_embeddings(
+                model, on_device(batches, accelerator), self.config.evaluation.pooling, autocast
+            ).cpu()
+
+        train_y = torch.tensor(probe.train["labels"])
+        eval_y = torch.tensor(probe.eval["labels"])
+        accuracy = {
+            name: linear_probe(
+                features(m, probe.train), train_y, features(m, probe.eval), eval_y, probe.num_labels
+            )
+            for name, m in (("teacher", teacher), ("student", student))
+        }
+        return {
+            "probe": {
+                "accuracy": accuracy,
+                "train_examples": len(train_y),
+                "eval_examples": len(eval_y),
+                "data": probe_cfg.path,
+            }
+        }
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        """Embedding cosine, probe accuracy and parameters."""
+        lines = [f"{'':10} {'probe acc':>9} {'params':>12}"]
+        probe = summary.get("probe", {}).get("accuracy", {})
+        for name in ("teacher", "student"):
+            lines.append(f"{name:10} {probe.get(name, float('nan')):9.4f} {summary[name]['parameters']:12,}")
+        cosine = summary["student"]["eval"].get("cosine")
+        if cosine is not None:
+            lines.append(
+                f"student-teacher embedding cosine on {summary['eval_examples']} held-out texts: {cosine:.4f}"
+            )
+        if "probe" in summary:
+            p = summary["probe"]
+            lines.append(
+                f"linear probe: {p['data']}, {p['train_examples']} train / {p['eval_examples']} "
+                "held-out examples"
+            )
+        return lines
