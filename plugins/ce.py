@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from distillkit import hookimpl
-from distillkit.losses import LossTerm, Taps
+from distillkit.losses import LossTerm, TapRequest, Taps
 
 
 class CrossEntropyLoss(LossTerm):
@@ -14,6 +14,7 @@ class CrossEntropyLoss(LossTerm):
 
     name = "ce"
     uses_teacher = False
+    student_reads = TapRequest(logits=True, labels=True)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss; ``teacher`` is not used."""

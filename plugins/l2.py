@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from distillkit import hookimpl
-from distillkit.losses import LossParams, LossTerm, ModelDims, Taps
+from distillkit.losses import LossParams, LossTerm, ModelDims, TapRequest, Taps
 from distillkit.mapping import LayerMapSpec
 
 
@@ -33,6 +33,8 @@ class L2HiddenLoss(LossTerm):
 
     name = "l2"
     Params = L2Params
+    student_reads = TapRequest(hidden_states=True)
+    teacher_reads = TapRequest(hidden_states=True)
 
     def __init__(self, params: L2Params, dims: ModelDims) -> None:
         super().__init__(params, dims)
