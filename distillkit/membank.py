@@ -40,6 +40,15 @@ def all_gather_rows(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Returns the mean of ``tensor`` over ranks (``tensor`` itself outside distributed runs); no gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    reduced = tensor.detach().clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced / dist.get_world_size()
+
+
 class QueueBank(nn.Module):
     """A FIFO queue of keys shared by ``layers`` contrastive heads.
 
@@ -143,6 +152,50 @@ class IndexBank(nn.Module):
         self.check_ids(example_ids)
         draws = torch.randint(0, self.size - 1, (example_ids.shape[0], count), device=self.keys.device)
         return draws + (draws >= example_ids.unsqueeze(1)).long()
+
+    def sample_other_labels(
+        self, example_ids: torch.Tensor, labels: torch.Tensor, count: int
+    ) -> torch.Tensor:
+        """Draws ``count`` slots per example (with replacement) among slots whose label differs from its own.
+
+        Slots not yet updated have label -1 and are eligible (they hold random keys, not an example of the
+        query's class); the example's own slot never is. Once every example has been seen this is exactly
+        sampling from the examples of other classes.
+
+        Args:
+            example_ids: ``[B]`` int64.
+            labels: ``[B]`` int64 class labels (non-negative).
+            count: ``K``.
+
+        Returns:
+            ``[B, K]`` int64 slot indices.
+
+        Raises:
+            ValueError: If some example has no slot of another label.
+
+        """
+        self.check_ids(example_ids)
+        device = self.keys.device
+        example_ids, labels = example_ids.to(device, torch.long), labels.to(device, torch.long)
+        out = torch.empty(example_ids.shape[0], count, dtype=torch.long, device=device)
+        for label in labels.unique().tolist():
+            rows = (labels == label).nonzero().flatten()
+            candidates = (self.labels != label).nonzero().flatten()  # sorted slot indices
+            own = example_ids[rows]
+            where = torch.searchsorted(candidates, own)  # position of the own slot if it is a candidate
+            padded = torch.cat([candidates, candidates.new_full((1,), -1)])
+            present = padded[where] == own
+            eligible = candidates.numel() - present.long()  # [rows]
+            if int(eligible.min()) < 1:
+                raise ValueError(
+                    f"no memory-bank slot has a label other than {label}: negatives: other_labels needs at "
+                    "least two classes in the training data"
+                )
+            draws = (torch.rand(rows.numel(), count, device=device) * eligible.unsqueeze(1)).long()
+            draws = torch.minimum(draws, (eligible - 1).unsqueeze(1))  # guards rand() rounding up to 1
+            draws = draws + ((draws >= where.unsqueeze(1)) & present.unsqueeze(1)).long()
+            out[rows] = candidates[draws]
+        return out
 
     @torch.no_grad()
     def update(

@@ -1,17 +1,35 @@
-"""``codir``: contrastive intermediate-layer distillation (CoDIR, Sun et al., 2020).
+"""``codir``: contrastive intermediate-layer distillation (CoDIR, Sun et al., EMNLP 2020, arXiv 2009.14167).
 
-Per mapped layer pair the student's and the teacher's pooled representations go through projection heads to a
-shared contrastive space and are L2-normalised; the student's vector (query) is pulled toward the teacher's
-vector of the same input (positive) and pushed away from negatives, via InfoNCE computed by the fused
-``distillkit.ops.membank_infonce`` op. Negatives come from one of three sources (``bank.kind``):
+The student's and the teacher's pooled layer representations are projected to a shared contrastive space and
+L2-normalised; the student's vector (query) is pulled toward the teacher's vector of the same input (positive)
+and pushed away from negatives.
+
+- ``fusion``: ``concat`` (default; the paper's and the released code's form) pools each mapped layer,
+  concatenates the pooled vectors of all mapped layers into one vector per model and projects it once per
+  side; ``per_layer`` gives each layer pair its own heads and averages the per-pair losses.
+- ``objective``: ``infonce`` (default; the paper's contrastive objective) is
+  ``−log exp(<q, k+>/τ) / (exp(<q, k+>/τ) + Σ_neg exp(<q, k−>/τ))``, computed by the fused
+  ``distillkit.ops.membank_infonce`` op; ``crd_nce`` is the released code's CRD NCE loss with a student and a
+  teacher bank, symmetric, with a normalising constant Z fixed on the first batch (:mod:`codir_crd`).
+
+Negatives for ``infonce`` come from one of three sources (``bank.kind``):
 
 - ``queue``: a FIFO of past teacher keys (MoCo style), ``bank.size`` keys.
 - ``index``: one slot per training example, momentum-updated, ``bank.negatives`` slots drawn per query
-  (CRD style, the form of CoDIR's released code). Needs ``example_ids`` in the batch.
+  (CRD style). Needs ``example_ids`` in the batch.
 - ``in_batch``: the teacher keys of the other examples in the batch, across all processes under DDP
   (CoDIR's pre-training form).
 
-``negatives: other_labels`` drops negatives that share the query's label (CoDIR fine-tuning).
+``negatives: other_labels`` drops negatives that share the query's label (CoDIR fine-tuning); with
+``crd_nce`` negatives are drawn only among slots of other labels.
+
+Settings that reproduce the released code (fairseq criterion ``sentence_prediction_crd``):
+``fusion: concat, objective: crd_nce, pooling: cls, bank: {kind: index, size: N, negatives: K, momentum: 0.5},
+negatives: other_labels, temperature: 0.07, dim: 128``, with the layer map of the script (student layers 1..6
+against teacher layers 1, 3, ..., 11: ``layers: [[1, 1], [2, 3], [3, 5], [4, 7], [5, 9], [6, 11]]``). See
+``docs/losses.md`` for the source of each choice.
+
+Keys enter the banks in :meth:`CoDIRLoss.after_step`, for every micro-batch since the previous step.
 """
 
 from __future__ import annotations
@@ -20,7 +38,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from distillkit_plugins.codir_crd import CRDMemory
+from pydantic import Field, model_validator
 from torch import nn
 
 from distillkit import hookimpl
@@ -53,10 +72,13 @@ class CoDIRParams(LossParams):
     Attributes:
         layers: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
         pooling: ``mean`` over real tokens, or ``cls`` (the first token).
-        temperature: InfoNCE temperature τ (CoDIR/CRD: 0.07).
+        temperature: Temperature τ (CoDIR/CRD: 0.07).
         dim: Size of the shared contrastive space (CRD: 128).
         bank: Negative source, see :class:`BankParams`.
         negatives: ``all``, or ``other_labels`` to exclude same-label negatives (needs labels).
+        fusion: ``concat`` (one vector from all mapped layers, one projection per side) or ``per_layer``.
+        objective: ``infonce`` (softmax over positive and negatives) or ``crd_nce`` (CRD's NCE loss with
+            student and teacher banks; needs ``bank.kind: index``).
 
     """
 
@@ -66,10 +88,24 @@ class CoDIRParams(LossParams):
     dim: int = Field(default=128, ge=1)
     bank: BankParams = Field(default_factory=BankParams)
     negatives: Literal["all", "other_labels"] = "all"
+    fusion: Literal["concat", "per_layer"] = "concat"
+    objective: Literal["infonce", "crd_nce"] = "infonce"
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> CoDIRParams:
+        if self.bank.kind == "index" and self.bank.size is None:
+            raise ValueError("codir with bank.kind: index needs bank.size = the number of training examples")
+        if self.objective == "crd_nce" and self.bank.kind != "index":
+            raise ValueError(
+                f"codir with objective: crd_nce keeps one student and one teacher slot per training example, "
+                f"so it needs bank: {{kind: index, size: <number of training examples>}}, not kind: "
+                f"{self.bank.kind}; use objective: infonce for queue or in_batch negatives"
+            )
+        return self
 
 
 class CoDIRLoss(LossTerm):
-    """InfoNCE between projected student and teacher layer representations, against a memory bank."""
+    """Contrastive distillation of intermediate representations: InfoNCE or CRD's NCE, with memory banks."""
 
     name = "codir"
     Params = CoDIRParams
@@ -77,23 +113,30 @@ class CoDIRLoss(LossTerm):
     def __init__(self, params: CoDIRParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
         self.pairs = self.layer_pairs(params.layers)
-        layers = len(self.pairs)
-        self.student_heads = nn.ModuleList(nn.Linear(dims.student_hidden, params.dim) for _ in self.pairs)
-        self.teacher_heads = nn.ModuleList(nn.Linear(dims.teacher_hidden, params.dim) for _ in self.pairs)
-        bank = params.bank
-        self.bank: nn.Module | None
-        if bank.kind == "queue":
-            self.bank = QueueBank(layers, bank.size or 16384, params.dim)
-        elif bank.kind == "index":
-            if bank.size is None:
-                raise ValueError(
-                    "codir with bank.kind: index needs bank.size = the number of training examples"
-                )
-            self.bank = IndexBank(layers, bank.size, params.dim, bank.momentum)
+        if params.fusion == "concat":
+            heads = 1
+            student_in, teacher_in = (
+                len(self.pairs) * dims.student_hidden,
+                len(self.pairs) * dims.teacher_hidden,
+            )
         else:
-            self.bank = None
-        # teacher keys of every micro-batch since the last optimizer step: (keys, labels, example ids)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+            heads = len(self.pairs)
+            student_in, teacher_in = dims.student_hidden, dims.teacher_hidden
+        self.student_heads = nn.ModuleList(nn.Linear(student_in, params.dim) for _ in range(heads))
+        self.teacher_heads = nn.ModuleList(nn.Linear(teacher_in, params.dim) for _ in range(heads))
+        bank = params.bank
+        self.bank: nn.Module | None = None
+        self.crd: CRDMemory | None = None
+        if params.objective == "crd_nce":
+            self.crd = CRDMemory(heads, bank.size, params.dim, bank.momentum)
+        elif bank.kind == "queue":
+            self.bank = QueueBank(heads, bank.size or 16384, params.dim)
+        elif bank.kind == "index":
+            self.bank = IndexBank(heads, bank.size, params.dim, bank.momentum)
+        # every micro-batch since the last optimizer step: (teacher keys, labels, example ids, student keys)
+        self._pending: list[
+            tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+        ] = []
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.params.pooling == "cls":
@@ -101,16 +144,23 @@ class CoDIRLoss(LossTerm):
         return masked_mean(hidden, mask)
 
     def _embed(self, taps: Taps, heads: nn.ModuleList, side: int) -> torch.Tensor:
-        """Returns normalised projections ``[L, B, dim]`` (float32) of one model's mapped layers."""
+        """Returns normalised projections ``[L, B, dim]`` (float32); ``L`` = 1 with ``fusion: concat``.
+
+        Args:
+            taps: One model's taps.
+            heads: That model's projection heads.
+            side: 0 for the student's layer of each pair, 1 for the teacher's.
+
+        """
         mask = taps.token_mask()
-        vectors = [
-            F.normalize(head(self._pool(taps.hidden_states[pair[side]], mask)).float(), dim=-1)
-            for head, pair in zip(heads, self.pairs, strict=True)
-        ]
+        pooled = [self._pool(taps.hidden_states[pair[side]], mask) for pair in self.pairs]  # each [B, H]
+        if self.params.fusion == "concat":
+            pooled = [torch.cat(pooled, dim=-1)]  # [B, L·H]
+        vectors = [F.normalize(head(x).float(), dim=-1) for head, x in zip(heads, pooled, strict=True)]
         return torch.stack(vectors)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
-        """Computes the loss, averaged over layer pairs and examples.
+        """Computes the loss, averaged over heads (layer pairs, or the one fused head) and examples.
 
         Args:
             student: Student taps; ``hidden_states[i]`` is ``[B, T, H_s]``.
@@ -130,12 +180,19 @@ class CoDIRLoss(LossTerm):
         tau = self.params.temperature
         kind = self.params.bank.kind
         keys = positive.detach()
+        ids = None
         if kind == "index":
             if student.example_ids is None:
                 raise ValueError("codir with an index bank needs example_ids in the batch")
             ids = student.example_ids.to(torch.long)
+        if self.crd is not None:
+            index = self.crd.sample(ids, labels, self.params.bank.negatives)
+            loss = self.crd.loss(query, positive, index, tau)
+            self._pending.append((keys, labels, ids, query.detach()))
+            return loss.mean()
+        if kind == "index":
             index = self.bank.sample_negatives(ids, self.params.bank.negatives)
-            index = index.unsqueeze(0).expand(len(self.pairs), -1, -1)
+            index = index.unsqueeze(0).expand(query.shape[0], -1, -1)
             loss = membank_infonce(
                 query,
                 positive,
@@ -145,9 +202,7 @@ class CoDIRLoss(LossTerm):
                 bank_labels=None if labels is None else self.bank.labels,
                 negative_index=index,
             )
-            self._pending.append((keys, labels, ids))
-            return loss.mean()
-        if kind == "queue" and int(self.bank.filled) > 0:
+        elif kind == "queue" and int(self.bank.filled) > 0:
             bank, bank_labels = self.bank.negatives()
             loss = membank_infonce(
                 query,
@@ -160,7 +215,7 @@ class CoDIRLoss(LossTerm):
         else:  # in-batch negatives (also the queue's first step, while it is empty)
             loss = self._in_batch(query, positive, keys, labels)
         if self.bank is not None:
-            self._pending.append((keys, labels, None))
+            self._pending.append((keys, labels, ids, None))
         return loss.mean()
 
     def _in_batch(
@@ -196,18 +251,19 @@ class CoDIRLoss(LossTerm):
         )
 
     def after_step(self) -> None:
-        """Adds the teacher keys of every micro-batch since the last step to the bank, oldest first.
+        """Adds the keys of every micro-batch since the last step to the bank(s), oldest first.
 
-        ``queue`` enqueues them, ``index`` momentum-updates their slots. Under DDP each micro-batch is one
-        all-gather: every rank runs the same number of micro-batches per step.
+        ``queue`` enqueues the teacher keys, ``index`` momentum-updates their slots, ``crd_nce`` updates the
+        student and the teacher bank. Under DDP each micro-batch is one all-gather: every rank runs the same
+        number of micro-batches per step.
         """
         pending, self._pending = self._pending, []
-        if self.bank is None:
-            return
-        for keys, labels, ids in pending:
-            if isinstance(self.bank, IndexBank):
+        for keys, labels, ids, student_keys in pending:
+            if self.crd is not None:
+                self.crd.update(ids, student_keys, keys, labels)
+            elif isinstance(self.bank, IndexBank):
                 self.bank.update(ids, keys, labels)
-            else:
+            elif self.bank is not None:
                 self.bank.enqueue(keys, labels)
 
     def discard_pending(self) -> None:
@@ -226,7 +282,12 @@ def distillkit_register_bench_cases(register):
     """Adds ``distillkit bench`` cases for the large-bank forms of ``codir``."""
     from distillkit.bench import BenchCase
 
-    register(BenchCase("codir-queue-65k", "codir", {"bank": {"kind": "queue", "size": 65536}}))
-    register(
-        BenchCase("codir-index-16k", "codir", {"bank": {"kind": "index", "size": 50000, "negatives": 16384}})
-    )
+    queue = {"kind": "queue", "size": 65536}
+    register(BenchCase("codir-queue-65k", "codir", {"bank": queue}))
+    index = {"kind": "index", "size": 50000, "negatives": 16384}
+    register(BenchCase("codir-index-16k", "codir", {"bank": index}))
+    register(BenchCase("codir-per-layer-queue-65k", "codir", {"fusion": "per_layer", "bank": queue}))
+    register(BenchCase("codir-per-layer-index-16k", "codir", {"fusion": "per_layer", "bank": index}))
+    released = {"objective": "crd_nce", "pooling": "cls", "bank": index, "negatives": "other_labels"}
+    register(BenchCase("codir-crd-nce-16k", "codir", released))
+    register(BenchCase("codir-crd-nce-per-layer-16k", "codir", {**released, "fusion": "per_layer"}))

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from distillkit.membank import IndexBank, QueueBank
+from distillkit.membank import IndexBank, QueueBank, all_reduce_mean
 
 
 def test_queue_is_fifo_and_wraps():
@@ -42,3 +43,30 @@ def test_index_bank_momentum_update_and_sampling_avoids_own_slot():
     assert not (draws == ids.unsqueeze(1)).any()
     assert draws.min() >= 0 and draws.max() <= 9
     assert len(torch.unique(draws[0])) == 9  # every other slot is reachable
+
+
+def test_sample_other_labels_skips_same_label_and_own_slot():
+    bank = IndexBank(layers=1, size=10, dim=4)
+    bank.labels.copy_(torch.tensor([0, 1, 0, 1, 2, -1, 0, 1, 2, -1]))
+    ids = torch.tensor([5, 0, 3, 9, 4])  # 5 and 9 are unseen: their own slot has label -1 and is a candidate
+    labels = torch.tensor([0, 0, 1, 2, 2])
+    torch.manual_seed(0)
+    index = bank.sample_other_labels(ids, labels, 2000)
+    assert index.shape == (5, 2000) and index.dtype == torch.long
+    assert (bank.labels[index] != labels.unsqueeze(1)).all()
+    assert (index != ids.unsqueeze(1)).all()
+    for row, label in enumerate(labels.tolist()):
+        allowed = {i for i in range(10) if int(bank.labels[i]) != label and i != int(ids[row])}
+        assert set(index[row].tolist()) == allowed  # 2000 draws reach every allowed slot (uniform)
+
+
+def test_sample_other_labels_needs_another_class():
+    bank = IndexBank(layers=1, size=3, dim=4)
+    bank.labels.fill_(1)
+    with pytest.raises(ValueError, match="at least two classes"):
+        bank.sample_other_labels(torch.tensor([0]), torch.tensor([1]), 4)
+
+
+def test_all_reduce_mean_is_identity_without_distributed():
+    value = torch.tensor([1.5, 2.0])
+    assert torch.equal(all_reduce_mean(value), value)

@@ -21,17 +21,15 @@ def _final_bank(tmp_path, bank, **codir):
     distill(config_from_dict(raw))
     last = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     state = load_file(str(last / "objective.safetensors"))
-    return {
-        k.removeprefix("terms.codir.bank."): v for k, v in state.items() if k.startswith("terms.codir.bank.")
-    }
+    return {k.removeprefix("terms.codir."): v for k, v in state.items() if k.startswith("terms.codir.")}
 
 
 def test_queue_bank_holds_every_micro_batch(tmp_path):
     bank = _final_bank(tmp_path, {"kind": "queue", "size": 64})
     seen = STEPS * ACCUM * BATCH
-    assert int(bank["filled"]) == seen
-    assert int(bank["pointer"]) == seen
-    norms = bank["keys"].norm(dim=-1)  # [layers, size]: enqueued keys are unit vectors, the rest zeros
+    assert int(bank["bank.filled"]) == seen
+    assert int(bank["bank.pointer"]) == seen
+    norms = bank["bank.keys"].norm(dim=-1)  # [layers, size]: enqueued keys are unit vectors, the rest zeros
     torch.testing.assert_close(norms[:, :seen], torch.ones_like(norms[:, :seen]))
     assert not norms[:, seen:].any()
 
@@ -40,10 +38,21 @@ def test_queue_bank_holds_every_micro_batch(tmp_path):
 def test_index_bank_updates_every_micro_batch(tmp_path, negatives):
     bank = _final_bank(tmp_path, {"kind": "index", "size": 64, "negatives": 8}, negatives=negatives)
     initial = IndexBank(1, 64, 8).keys
-    updated = (bank["keys"] != initial).any(dim=-1).any(dim=0)
+    updated = (bank["bank.keys"] != initial).any(dim=-1).any(dim=0)
     assert int(updated.sum()) == STEPS * ACCUM * BATCH
     if negatives == "other_labels":
-        assert torch.equal(bank["labels"] != -1, updated)
+        assert torch.equal(bank["bank.labels"] != -1, updated)
+
+
+def test_crd_nce_banks_update_every_micro_batch(tmp_path):
+    bank = {"kind": "index", "size": 64, "negatives": 8}
+    state = _final_bank(tmp_path, bank, objective="crd_nce", pooling="cls", negatives="other_labels")
+    initial = IndexBank(1, 64, 8).keys
+    for side in ("student", "teacher"):
+        updated = (state[f"crd.{side}_bank.keys"] != initial).any(dim=-1).any(dim=0)
+        assert int(updated.sum()) == STEPS * ACCUM * BATCH, side
+        assert torch.equal(state[f"crd.{side}_bank.labels"] != -1, updated)
+    assert int(state["crd.z_estimated"]) == 1 and torch.isfinite(state["crd.student_log_z"]).all()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
