@@ -36,9 +36,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_h, grad_w)
 
 
+def _eager(tensor: torch.Tensor) -> bool:
+    """True for a plain tensor outside any tracing (its value may be read without breaking a graph)."""
+    return type(tensor) is torch.Tensor and not torch.compiler.is_compiling() and tensor.device.type == "cpu"
+
+
 def _backward(ctx, grad_loss, _grad_h, _grad_w):
     grad_h, grad_w = ctx.saved_tensors
-    if not torch.compiler.is_compiling() and grad_loss.numel() == 1 and float(grad_loss) == 1.0:
+    if _eager(grad_loss) and float(grad_loss) == 1.0:
         scaled_h, scaled_w = grad_h, grad_w  # the usual terminal case: no [V, Ds] copy
     else:
         scale = grad_loss.to(grad_h.dtype)
