@@ -375,6 +375,7 @@ class _Run:
                 tqdm.write(f"distillkit: {problem}; skipping the step")
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+            self.objective.skip_step()
             self.skipped += 1
             return
         self.optimizer.step()

@@ -189,6 +189,9 @@ class LossTerm(nn.Module):
     def after_step(self) -> None:
         """Updates state after the optimizer step (e.g. enqueue teacher keys into a memory bank)."""
 
+    def skip_step(self) -> None:
+        """Forgets what was collected for a step the loop skipped (a non-finite loss): nothing was applied."""
+
     def tap_requests(self) -> tuple[TapRequest, TapRequest]:
         """Returns what this term reads of the student and of the teacher."""
         return self.student_reads, (self.teacher_reads if self.uses_teacher else NOTHING)

@@ -227,6 +227,11 @@ class DistillationObjective(nn.Module):
         for term in self.terms.values():
             term.after_step()
 
+    def skip_step(self) -> None:
+        """Tells each term that the step was skipped: state collected for it must not be applied."""
+        for term in self.terms.values():
+            term.skip_step()
+
 
 def _describe_term(label: str, term: LossTerm) -> str:
     from distillkit.plugins import plugin_for_module

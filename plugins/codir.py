@@ -43,7 +43,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from distillkit import hookimpl
-from distillkit.losses import LossParams, LossTerm, ModelDims, Taps, masked_mean
+from distillkit.errors import ConfigError
+from distillkit.losses import LossParams, LossTerm, ModelDims, TapRequest, Taps, TaskInfo, masked_mean
 from distillkit.mapping import LayerMapSpec
 from distillkit.membank import IndexBank, QueueBank, all_gather_rows, rank_and_world
 from distillkit.ops import membank_infonce
@@ -54,7 +55,8 @@ class BankParams(LossParams):
 
     Attributes:
         kind: ``queue``, ``index`` or ``in_batch``.
-        size: Queue capacity (``queue``; default 16384) or number of training examples (``index``; required).
+        size: Queue capacity (``queue``; default 16384) or number of training examples (``index``; default: the
+            run's training examples).
         momentum: Momentum of the ``index`` bank update (CRD: 0.5).
         negatives: Slots drawn per query from an ``index`` bank (CRD: 16384).
 
@@ -93,8 +95,6 @@ class CoDIRParams(LossParams):
 
     @model_validator(mode="after")
     def _check_combination(self) -> CoDIRParams:
-        if self.bank.kind == "index" and self.bank.size is None:
-            raise ValueError("codir with bank.kind: index needs bank.size = the number of training examples")
         if self.objective == "crd_nce" and self.bank.kind != "index":
             raise ValueError(
                 f"codir with objective: crd_nce keeps one student and one teacher slot per training example, "
@@ -104,11 +104,30 @@ class CoDIRParams(LossParams):
         return self
 
 
+def _index_slots(bank: BankParams, dims: ModelDims) -> int:
+    """Slots of an index bank: ``bank.size``, else the number of training examples of the run."""
+    examples = dims.train_examples
+    if bank.size is None:
+        if examples is None:
+            raise ConfigError(
+                "codir with bank.kind: index needs bank.size = the number of training examples (a run sets it "
+                "from the data; set it when building the term yourself)"
+            )
+        return examples
+    if examples is not None and bank.size < examples:
+        raise ConfigError(
+            f"an index bank of {bank.size} slots but the training data has {examples} examples; set its "
+            f"bank.size to {examples} or leave it out"
+        )
+    return bank.size
+
+
 class CoDIRLoss(LossTerm):
     """Contrastive distillation of intermediate representations: InfoNCE or CRD's NCE, with memory banks."""
 
     name = "codir"
     Params = CoDIRParams
+    teacher_reads = TapRequest(hidden_states=True)
 
     def __init__(self, params: CoDIRParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
@@ -127,12 +146,13 @@ class CoDIRLoss(LossTerm):
         bank = params.bank
         self.bank: nn.Module | None = None
         self.crd: CRDMemory | None = None
+        slots = _index_slots(bank, dims) if bank.kind == "index" else None
         if params.objective == "crd_nce":
-            self.crd = CRDMemory(heads, bank.size, params.dim, bank.momentum)
+            self.crd = CRDMemory(heads, slots, params.dim, bank.momentum)
         elif bank.kind == "queue":
             self.bank = QueueBank(heads, bank.size or 16384, params.dim)
         elif bank.kind == "index":
-            self.bank = IndexBank(heads, bank.size, params.dim, bank.momentum)
+            self.bank = IndexBank(heads, slots, params.dim, bank.momentum)
         # every micro-batch since the last optimizer step: (teacher keys, labels, example ids, student keys)
         self._pending: list[
             tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
@@ -250,6 +270,20 @@ class CoDIRLoss(LossTerm):
             query, positive, bank, self.params.temperature, query_labels=labels, bank_labels=bank_labels
         )
 
+    def tap_requests(self) -> tuple[TapRequest, TapRequest]:
+        """Hidden states of both models; the batch's labels too with ``negatives: other_labels``."""
+        labels = self.params.negatives == "other_labels"
+        return TapRequest(hidden_states=True, labels=labels), self.teacher_reads
+
+    def check_task(self, task: TaskInfo) -> None:
+        """``other_labels`` needs one class label per example."""
+        super().check_task(task)
+        if self.params.negatives == "other_labels" and task.labels != "class":
+            raise ConfigError(
+                f"codir with negatives: other_labels needs a class label per example, and task '{task.name}' "
+                "has none; use negatives: all"
+            )
+
     def after_step(self) -> None:
         """Adds the keys of every micro-batch since the last step to the bank(s), oldest first.
 
@@ -266,8 +300,8 @@ class CoDIRLoss(LossTerm):
             elif self.bank is not None:
                 self.bank.enqueue(keys, labels)
 
-    def discard_pending(self) -> None:
-        """Drops the keys collected since the last step (for a step that was skipped, not applied)."""
+    def skip_step(self) -> None:
+        """Drops the keys collected since the last step: the step was skipped, not applied."""
         self._pending = []
 
 
