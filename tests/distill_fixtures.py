@@ -70,3 +70,39 @@ def tiny_config(tmp_path: Path, **train: Any) -> dict[str, Any]:
         },
         "output_dir": str(tmp_path / "run"),
     }
+
+
+def llama(layers: int, hidden: int) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "vocab_size": 40,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 64,
+    }
+
+
+def gpt2(layers: int, hidden: int) -> dict[str, Any]:
+    return {
+        "model_type": "gpt2",
+        "vocab_size": 40,
+        "n_embd": hidden,
+        "n_layer": layers,
+        "n_head": 2,
+        "n_positions": 64,
+    }
+
+
+def text_config(
+    tmp_path: Path, task: str, teacher: dict[str, Any], objective: list[dict], **train: Any
+) -> dict:
+    """A tiny config of a text task (``causal_lm``, ``masked_lm``, ``representation``) on the tiny CSV."""
+    raw = tiny_config(tmp_path, **train)
+    raw["task"] = task
+    raw["teacher"]["config"] = teacher
+    raw["objective"] = objective
+    raw["data"] = {"path": raw["data"]["path"], "text_column": "sentence", "max_length": 16}
+    return raw
