@@ -217,7 +217,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--op", action="store_true", help="compare InfoNCE implementations vs bank size")
+    parser.add_argument(
+        "--op",
+        nargs="?",
+        const="infonce",
+        choices=["infonce", "vocab"],
+        help="compare op implementations: InfoNCE vs bank size (default), or vocab: linear divergence",
+    )
+    parser.add_argument("--vocab-shape", default="2048,49152,576,576", help="with --op vocab: N,V,Ds,Dt")
+    parser.add_argument("--divergence", default="forward_kl", help="with --op vocab: the divergence")
     parser.add_argument("--op-k", default="4096,16384,65536", help="bank sizes for --op")
     parser.add_argument("--op-b", type=int, default=256, help="queries for --op")
     parser.add_argument("--op-d", type=int, default=128, help="vector size for --op")
@@ -288,6 +296,12 @@ def _plot_op_rows(rows: list[dict[str, Any]], bank_sizes: list[int], path: str) 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Runs ``distillkit bench`` and prints a markdown table; returns the exit status."""
     dtype = getattr(torch, args.dtype)
+    if args.op == "vocab":
+        from distillkit.vocabbench import VocabCase, run_vocab_table
+
+        n, v, ds, dt = (int(x) for x in args.vocab_shape.split(","))
+        case = VocabCase(n, v, ds, dt, divergence=args.divergence)
+        return run_vocab_table(case, repeats=args.repeat)
     if args.op:
         if args.device != "cpu":
             raise SystemExit("--op measures CPU time and memory; on a GPU use benchmarks/cuda_bench.py")
