@@ -1,0 +1,106 @@
+"""``cosine``: cosine alignment of mapped hidden states (DistilBERT).
+
+Sanh et al., "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter" (2019): besides
+soft-target KD and masked-LM, the student's hidden states are aligned in direction with the teacher's by a
+cosine embedding loss. Per mapped layer pair ``(s, t)``:
+
+    L_(s,t) = Σ_{b,i} m_{b,i} · (1 − cos(P h_s[b, i], h_t[b, i])) / Σ_{b,i} m_{b,i}
+
+over real tokens (``m`` the attention mask), and the loss is the mean over pairs. ``P`` is a learned linear
+map (one per pair) when the hidden sizes differ (or ``projection: always``), the identity otherwise.
+DistilBERT applies it to the last layer, the default map here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from distillkit import hookimpl
+from distillkit.errors import ConfigError
+from distillkit.losses import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit.mapping import LayerMapSpec
+
+
+class CosineParams(LossParams):
+    """Parameters of ``cosine``.
+
+    Attributes:
+        layers: Layer map (``last``, ``uniform``, ``skip`` or ``[[s, t], ...]``; 0 is the embedding output).
+        projection: ``auto`` adds a linear map per pair when hidden sizes differ; ``always``/``never`` force.
+
+    """
+
+    layers: LayerMapSpec = "last"
+    projection: Literal["auto", "always", "never"] = "auto"
+
+
+def student_projections(
+    name: str, projection: str, pairs: list[tuple[int, int]], dims: ModelDims
+) -> nn.ModuleList | None:
+    """One ``Linear(H_s, H_t)`` per pair when asked for or when the widths differ, else None."""
+    differ = dims.student_hidden != dims.teacher_hidden
+    if projection == "never" and differ:
+        raise ConfigError(
+            f"loss '{name}' with projection: never needs equal hidden sizes (student {dims.student_hidden}, "
+            f"teacher {dims.teacher_hidden}); use projection: auto"
+        )
+    if projection == "always" or (projection == "auto" and differ):
+        return nn.ModuleList(nn.Linear(dims.student_hidden, dims.teacher_hidden) for _ in pairs)
+    return None
+
+
+def safe_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Cosine similarity over the last dim, ``[..., H] -> [...]``.
+
+    A vector shorter than ``eps`` has no direction: its cosine is 0 with a zero gradient
+    (``F.cosine_similarity`` returns a gradient of size 1/eps there, which overflows half precision).
+    """
+    squares = a.pow(2).sum(-1) * b.pow(2).sum(-1)
+    defined = squares > eps**4
+    return torch.where(defined, (a * b).sum(-1) * squares.clamp_min(eps**4).rsqrt(), 0.0)
+
+
+class CosineLoss(LossTerm):
+    """Mean over real tokens and layer pairs of ``1 − cos(P h_student, h_teacher)``."""
+
+    name = "cosine"
+    Params = CosineParams
+    student_reads = TapRequest(hidden_states=True)
+    teacher_reads = TapRequest(hidden_states=True)
+
+    def __init__(self, params: CosineParams, dims: ModelDims) -> None:
+        super().__init__(params, dims)
+        self.pairs = self.layer_pairs(params.layers)
+        self.projections = student_projections(self.name, params.projection, self.pairs, dims)
+
+    def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
+        """Computes the loss.
+
+        Args:
+            student: Student taps; ``hidden_states[s]`` is ``[B, T, H_s]``.
+            teacher: Teacher taps; ``hidden_states[t]`` is ``[B, T, H_t]``.
+
+        Returns:
+            Scalar loss (float32, or float64 for float64 inputs).
+
+        """
+        mask = student.token_mask()  # [B, T]
+        losses = []
+        for index, (s, t) in enumerate(self.pairs):
+            hidden = student.hidden_states[s]
+            if self.projections is not None:
+                hidden = self.projections[index](hidden)
+            dtype = torch.promote_types(hidden.dtype, torch.float32)
+            cosine = safe_cosine(hidden.to(dtype), teacher.hidden_states[t].to(dtype))
+            weights = mask.to(dtype)
+            losses.append(((1.0 - cosine) * weights).sum() / weights.sum().clamp_min(1.0))
+        return torch.stack(losses).mean()
+
+
+@hookimpl
+def distillkit_register_losses(register):
+    """Registers ``cosine``."""
+    register(CosineLoss)
