@@ -23,7 +23,7 @@ def _fresh_registry(monkeypatch):
 
 def test_builtins_come_from_entry_points_with_their_distribution():
     registry = loss_registry()
-    for name in ("l2", "kd", "codir", "ce"):
+    for name in ("l2", "kd", "codir", "ce", "attention", "minilm_v2", "cosine", "pkd"):
         info = registry[name]
         assert info.plugin.distribution == "distillkit"
         assert info.plugin.version
@@ -61,12 +61,14 @@ def installed_example(tmp_path_factory):
 def test_third_party_plugin_is_discovered_through_its_entry_point(installed_example, dims):
     assert list(installed_example.glob("distillkit_cosine-0.1.0.dist-info"))
     with PathPlugins(installed_example):
-        info = get_loss("cosine")
+        info = get_loss("token_cosine")
         assert (info.plugin.distribution, info.plugin.version) == ("distillkit-cosine", "0.1.0")
         from distillkit import DistillationObjective
 
-        objective = DistillationObjective.from_config([{"loss": "cosine", "layers": "last"}], dims_equal())
-        assert list(objective.terms) == ["cosine"]
+        objective = DistillationObjective.from_config(
+            [{"loss": "token_cosine", "layers": "last"}], dims_equal()
+        )
+        assert list(objective.terms) == ["token_cosine"]
 
 
 def dims_equal():
@@ -84,7 +86,7 @@ def test_cli_lists_third_party_plugin(installed_example):
         env={**_env(), "PYTHONPATH": env_path},
         check=True,
     )
-    assert "cosine  (distillkit-cosine 0.1.0, plugin 'cosine')" in result.stdout
+    assert "token_cosine  (distillkit-cosine 0.1.0, plugin 'token_cosine')" in result.stdout
     assert "codir  (distillkit" in result.stdout
 
 
@@ -143,4 +145,5 @@ def test_unknown_loss_lists_known_names_and_close_matches():
     message = str(excinfo.value)
     assert "unknown loss 'codr'" in message
     assert "did you mean 'codir'" in message
-    assert "Known losses: ce, codir, kd, l2" in message
+    known = message.split("Known losses: ")[1].split(".")[0].split(", ")
+    assert known == sorted(known) and {"ce", "codir", "kd", "l2", "attention", "cosine"} <= set(known)

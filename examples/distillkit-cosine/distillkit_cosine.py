@@ -1,7 +1,8 @@
-"""A third-party distillkit loss: ``cosine``, 1 − cos(student, teacher) over mapped hidden states.
+"""A third-party distillkit loss: ``token_cosine``, 1 − cos(student, teacher) over mapped hidden states.
 
-Installing this package is all it takes: its entry point in group ``distillkit`` makes ``loss: cosine``
-usable in any config.
+Installing this package is all it takes: its entry point in group ``distillkit`` makes ``loss: token_cosine``
+usable in any config. (distillkit's own ``cosine`` loss does the same and also learns a projection when the
+hidden sizes differ; this module is the smallest complete example of a plugin.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from distillkit import LossParams, LossTerm, Taps, hookimpl
+from distillkit.losses import TapRequest
 
 
-class CosineParams(LossParams):
-    """Parameters of ``cosine``.
+class TokenCosineParams(LossParams):
+    """Parameters of ``token_cosine``.
 
     Attributes:
         layers: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
@@ -22,16 +24,18 @@ class CosineParams(LossParams):
     layers: str | list[list[int]] = "last"
 
 
-class CosineLoss(LossTerm):
+class TokenCosineLoss(LossTerm):
     """Mean over real tokens and layer pairs of ``1 − cos(h_student, h_teacher)`` (equal hidden sizes)."""
 
-    name = "cosine"
-    Params = CosineParams
+    name = "token_cosine"
+    Params = TokenCosineParams
+    student_reads = TapRequest(hidden_states=True)  # what it reads of each model: hidden states only
+    teacher_reads = TapRequest(hidden_states=True)
 
-    def __init__(self, params: CosineParams, dims) -> None:
+    def __init__(self, params: TokenCosineParams, dims) -> None:
         super().__init__(params, dims)
         if dims.student_hidden != dims.teacher_hidden:
-            raise ValueError("cosine needs equal hidden sizes; use the l2 loss, which learns a projection")
+            raise ValueError("token_cosine needs equal hidden sizes; use cosine, which learns a projection")
         self.pairs = self.layer_pairs(params.layers)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
@@ -46,5 +50,5 @@ class CosineLoss(LossTerm):
 
 @hookimpl
 def distillkit_register_losses(register):
-    """Registers ``cosine``."""
-    register(CosineLoss)
+    """Registers ``token_cosine``."""
+    register(TokenCosineLoss)
