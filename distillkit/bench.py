@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from distillkit.losses import LossTerm, ModelDims, Taps
+from distillkit.losses import LossTerm, ModelDims, TapRequest, Taps
 from distillkit.membank import QueueBank
 
 
@@ -51,7 +51,10 @@ class BenchShapes:
 
     def dims(self) -> ModelDims:
         """Returns the model sizes these shapes imply."""
-        return ModelDims(self.student_layers, self.teacher_layers, self.student_hidden, self.teacher_hidden)
+        heads = synthetic_heads(self.student_hidden, self.teacher_hidden)
+        return ModelDims(
+            self.student_layers, self.teacher_layers, self.student_hidden, self.teacher_hidden, heads, heads
+        )
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,23 @@ class BenchCase:
     shapes: dict[str, int] = field(default_factory=dict)
 
 
+def synthetic_heads(student_hidden: int, teacher_hidden: int) -> int:
+    """Attention heads of both synthetic models: the largest of 12, 8, 6, 4, 2, 1 dividing both widths."""
+    return next(h for h in (12, 8, 6, 4, 2, 1) if student_hidden % h == 0 and teacher_hidden % h == 0)
+
+
 def synthetic_taps(
-    shapes: BenchShapes, device: str, dtype: torch.dtype
+    shapes: BenchShapes,
+    device: str,
+    dtype: torch.dtype,
+    requests: tuple[TapRequest, TapRequest] | None = None,
 ) -> tuple[Taps, Taps, list[torch.Tensor]]:
     """Builds random student/teacher taps.
+
+    Hidden states, logits, mask, labels and ids always; attention probabilities ``[B, heads, T, T]``
+    (softmax over real keys, heads from :func:`synthetic_heads`) and module outputs ``[B, T, hidden]`` (one
+    per requested path, as wide as the model) only when ``requests`` (the term's student and teacher
+    requests) asks for them.
 
     Returns:
         student taps (leaf tensors requiring grad), teacher taps, and the student leaves.
@@ -91,17 +107,49 @@ def synthetic_taps(
 
     mask = torch.ones(shapes.batch, shapes.seq, dtype=torch.long, device=device)
     mask[: shapes.batch // 2, shapes.seq // 2 :] = 0
+    heads = synthetic_heads(shapes.student_hidden, shapes.teacher_hidden)
+
+    def attentions(request: TapRequest | None, layers: int, grad: bool) -> tuple[torch.Tensor, ...]:
+        if request is None or not request.attentions:
+            return ()
+        maps = []
+        for _ in range(layers):
+            scores = torch.randn(shapes.batch, heads, shapes.seq, shapes.seq, generator=generator).to(device)
+            scores = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+            maps.append(torch.softmax(scores, dim=-1).to(dtype).requires_grad_(grad))
+        return tuple(maps)
+
+    def modules(request: TapRequest | None, hidden: int, grad: bool) -> dict[str, torch.Tensor]:
+        paths = () if request is None else request.modules
+        return {
+            path: torch.randn(shapes.batch, shapes.seq, hidden, generator=generator)
+            .to(device, dtype)
+            .requires_grad_(grad)
+            for path in paths
+        }
+
+    reads_student, reads_teacher = requests or (None, None)
     labels = torch.randint(0, shapes.classes, (shapes.batch,), generator=generator).to(device)
     ids = torch.arange(shapes.batch, device=device)
     student_logits = torch.randn(shapes.batch, shapes.classes, generator=generator).to(device, dtype)
     student_logits.requires_grad_(True)
     student_states = states(shapes.student_layers, shapes.student_hidden, True)
-    student = Taps(student_states, student_logits, mask, labels, ids)
+    student_maps = attentions(reads_student, shapes.student_layers, True)
+    student_modules = modules(reads_student, shapes.student_hidden, True)
+    student = Taps(
+        student_states, student_logits, mask, labels, ids, attentions=student_maps, modules=student_modules
+    )
     teacher_logits = torch.randn(shapes.batch, shapes.classes, generator=generator).to(device, dtype)
     teacher = Taps(
-        states(shapes.teacher_layers, shapes.teacher_hidden, False), teacher_logits, mask, labels, ids
+        states(shapes.teacher_layers, shapes.teacher_hidden, False),
+        teacher_logits,
+        mask,
+        labels,
+        ids,
+        attentions=attentions(reads_teacher, shapes.teacher_layers, False),
+        modules=modules(reads_teacher, shapes.teacher_hidden, False),
     )
-    return student, teacher, [*student_states, student_logits]
+    return student, teacher, [*student_states, student_logits, *student_maps, *student_modules.values()]
 
 
 def collect_cases(losses: list[str] | None = None) -> list[BenchCase]:
@@ -141,7 +189,7 @@ def make_step(
     shapes = replace(shapes, **case.shapes)
     cls: type[LossTerm] = get_loss(case.loss).cls
     term = cls(cls.parse_params(case.params), shapes.dims()).to(device)
-    student, teacher, leaves = synthetic_taps(shapes, device, dtype)
+    student, teacher, leaves = synthetic_taps(shapes, device, dtype, term.tap_requests())
     for module in term.modules():  # time a full queue, not the first steps of an empty one
         if isinstance(module, QueueBank):
             module.fill_random()
