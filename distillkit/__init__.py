@@ -9,8 +9,8 @@ The names most users need::
 from distillkit.hookspecs import hookimpl
 from distillkit.losses import LossParams, LossTerm, ModelDims, TaskInfo
 from distillkit.mapping import LayerMapSpec
-from distillkit.taps import TapRequest, Taps
 from distillkit.objective import DistillationObjective, ObjectiveOutput, build_term
+from distillkit.taps import TapRequest, Taps
 
 __version__ = "0.1.0"
 
