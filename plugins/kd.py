@@ -10,8 +10,9 @@
 - ``skew_forward_kl`` — ``KL(p ‖ α·p + (1−α)·q)`` and ``skew_reverse_kl`` — ``KL(q ‖ α·q + (1−α)·p)``
   (Ko et al. 2024, DistiLLM).
 
-Counted positions: every example for ``[B, C]`` logits, the positions of ``student.token_mask()`` for
-``[B, T, V]`` logits.
+Counted positions: every example for ``[B, C]`` logits; for ``[B, T, V]`` logits the positions of
+``student.position_mask()``: those the task's token labels count (next-token positions for a causal LM, masked
+positions for a masked LM), else every real token.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import Field, model_validator
 
 from distillkit import hookimpl
 from distillkit.divergences import divergence
-from distillkit.losses import LossParams, LossTerm, Taps
+from distillkit.losses import LossParams, LossTerm, TapRequest, Taps
 
 
 class KDParams(LossParams):
@@ -72,6 +73,11 @@ class KDLoss(LossTerm):
 
     name = "kd"
     Params = KDParams
+    teacher_reads = TapRequest(logits=True)
+
+    def tap_requests(self) -> tuple[TapRequest, TapRequest]:
+        """Logits of both models; the student's labels too when ``ce_weight > 0``."""
+        return TapRequest(logits=True, labels=self.params.ce_weight > 0), self.teacher_reads
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.
@@ -100,7 +106,7 @@ class KDLoss(LossTerm):
             if student.logits.dim() == 2:
                 soft = per_position.mean()
             else:
-                counted = student.token_mask().to(per_position.device) > 0  # [B, T]
+                counted = student.position_mask().to(per_position.device) > 0  # [B, T]
                 total = torch.where(counted, per_position, torch.zeros_like(per_position)).sum()
                 soft = total / counted.sum().clamp_min(1)
             loss = temperature**2 * soft
