@@ -91,7 +91,12 @@ class AttentionLoss(LossTerm):
         """
         if not student.attentions or not teacher.attentions:
             raise ValueError("attention needs attention probabilities of both models (Taps.attentions)")
-        mask = student.token_mask()  # [B, T]
+        first = student.attentions[0]
+        mask = (  # [B, T]; every token is real when the batch has no attention mask
+            student.token_mask()
+            if student.attention_mask is not None
+            else first.new_ones(first.shape[0], first.shape[-1], dtype=torch.float32)
+        )
         losses = []
         for s, t in self.pairs:
             a_s, a_t = student.attentions[s - 1], teacher.attentions[t - 1]

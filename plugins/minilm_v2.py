@@ -167,7 +167,12 @@ class MiniLMv2Loss(LossTerm):
             Scalar loss (float32, or float64 for float64 inputs).
 
         """
-        mask = student.token_mask()  # [B, T]
+        first = self._output(student, self.paths[0][1])
+        mask = (  # [B, T]; every token is real when the batch has no attention mask
+            student.token_mask()
+            if student.attention_mask is not None
+            else first.new_ones(first.shape[:2], dtype=torch.float32)
+        )
         key_mask = mask[:, None, None, :] > 0
         heads = self.relation_heads
         losses = []

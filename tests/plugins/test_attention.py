@@ -188,3 +188,17 @@ def test_half_precision_is_finite_and_close(dtype, kind):
     assert torch.isfinite(loss) and all(torch.isfinite(a.grad).all() for a in half)
     expected = reference(student, teacher, mask, term.pairs, kind, mean_heads=False)
     assert float(loss) == pytest.approx(expected, rel=0.1)
+
+
+def test_no_attention_mask_means_every_token_is_real():
+    generator = torch.Generator().manual_seed(8)
+    ones = torch.ones(2, 5, dtype=torch.long)
+    student, teacher = (
+        attention_maps(2, 2, 3, 5, ones, generator),
+        attention_maps(4, 2, 3, 5, ones, generator),
+    )
+    term = build_term("attention", dims(), kind="kl")
+    torch.testing.assert_close(
+        term(Taps(attentions=student), Taps(attentions=teacher)),
+        term(Taps(attentions=student, attention_mask=ones), Taps(attentions=teacher, attention_mask=ones)),
+    )

@@ -200,3 +200,13 @@ def test_default_paths_tap_every_bert_layout(model_class):
     assert set(taps.modules) == set(term.tap_requests()[0].modules)
     query = taps.modules["base_model.encoder.layer.0.attention.self.query"]
     assert query.shape == (2, 5, 12) and torch.equal(query, seen[0])
+
+
+def test_no_attention_mask_means_every_token_is_real():
+    generator = torch.Generator().manual_seed(9)
+    term = build_term("minilm_v2", ModelDims(1, 1, 6, 6, 3, 3))
+    ones = torch.ones(2, 4, dtype=torch.long)
+    student = taps_for(term, "student", 2, 4, 6, ones, generator)
+    teacher = taps_for(term, "teacher", 2, 4, 6, ones, generator)
+    bare = term(Taps(modules=student.modules), Taps(modules=teacher.modules))
+    torch.testing.assert_close(bare, term(student, teacher))
