@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,10 +19,17 @@ class _Strict(BaseModel):
 
 
 class TermConfig(BaseModel):
-    """One objective term: ``{loss: name, weight: w, name: label, **params}``.
+    """One objective term: ``{loss: name, weight: w, name: label, teacher: t, **params}``.
 
-    Every key other than ``loss``, ``weight`` and ``name`` is a parameter of the loss, validated by the
-    loss's own ``Params`` model when the term is built.
+    Every key other than ``loss``, ``weight``, ``name``, ``teacher``, ``teacher_weights`` and ``teacher_mix``
+    is a parameter of the loss, validated by the loss's own ``Params`` model when the term is built.
+
+    Attributes:
+        teacher: The teacher the term reads (a name of ``teachers:``, or ``teacher``, the default), or a
+            list of names whose logits are mixed into one teacher (logit-reading terms only).
+        teacher_weights: Mixing weights of a list of teachers (normalised; default equal).
+        teacher_mix: ``probabilities``: the mixed teacher's distribution is ``Σ w_i·softmax(z_i/T)`` (``T``
+            the term's ``temperature``, 1 when it has none); ``logits``: its logits are ``Σ w_i·z_i``.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -29,10 +37,43 @@ class TermConfig(BaseModel):
     loss: str
     weight: float = 1.0
     name: str | None = None
+    teacher: str | list[str] | None = None
+    teacher_weights: list[float] | None = None
+    teacher_mix: Literal["probabilities", "logits"] = "probabilities"
 
     def params(self) -> dict[str, Any]:
-        """Returns the loss parameters (the keys other than loss/weight/name)."""
+        """Returns the loss parameters (the keys other than the term-level ones)."""
         return dict(self.model_extra or {})
+
+    def teacher_names(self, default: str = "teacher") -> tuple[str, ...]:
+        """The teachers this term reads: ``teacher`` as a tuple, or ``(default,)`` when not given."""
+        if self.teacher is None:
+            return (default,)
+        return (self.teacher,) if isinstance(self.teacher, str) else tuple(self.teacher)
+
+    @model_validator(mode="after")
+    def _teachers_and_weights_agree(self) -> TermConfig:
+        names = self.teacher_names()
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"teacher must name distinct teachers, got {self.teacher!r}")
+        if self.teacher_weights is not None:
+            if len(self.teacher_weights) != len(names) or len(names) < 2:
+                raise ValueError(
+                    f"teacher_weights needs one weight per teacher of a term with several teachers "
+                    f"(teachers {list(names)}, weights {self.teacher_weights})"
+                )
+            if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
+                raise ValueError(
+                    f"teacher_weights must be >= 0 with a positive sum, got {self.teacher_weights}"
+                )
+        return self
+
+    def mix_weights(self) -> tuple[float, ...]:
+        """The normalised weights of the term's teachers (equal when ``teacher_weights`` is not given)."""
+        names = self.teacher_names()
+        raw = self.teacher_weights or [1.0] * len(names)
+        total = float(sum(raw))
+        return tuple(float(w) / total for w in raw)
 
 
 class FinetuneConfig(_Strict):
@@ -72,11 +113,17 @@ class ModelConfig(_Strict):
         finetune: Teacher only: fine-tune the teacher on the task first (see :class:`FinetuneConfig`).
         gguf_file: A GGUF checkpoint inside ``path`` (de-quantised to float on load; needs the ``gguf``
             package), e.g. ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+        cache: Teacher only: a directory written by ``distillkit cache-teacher``; the training loop reads
+            the teacher's outputs from it instead of running the teacher (see ``docs/teachers.md``).
+        cache_top_k: Teacher only: ``cache-teacher`` stores token-level logits ``[T, V]`` as the top-k
+            log-probabilities per token plus the tail mass (None: dense logits).
 
     """
 
     path: str | None = None
     gguf_file: str | None = None
+    cache: str | None = None
+    cache_top_k: int | None = Field(default=None, ge=1)
     config: dict[str, Any] | None = None
     tokenizer: str | None = None
     layers: int | None = Field(default=None, ge=1)
@@ -194,6 +241,7 @@ class DistillConfig(_Strict):
     )
     student: ModelConfig
     teacher: ModelConfig
+    teachers: dict[str, ModelConfig] = Field(default_factory=dict)
     objective: list[TermConfig] = Field(min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -217,6 +265,9 @@ class DistillConfig(_Strict):
             raise ValueError("`finetune` is a teacher option; set it under teacher")
         if self.student.tokenizer is not None:
             raise ValueError("the student uses the teacher's tokenizer; set `tokenizer` under teacher")
+        if self.student.cache is not None or self.student.cache_top_k is not None:
+            raise ValueError("`cache` and `cache_top_k` are teacher options; set them under teacher")
+        self._check_teachers()
         if self.teacher.finetune is not None and self.task != "sequence_classification":
             raise ValueError(
                 f"teacher.finetune fine-tunes a classifier; task '{self.task}' distils the teacher as it is"
@@ -227,6 +278,35 @@ class DistillConfig(_Strict):
                 "student needs `path`, `config`, or `layers`/`hidden_size` (built from the teacher)"
             )
         return self
+
+    def _check_teachers(self) -> None:
+        if "teacher" in self.teachers:
+            raise ValueError("'teacher' names the main teacher (`teacher:`); give the others other names")
+        for name, spec in self.teachers.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"teacher name '{name}' may only use letters, digits and _ . -")
+            if spec.path is None and spec.config is None:
+                raise ValueError(f"teachers.{name} needs `path` or `config`")
+            if spec.layers is not None or spec.hidden_size is not None:
+                raise ValueError(f"teachers.{name}: `layers` and `hidden_size` are student options")
+        if self.task == "masked_lm" and any(s.cache for s in self.teacher_specs().values()):
+            raise ValueError(
+                "task 'masked_lm' masks the inputs anew in every batch, so the teacher's outputs cannot be "
+                "cached; remove teacher.cache"
+            )
+        known = ["teacher", *self.teachers]
+        for index, term in enumerate(self.objective):
+            for name in term.teacher_names():
+                if name not in known:
+                    hint = close_matches(name, known)
+                    raise ValueError(
+                        f"objective.{index} ({term.loss}) reads teacher '{name}'{hint}, "
+                        f"which is not defined; teachers: {', '.join(known)} (add it under `teachers:`)"
+                    )
+
+    def teacher_specs(self) -> dict[str, ModelConfig]:
+        """Every teacher by name: ``teacher`` (the main one, which gives the tokenizer) and ``teachers``."""
+        return {"teacher": self.teacher, **self.teachers}
 
 
 def _format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:

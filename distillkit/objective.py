@@ -10,13 +10,25 @@ Example::
     out.total.backward()
     optimizer.step()
     objective.after_step()
+
+Several teachers: each term reads one named teacher (``teacher: name`` in its config, ``teacher`` by
+default) and is built for that teacher's sizes (``dims`` maps names to :class:`ModelDims`); the forward pass
+takes ``{name: teacher_output}``. A term may also read a weighted mix of several teachers' logits::
+
+    objective = DistillationObjective.from_config(
+        [{"loss": "kd", "teacher": ["teacher", "wide"], "teacher_weights": [0.7, 0.3]},
+         {"loss": "l2", "teacher": "wide"}],
+        {"teacher": dims_a, "wide": dims_b},
+    )
+    out = objective(student_output, {"teacher": output_a, "wide": output_b}, batch)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,6 +38,52 @@ from distillkit.errors import ConfigError, LossTermError
 from distillkit.losses import LossTerm, ModelDims, TaskInfo
 from distillkit.registry import get_loss
 from distillkit.taps import NOTHING, TapRequest, Taps, find_module, use_eager_attention
+
+DEFAULT_TEACHER = "teacher"
+"""The name of the main teacher (``teacher:`` in a config); terms read it unless they name another."""
+
+
+@dataclass(frozen=True)
+class TermTeachers:
+    """Which teacher(s) a term reads.
+
+    Attributes:
+        names: One teacher name, or several whose logits are mixed into one teacher.
+        weights: Normalised mixing weights, one per name.
+        mix: ``probabilities`` (``Σ w_i·softmax(z_i/T)``, presented as logits ``T·log`` of it) or ``logits``
+            (``Σ w_i·z_i``).
+
+    """
+
+    names: tuple[str, ...] = (DEFAULT_TEACHER,)
+    weights: tuple[float, ...] = (1.0,)
+    mix: Literal["probabilities", "logits"] = "probabilities"
+
+
+def mix_teacher_logits(
+    logits: Sequence[torch.Tensor], weights: Sequence[float], mix: str, temperature: float
+) -> torch.Tensor:
+    """Mixes several teachers' logits into the logits of one teacher.
+
+    Args:
+        logits: One ``[B, C]`` or ``[B, T, V]`` tensor per teacher, equal shapes.
+        weights: Normalised weights, one per teacher.
+        mix: ``probabilities``: returns ``T·log Σ w_i·softmax(z_i/T)``, whose softmax at temperature ``T`` is
+            exactly the weighted mean of the teachers' distributions; ``logits``: returns ``Σ w_i·z_i``.
+        temperature: The reading term's temperature ``T``.
+
+    Returns:
+        Float32 logits of the shape of each input.
+
+    """
+    if mix == "logits":
+        return sum(w * z.float() for w, z in zip(weights, logits, strict=True))
+    logs = [
+        math.log(w) + torch.log_softmax(z.float() / temperature, dim=-1)
+        for w, z in zip(weights, logits, strict=True)
+        if w > 0
+    ]
+    return temperature * torch.logsumexp(torch.stack(logs), dim=0)
 
 
 @dataclass
@@ -85,10 +143,16 @@ class DistillationObjective(nn.Module):
     Args:
         terms: ``(term, weight)`` pairs.
         labels: One label per term for logging; defaults to the loss names, made unique (``l2``, ``l2_2``).
+        teachers: Which teacher(s) each term reads, one per term (default: every term reads ``teacher``).
 
     """
 
-    def __init__(self, terms: Sequence[tuple[LossTerm, float]], labels: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        terms: Sequence[tuple[LossTerm, float]],
+        labels: Sequence[str] | None = None,
+        teachers: Sequence[TermTeachers] | None = None,
+    ) -> None:
         super().__init__()
         if not terms:
             raise ValueError("an objective needs at least one loss term")
@@ -98,42 +162,82 @@ class DistillationObjective(nn.Module):
         self.terms = nn.ModuleDict({label: term for label, (term, _) in zip(labels, terms, strict=True)})
         self.dims = terms[0][0].dims
         self.weights = {label: float(weight) for label, (_, weight) in zip(labels, terms, strict=True)}
+        teachers = list(teachers) if teachers is not None else [TermTeachers()] * len(terms)
+        if len(teachers) != len(terms):
+            raise ValueError(f"one TermTeachers per term: {len(terms)} terms, {len(teachers)} given")
+        self.term_teachers = dict(zip(labels, teachers, strict=True))
+        for label, term in self.terms.items():
+            reads = term.tap_requests()[1]
+            if len(self.term_teachers[label].names) > 1 and (
+                reads.hidden_states or reads.attentions or reads.modules
+            ):
+                names = list(self.term_teachers[label].names)
+                raise ConfigError(
+                    f"objective term '{label}' mixes teachers {names}, but it "
+                    f"reads {reads.describe()} of the teacher; only logits can be mixed: give it one teacher"
+                )
+        used = list(dict.fromkeys(n for t in teachers for n in t.names))
+        self.default_teacher = used[0] if len(used) == 1 else DEFAULT_TEACHER
+        for label, term in self.terms.items():
+            if self.term_teachers[label].names[0] == self.default_teacher:
+                self.dims = term.dims
+                break
 
     @classmethod
     def from_config(
-        cls, specs: Sequence[TermConfig | Mapping[str, Any]], dims: ModelDims
+        cls, specs: Sequence[TermConfig | Mapping[str, Any]], dims: ModelDims | Mapping[str, ModelDims]
     ) -> DistillationObjective:
         """Builds the objective from term configs (the ``objective:`` list of a YAML config).
 
         Args:
-            specs: Each ``{loss: name, weight: w, name: optional label, **params}``.
-            dims: Student and teacher sizes.
+            specs: Each ``{loss: name, weight: w, name: optional label, teacher: name, **params}``.
+            dims: Student and teacher sizes; with several teachers, teacher name -> sizes (each term is
+                built for its own teacher's sizes: layer maps, projections, banks).
 
         Returns:
             The objective.
 
+        Raises:
+            ConfigError: For a term naming a teacher ``dims`` does not have, or a bad parameter.
+
         """
         configs = parse_term_configs(specs)
         labels = _unique_labels([c.name or c.loss for c in configs])
-        terms = []
+        by_teacher = dict(dims) if isinstance(dims, Mapping) else None
+        default = next(iter(by_teacher)) if by_teacher and len(by_teacher) == 1 else DEFAULT_TEACHER
+        terms, teachers = [], []
         for label, config in zip(labels, configs, strict=True):
+            names = config.teacher_names(default)
+            if by_teacher is not None and names[0] not in by_teacher:
+                raise ConfigError(
+                    f"objective term '{label}' reads teacher '{names[0]}', which is not defined; teachers: "
+                    f"{', '.join(by_teacher)}"
+                )
+            if by_teacher is None and config.teacher is not None and names != (DEFAULT_TEACHER,):
+                raise ConfigError(
+                    f"objective term '{label}' names teacher {config.teacher!r}; pass the sizes of every "
+                    "teacher (dims as {name: ModelDims})"
+                )
+            term_dims = by_teacher[names[0]] if by_teacher is not None else dims
+            teachers.append(TermTeachers(names, config.mix_weights(), config.teacher_mix))
             try:
-                terms.append((build_term(config.loss, dims, **config.params()), config.weight))
+                terms.append((build_term(config.loss, term_dims, **config.params()), config.weight))
             except ConfigError as exc:
                 raise type(exc)(f"objective term '{label}': {exc}") from None
             except (ValueError, TypeError) as exc:  # a plugin's own construction check
                 raise ConfigError(f"objective term '{label}' (loss '{config.loss}'): {exc}") from None
-        return cls(terms, labels=labels)
+        return cls(terms, labels=labels, teachers=teachers)
 
     def forward(
         self, student_output: Any, teacher_output: Any, batch: Mapping[str, torch.Tensor] | None = None
     ) -> ObjectiveOutput:
-        """Evaluates every term.
+        """Evaluates every term, each on its own teacher's taps.
 
         Args:
             student_output: The student's HF output (with ``hidden_states``) or its :class:`Taps`.
-            teacher_output: The teacher's HF output or :class:`Taps` (None when no term reads the teacher);
-                detached here, so no gradient ever reaches the teacher.
+            teacher_output: The teacher's HF output or :class:`Taps` (None when no term reads the teacher),
+                or, with several teachers, ``{name: output or Taps or None}``; detached here, so no gradient
+                ever reaches a teacher.
             batch: The batch dict (``attention_mask``, ``labels``, ``example_ids``); used when outputs are
                 given rather than taps.
 
@@ -144,16 +248,11 @@ class DistillationObjective(nn.Module):
         student = (
             student_output if isinstance(student_output, Taps) else Taps.from_output(student_output, batch)
         )
-        if teacher_output is None:
-            teacher = Taps.from_batch(batch)
-        elif isinstance(teacher_output, Taps):
-            teacher = teacher_output
-        else:
-            teacher = Taps.from_output(teacher_output, batch)
-        teacher = teacher.detached()
+        by_name = _teacher_taps(teacher_output, batch, self.default_teacher)
         values: dict[str, torch.Tensor] = {}
         total = None
         for label, term in self.terms.items():
+            teacher = self._taps_for(label, term, by_name, batch)
             try:
                 value = term(student, teacher)
             except Exception as exc:
@@ -165,13 +264,74 @@ class DistillationObjective(nn.Module):
             total = weighted if total is None else total + weighted
         return ObjectiveOutput(total=total, terms=values)
 
+    def _taps_for(
+        self, label: str, term: LossTerm, by_name: dict[str, Taps], batch: Mapping[str, torch.Tensor] | None
+    ) -> Taps:
+        """The teacher taps a term receives: its teacher's, or the mix of its teachers' logits."""
+        spec = self.term_teachers[label]
+        present = [by_name.get(name) for name in spec.names]
+        if len(spec.names) == 1:
+            return present[0] if present[0] is not None else Taps.from_batch(batch)
+        if not term.tap_requests()[1].logits:
+            return present[0] if present[0] is not None else Taps.from_batch(batch)
+        pairs = list(zip(spec.names, present, strict=True))
+        missing = [name for name, taps in pairs if taps is None or taps.logits is None]
+        if missing:
+            raise LossTermError(
+                f"{_describe_term(label, term)} mixes teachers {list(spec.names)}, but no logits were given "
+                f"for {', '.join(missing)}"
+            )
+        shapes = {tuple(t.logits.shape) for t in present}
+        if len(shapes) > 1:
+            raise LossTermError(
+                f"{_describe_term(label, term)} mixes teachers whose logits differ in shape "
+                f"({', '.join(f'{n}: {tuple(t.logits.shape)}' for n, t in pairs)}); "
+                "mixed teachers must share the label set or vocabulary"
+            )
+        temperature = float(getattr(term.params, "temperature", 1.0))
+        mixed = mix_teacher_logits([t.logits for t in present], spec.weights, spec.mix, temperature)
+        return replace(present[0], logits=mixed)
+
     def tap_requests(self) -> tuple[TapRequest, TapRequest]:
-        """The union of the terms' requests: what the student and the teacher must produce per batch."""
+        """The union of the terms' requests: what the student and the teachers (united) produce per batch.
+
+        :meth:`teacher_requests` gives each teacher's own.
+        """
         student, teacher = NOTHING, NOTHING
         for term in self.terms.values():
             reads_student, reads_teacher = term.tap_requests()
             student, teacher = student | reads_student, teacher | reads_teacher
         return student, teacher
+
+    def teacher_requests(self) -> dict[str, TapRequest]:
+        """Teacher name -> the union of what the terms reading it request.
+
+        A teacher no term reads is absent or asks for nothing, and does not run.
+        """
+        requests: dict[str, TapRequest] = {}
+        for label, term in self.terms.items():
+            reads = term.tap_requests()[1]
+            for name in self.term_teachers[label].names:
+                requests[name] = requests.get(name, NOTHING) | reads
+        return requests
+
+    def teacher_layers(self, name: str) -> tuple[int, ...] | None:
+        """The hidden-state layers of teacher ``name`` the terms map, or None when some term may read any.
+
+        A term's mapped layers are its resolved layer map (a ``pairs`` attribute of ``(student, teacher)``
+        index pairs, as :meth:`LossTerm.layer_pairs` returns); a term reading hidden states without one may
+        read any layer.
+        """
+        layers: set[int] = set()
+        for label, term in self.terms.items():
+            if name not in self.term_teachers[label].names or not term.tap_requests()[1].hidden_states:
+                continue
+            pairs = getattr(term, "pairs", None)
+            try:
+                layers.update(int(teacher) for _, teacher in pairs)
+            except (TypeError, ValueError):
+                return None
+        return tuple(sorted(layers))
 
     @property
     def uses_teacher(self) -> bool:
@@ -191,20 +351,38 @@ class DistillationObjective(nn.Module):
             except ConfigError as exc:
                 raise ConfigError(f"objective term '{label}': {exc}") from None
 
-    def prepare_models(self, student: nn.Module, teacher: nn.Module | None, announce: bool = True) -> None:
+    def prepare_models(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | Mapping[str, nn.Module | None] | None,
+        announce: bool = True,
+    ) -> None:
         """Checks the models can give what the terms read, before the first step.
 
         Module paths are looked up (an error names the term and nearby module names); a model some term
         reads attention probabilities of is switched to eager attention, said once when ``announce``.
 
+        Args:
+            student: The student.
+            teacher: The teacher, or teacher name -> model (None for one read from a cache).
+            announce: Print the switch to eager attention.
+
         Raises:
             ConfigError: For a module path a model does not have, or a model that cannot return attentions.
 
         """
-        for index, (role, model) in enumerate((("student", student), ("teacher", teacher))):
+        teachers = dict(teacher) if isinstance(teacher, Mapping) else {self.default_teacher: teacher}
+        models = [("student", None, student)]
+        for name, model in teachers.items():
+            models.append(("teacher" if name == DEFAULT_TEACHER else f"teacher '{name}'", name, model))
+        for role, name, model in models:
             if model is None:
                 continue
-            readers = {label: term.tap_requests()[index] for label, term in self.terms.items()}
+            readers = {
+                label: term.tap_requests()[0 if name is None else 1]
+                for label, term in self.terms.items()
+                if name is None or name in self.term_teachers[label].names
+            }
             for label, request in readers.items():
                 for path in request.modules:
                     find_module(model, path, who=f"objective term '{label}' ({role})")
@@ -231,6 +409,22 @@ class DistillationObjective(nn.Module):
         """Tells each term that the step was skipped: state collected for it must not be applied."""
         for term in self.terms.values():
             term.skip_step()
+
+
+def _teacher_taps(
+    teacher_output: Any, batch: Mapping[str, torch.Tensor] | None, default: str
+) -> dict[str, Taps]:
+    """Teacher name -> detached taps, from one teacher's output (the default teacher's) or a mapping."""
+    if isinstance(teacher_output, dict) and not hasattr(teacher_output, "to_tuple"):  # not a ModelOutput
+        outputs = dict(teacher_output)
+    else:
+        outputs = {default: teacher_output}
+    taps = {}
+    for name, output in outputs.items():
+        if output is None:
+            continue
+        taps[name] = (output if isinstance(output, Taps) else Taps.from_output(output, batch)).detached()
+    return taps
 
 
 def _describe_term(label: str, term: LossTerm) -> str:
