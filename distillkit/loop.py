@@ -2,10 +2,11 @@
 
 One optimizer step, in the order the code runs it (``_Run``'s phases):
 
-1. ``forward_backward``: for each of ``grad_accum`` micro-batches, the frozen teacher runs under ``no_grad``
+1. ``forward_backward``: for each of ``grad_accum`` micro-batches, each frozen teacher runs under ``no_grad``
    (eval mode) and returns only what some term reads of it (:func:`distillkit.taps.collect_taps`; it does
-   not run when no term reads it); the student runs once the same way; the objective returns the weighted
-   total and each term; the total is back-propagated. Loss values stay on the device and are read once.
+   not run when no term reads it), or its taps are read from its cache (``teacher.cache``); the student
+   runs once the same way; the objective returns the weighted total and each term (each term on its own
+   teacher's taps); the total is back-propagated. Loss values stay on the device and are read once.
 2. ``apply_or_skip``: a non-finite term or gradient stops the run or skips the step; otherwise gradients are
    clipped, AdamW and the warm-up/linear-decay schedule step, and the terms update their state
    (``after_step``: memory banks).
@@ -25,7 +26,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from distillkit.models import freeze
 from distillkit.objective import DistillationObjective, ObjectiveOutput
 from distillkit.runlog import RunLog
 from distillkit.taps import Taps, collect_taps
+from distillkit.teacher_cache import TeacherCache
 
 
 class NonFiniteLossError(DistillkitError, FloatingPointError):
@@ -90,12 +92,14 @@ class StudentWithHeads(nn.Module):
         self.objective = objective
         self.request = objective.tap_requests()[0]
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher: Taps | None) -> tuple[ObjectiveOutput, Taps]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], teacher: Taps | dict[str, Taps] | None
+    ) -> tuple[ObjectiveOutput, Taps]:
         """Runs the student once and evaluates the objective.
 
         Args:
             batch: The batch (model inputs ``[B, T]``, labels, ``example_ids``...).
-            teacher: The teacher's taps, or None when no term reads the teacher.
+            teacher: The teachers' taps by name (or one teacher's), or None when no term reads a teacher.
 
         Returns:
             The objective's output and the student's taps.
@@ -129,7 +133,7 @@ def autocast_factory(precision: str, device: torch.device):
 
 
 def _describe_nonfinite(
-    label: str, value: torch.Tensor, step: int, student: Taps, teacher: Taps | None
+    label: str, value: torch.Tensor, step: int, student: Taps, teacher: Taps | dict[str, Taps] | None
 ) -> str:
     def stat(name: str, tensor: torch.Tensor | None) -> str:
         if tensor is None:
@@ -143,8 +147,10 @@ def _describe_nonfinite(
     parts = [stat("student logits", student.logits)]
     if student.hidden_states:
         parts.append(stat("student last hidden", student.hidden_states[-1]))
-    if teacher is not None:
-        parts.append(stat("teacher logits", teacher.logits))
+    teachers = teacher if isinstance(teacher, dict) else {"teacher": teacher}
+    for name, taps in teachers.items():
+        if taps is not None:
+            parts.append(stat(f"{name} logits" if name != "teacher" else "teacher logits", taps.logits))
     return f"loss term '{label}' is {value} at step {step} ({'; '.join(parts)}, last micro-batch)"
 
 
@@ -237,6 +243,7 @@ class _Run:
         evaluator: Evaluator,
         fingerprint: str,
         description: str,
+        teachers: Mapping[str, nn.Module | TeacherCache] | None = None,
     ) -> None:
         self.accelerator, self.train, self.description = accelerator, train, description
         self.student, self.objective, self.data, self.evaluator = student, objective, data, evaluator
@@ -244,13 +251,20 @@ class _Run:
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self.autocast = autocast_factory(train.precision, self.device)
-        student_request, teacher_request = objective.tap_requests()
-        self.teacher_request = teacher_request
+        self.teacher_requests = objective.teacher_requests()
+        if teachers is None:
+            teachers = {objective.default_teacher: teacher} if teacher is not None else {}
+        self.sources: dict[str, nn.Module | TeacherCache] = {}
+        for name, source in teachers.items():
+            if isinstance(source, nn.Module):
+                source = freeze(source).to(self.device)
+                assert not any(p.requires_grad for p in source.parameters()), "a teacher must be frozen"
+            self.sources[name] = source
         if teacher is not None:
             teacher = freeze(teacher).to(self.device)
-            assert not any(p.requires_grad for p in teacher.parameters()), "the teacher must be frozen"
-        self.teacher = teacher
-        objective.prepare_models(student, teacher, announce=self.main)
+        self.teacher = teacher  # evaluation compares the student with it
+        live = {n: s for n, s in self.sources.items() if isinstance(s, nn.Module)}
+        objective.prepare_models(student, live, announce=self.main)
         self.sampler = DistributedSampler(
             data.train,
             num_replicas=accelerator.num_processes,
@@ -274,8 +288,8 @@ class _Run:
             )
         self.eval_loader = eval_loader(accelerator, data, collator, train)
         trainable = StudentWithHeads(student, objective)
-        if teacher is not None:
-            teacher_ids = {id(p) for p in teacher.parameters()}
+        for model in [*live.values(), *([teacher] if teacher is not None else [])]:
+            teacher_ids = {id(p) for p in model.parameters()}
             assert not teacher_ids & {id(p) for p in trainable.parameters()}, (
                 "the teacher shares student weights"
             )
@@ -318,12 +332,31 @@ class _Run:
         return True
 
     # -- phase 1: forward and backward over the micro-batches of one optimizer step ---------------------
-    def teacher_taps(self, batch: dict[str, torch.Tensor]) -> Taps | None:
-        """The teacher's taps for ``batch``, or None when no term reads the teacher (it does not run)."""
-        if self.teacher is None or not self.teacher_request.needs_forward:
-            return None
-        with torch.no_grad(), self.autocast():
-            return collect_taps(self.teacher, batch, self.teacher_request)
+    def teacher_taps(self, batch: dict[str, torch.Tensor]) -> dict[str, Taps] | None:
+        """Each read teacher's taps for ``batch`` by name, or None when no term reads a teacher.
+
+        A live teacher runs once (``no_grad``, eval mode) and is asked for what its terms read; a cached one
+        is read from its cache; a teacher no term reads does not run.
+
+        Raises:
+            DistillkitError: If a term reads a teacher the run has neither a model nor a cache for.
+
+        """
+        taps: dict[str, Taps] = {}
+        for name, request in self.teacher_requests.items():
+            if not request.needs_forward:
+                continue
+            source = self.sources.get(name)
+            if source is None:
+                if not self.sources:  # no teacher at all (e.g. a teacher's own fine-tuning)
+                    continue
+                raise DistillkitError(f"terms read teacher '{name}', but the run has no such teacher")
+            if isinstance(source, nn.Module):
+                with torch.no_grad(), self.autocast():
+                    taps[name] = collect_taps(source, batch, request)
+            else:
+                taps[name] = source.taps(batch, request)
+        return taps or None
 
     def forward_backward(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepValues:
         """Runs ``grad_accum`` micro-batches; values are summed on the device and read once per step."""
@@ -469,6 +502,7 @@ def fit(
     fingerprint: str = "",
     stop_after_step: int | None = None,
     description: str = "distill",
+    teachers: Mapping[str, nn.Module | TeacherCache] | None = None,
 ) -> FitResult:
     """Trains ``student`` (and the objective's heads) against a frozen ``teacher``.
 
@@ -491,6 +525,8 @@ def fit(
         fingerprint: Identifies the model/objective/data setup; a checkpoint of another setup is refused.
         stop_after_step: Return after this step as if interrupted (for time-sliced jobs and tests).
         description: Label of the progress bar.
+        teachers: Where each teacher's taps come from, by name: a frozen model (run live) or a
+            :class:`~distillkit.teacher_cache.TeacherCache`. Default: ``teacher`` run live.
 
     Returns:
         The result; the student holds the trained weights.
@@ -513,6 +549,7 @@ def fit(
         evaluator=evaluator or _classification_evaluator,
         fingerprint=fingerprint,
         description=description,
+        teachers=teachers,
     )
     resumed = run.resume() if resume else False
     log = RunLog(
