@@ -22,6 +22,7 @@ from torch import nn
 
 from distillkit.config import DistillConfig, load_config
 from distillkit.data import TaskData
+from distillkit.errors import ConfigError
 from distillkit.loop import (
     FitResult,
     NonFiniteLossError,
@@ -42,10 +43,18 @@ from distillkit.models import (
     student_from_teacher,
 )
 from distillkit.objective import DistillationObjective
-from distillkit.taps import TapRequest, Taps
+from distillkit.taps import NOTHING, TapRequest, Taps
 from distillkit.tasks import Task, make_task
+from distillkit.teacher_cache import TeacherCache, expected_meta, resolved_precision
 
 __all__ = ["NonFiniteLossError", "distill", "fit", "make_accelerator", "run_distill"]
+
+
+CACHE_FIELDS = {"cache", "cache_top_k"}
+"""Teacher fields that say where its outputs are read from, not what they are (left out of fingerprints)."""
+
+
+_TERM_TEACHER_FIELDS = {"teacher", "teacher_weights", "teacher_mix"}
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -89,7 +98,9 @@ def prepare_teacher(
         return freeze(load_model(spec, data.num_labels, "teacher", config.task)), {"source": "as given"}
     # The cache key covers what the fine-tuning sees (not the size of the evaluation subset).
     data_key = config.data.model_dump(exclude={"max_eval_examples"})
-    key = _fingerprint(spec.model_dump(), data_key, data.label_names, config.train.precision)
+    key = _fingerprint(
+        spec.model_dump(exclude=CACHE_FIELDS), data_key, data.label_names, config.train.precision
+    )
     eval_key = _fingerprint(config.data.model_dump())
     name = Path((spec.path or "config").rstrip("/")).name.replace(":", "_")
     cache = Path(tune.cache_dir) / f"{name}-{key}"
@@ -159,8 +170,9 @@ def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int) ->
 def build_objective(config: DistillConfig, task: Task, data: TaskData) -> DistillationObjective:
     """Builds the objective from the model configs alone (no weights) and checks it against the task.
 
-    Layer maps, projections and banks are sized from the teacher's and the student's configs, so a bad layer
-    index, an impossible task/loss pair or a missing label is reported before any weights load.
+    Layer maps, projections and banks are sized from the student's config and the config of the teacher
+    each term reads, so a bad layer index, an impossible task/loss pair or a missing label is reported
+    before any weights load.
 
     Raises:
         ConfigError: Naming the term and the fix.
@@ -172,10 +184,80 @@ def build_objective(config: DistillConfig, task: Task, data: TaskData) -> Distil
         student_cfg = load_config_of(spec, "student", config.task, data.num_labels)
     else:
         student_cfg = student_config(teacher_config, spec)[0]
-    dims = ModelDims.from_configs(student_cfg, teacher_config, train_examples=len(data.train))
+    dims = {}
+    for name, teacher_spec in config.teacher_specs().items():
+        if name == "teacher":
+            other = teacher_config
+        else:
+            other = load_config_of(teacher_spec, f"teachers.{name}", config.task, data.num_labels)
+            vocab = getattr(teacher_config, "vocab_size", None), getattr(other, "vocab_size", None)
+            if None not in vocab and vocab[0] != vocab[1]:
+                raise ConfigError(
+                    f"teachers.{name} has a vocabulary of {vocab[1]} tokens, but the batches are tokenised "
+                    f"for the main teacher's {vocab[0]}; all teachers must share the main teacher's tokenizer"
+                )
+        dims[name] = ModelDims.from_configs(student_cfg, other, train_examples=len(data.train))
     objective = DistillationObjective.from_config(config.objective, dims)
     objective.check_task(task.info)
     return objective
+
+
+def load_other_teachers(
+    config: DistillConfig,
+    objective: DistillationObjective,
+    data: TaskData,
+    collator: Any,
+    tokenizer: Any,
+    accelerator: Accelerator,
+    task: Task,
+) -> dict[str, nn.Module]:
+    """Loads (fine-tuning first where asked) each teacher of ``teachers:`` that some term reads."""
+    requests = objective.teacher_requests()
+    loaded = {}
+    for name, spec in config.teachers.items():
+        if name in requests and requests[name].needs_forward:
+            other = config.model_copy(update={"teacher": spec})
+            loaded[name] = prepare_teacher(other, data, collator, tokenizer, accelerator, task)[0]
+    return loaded
+
+
+def teacher_sources(
+    config: DistillConfig,
+    objective: DistillationObjective,
+    models: dict[str, nn.Module],
+    tokenizer: Any,
+    accelerator: Accelerator,
+) -> dict[str, nn.Module | TeacherCache]:
+    """Where each teacher's taps come from: its cache (``cache:``, checked against this run) or the model.
+
+    Raises:
+        ConfigError: If a cache was written for another teacher, data, tokenizer or precision, or lacks
+            something a term reads; the message lists the differences.
+
+    """
+    requests = objective.teacher_requests()
+    sources: dict[str, nn.Module | TeacherCache] = {}
+    for name, model in models.items():
+        spec = config.teacher_specs()[name]
+        if spec.cache is None:
+            sources[name] = model
+            continue
+        cache = TeacherCache(spec.cache)
+        meta = expected_meta(
+            task=config.task,
+            teacher=model,
+            tokenizer=tokenizer,
+            data=config.data.model_dump(),
+            precision=resolved_precision(config.train.precision, accelerator.device),
+        )
+        who = "teacher" if name == "teacher" else f"teacher '{name}'"
+        cache.check(
+            meta, requests.get(name, NOTHING), objective.teacher_layers(name), top_k=spec.cache_top_k, who=who
+        )
+        if accelerator.is_main_process:
+            print(f"distillkit: the {who}'s outputs are read from {spec.cache} ({len(cache)} examples)")
+        sources[name] = cache
+    return sources
 
 
 def distill(
@@ -203,19 +285,38 @@ def distill(
     objective = build_objective(config, task, data)  # every config mistake surfaces here, before weights
     with quiet_loading():
         teacher, teacher_info = prepare_teacher(config, data, collator, tokenizer, accelerator, task)
+        others = load_other_teachers(config, objective, data, collator, tokenizer, accelerator, task)
         set_seed(config.train.seed)
         student = build_student(config, teacher, data.num_labels)
     if accelerator.is_main_process:
         print(f"distillkit: teacher {teacher_info['source']}; student {_student_origin(config)}")
-    actual = ModelDims.from_models(student, teacher, train_examples=len(data.train))
-    if actual != objective.dims:
-        raise AssertionError(f"model sizes {actual} differ from those the objective was built for")
+    models = {"teacher": teacher, **others}
+    for name, model in models.items():
+        actual = ModelDims.from_models(student, model, train_examples=len(data.train))
+        expected = next(
+            (
+                t.dims
+                for label, t in objective.terms.items()
+                if objective.term_teachers[label].names[0] == name
+            ),
+            actual,
+        )
+        if actual != expected:
+            raise AssertionError(f"model sizes {actual} differ from those the objective was built for")
+    sources = teacher_sources(config, objective, models, tokenizer, accelerator)
+    if config.teacher.cache:
+        teacher_info["cache"] = config.teacher.cache
     fingerprint = _fingerprint(
         config.task,
         config.student.model_dump(),
-        config.teacher.model_dump(),
-        [t.model_dump() for t in config.objective],
+        config.teacher.model_dump(exclude=CACHE_FIELDS),
+        [t.model_dump(exclude=_TERM_TEACHER_FIELDS - t.model_fields_set) for t in config.objective],
         config.data.model_dump(),
+        *(
+            [{n: s.model_dump(exclude=CACHE_FIELDS) for n, s in config.teachers.items()}]
+            if config.teachers
+            else []
+        ),
     )
     result = fit(
         accelerator=accelerator,
@@ -230,6 +331,7 @@ def distill(
         resume=resume,
         fingerprint=fingerprint,
         stop_after_step=stop_after_step,
+        teachers=sources,
     )
     if result.step < config.train.steps:
         return {"step": result.step, "stopped_early": True}
