@@ -11,9 +11,12 @@ A study file::
     metric: accuracy              # accuracy | f1 | loss
     output_dir: runs/study
 
-Each run goes to ``<output_dir>/<variant>/seed-<n>``. A run with a ``summary.json`` is finished and skipped;
-one with checkpoints is resumed, so an interrupted study continues where it stopped. The results are written
-to ``results.md``, ``results.csv``, ``results.json`` and ``results.png`` in ``output_dir``.
+Each run goes to ``<output_dir>/<variant>/seed-<n>``. The teacher is run once: its outputs are cached in
+``<output_dir>/teacher-cache`` (what the union of the variants' objectives reads of it) and every run reads
+them from there (``--no-teacher-cache``: each run runs the teacher itself). A run with a ``summary.json`` is
+finished and skipped; one with checkpoints is resumed, so an interrupted study continues where it stopped.
+The results are written to ``results.md``, ``results.csv``, ``results.json`` and ``results.png`` in
+``output_dir``.
 """
 
 from __future__ import annotations
@@ -116,12 +119,60 @@ def load_study(
     return study, runs
 
 
-def run_study(study_path: str | Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> str | None:
+    """Caches the main teacher once for every run: what the union of the variants' objectives reads.
+
+    Returns:
+        The cache directory, or None when the runs cannot share a cache (a ``masked_lm`` task, a base config
+        with its own ``teacher.cache`` or several teachers, or no variant reading the teacher).
+
+    """
+    from distillkit.models import load_tokenizer
+    from distillkit.taps import NOTHING
+    from distillkit.tasks import make_task
+    from distillkit.teacher_cache import TeacherCache, cache_teacher
+    from distillkit.train import build_objective
+
+    first = next(iter(runs.values()))
+    if first.task == "masked_lm" or first.teacher.cache or first.teachers:
+        return None
+    task = make_task(first)
+    data = task.load_data(load_tokenizer(first.teacher))
+    request, layers = NOTHING, ()
+    for config in runs.values():
+        objective = build_objective(config, task, data)
+        request = request | objective.teacher_requests().get("teacher", NOTHING)
+        mapped = objective.teacher_layers("teacher")
+        layers = None if mapped is None or layers is None else tuple(sorted({*layers, *mapped}))
+    if not request.needs_forward:
+        return None
+    directory = Path(study.output_dir) / "teacher-cache"
+    if (directory / "index.json").is_file():
+        stored = TeacherCache(directory).contents
+        holds = (
+            (not request.hidden_states or (layers is not None and set(layers) <= set(stored.layers)))
+            and (not request.attentions or stored.attentions)
+            and (not request.logits or stored.logits is not None)
+            and set(request.modules) <= set(stored.modules)
+        )
+        if holds:  # each run still checks it against its teacher, data and tokenizer
+            print(f"[study] teacher outputs cached earlier in {directory}")
+            return str(directory)
+    print(f"[study] caching the teacher's outputs once in {directory}")
+    stats = cache_teacher(first, directory=directory, request=request, layers=layers)
+    print(f"[study] teacher cache: {stats['bytes_per_example'] / 1e3:.1f} kB per example")
+    return str(directory)
+
+
+def run_study(
+    study_path: str | Path, overrides: Sequence[str] = (), teacher_cache: bool = True
+) -> list[dict[str, Any]]:
     """Runs every variant x seed (skipping finished runs), then writes the table and the plot.
 
     Args:
         study_path: The study YAML file.
         overrides: Extra base-config overrides.
+        teacher_cache: Run the teacher once into ``<output_dir>/teacher-cache`` and let every run read it.
 
     Returns:
         One row per variant (see :func:`summarise`).
@@ -130,6 +181,13 @@ def run_study(study_path: str | Path, overrides: Sequence[str] = ()) -> list[dic
     from distillkit.train import distill
 
     study, runs = load_study(study_path, overrides)
+    pending = {k: c for k, c in runs.items() if not (Path(c.output_dir) / "summary.json").exists()}
+    cache = fill_teacher_cache(study, pending) if teacher_cache and pending else None
+    if cache is not None:
+        runs = {
+            k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": cache})})
+            for k, c in runs.items()
+        }
     summaries: dict[str, dict[str, Any]] = {}
     for index, (run_id, config) in enumerate(runs.items(), start=1):
         out = Path(config.output_dir)
