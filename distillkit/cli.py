@@ -1,4 +1,4 @@
-"""Command line: ``distillkit losses | distill | bench | study``."""
+"""Command line: ``distillkit losses | distill | cache-teacher | bench | study``."""
 
 from __future__ import annotations
 
@@ -65,7 +65,16 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from distillkit.study import run_study
 
-    run_study(args.study, overrides=args.set or [])
+    run_study(args.study, overrides=args.set or [], teacher_cache=not args.no_teacher_cache)
+    return 0
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from distillkit.config import load_config
+    from distillkit.teacher_cache import cache_teacher
+
+    config = load_config(args.config, args.set or [])
+    cache_teacher(config, name=args.teacher, directory=args.output, with_eval=args.with_eval)
     return 0
 
 
@@ -93,7 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("study", help="run objective variants x seeds and tabulate them")
     study.add_argument("study", help="STUDY.yaml")
     study.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-config field")
+    study.add_argument(
+        "--no-teacher-cache", action="store_true", help="run the teacher live in every run (no shared cache)"
+    )
     study.set_defaults(handler=_cmd_study)
+
+    cache = commands.add_parser("cache-teacher", help="run a teacher once over the data, cache its outputs")
+    cache.add_argument("config", help="YAML config file (the objective decides what is stored)")
+    cache.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    cache.add_argument("--teacher", default="teacher", help="which teacher (a name of `teachers:`)")
+    cache.add_argument("--output", default=None, help="cache directory (default: the teacher's `cache`)")
+    cache.add_argument("--with-eval", action="store_true", help="also cache the evaluation split")
+    cache.set_defaults(handler=_cmd_cache_teacher)
 
     bench = commands.add_parser("bench", help="benchmark loss terms and the InfoNCE op")
     try:
