@@ -499,7 +499,8 @@ class TeacherCache:
             padded = maps[0].new_zeros(count, batch_size, heads, seq_len, seq_len)
             for b, cached in enumerate(maps):
                 index = mask[b].nonzero().squeeze(1)
-                padded[:, b, :, index[:, None], index[None, :]] = cached.permute(2, 3, 0, 1)
+                view = padded[:, b]  # [L, heads, T, T], a view
+                view[:, :, index[:, None], index[None, :]] = cached
             outputs["attentions"] = tuple(padded.unbind(0))
         if request.logits:
             outputs["logits"] = self._logits(ids, mask, device)
