@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu with nvcc for sm_90 and sm_80 (no GPU or CUDA build of torch needed).
+# Compiles every csrc/cuda/*.cu with nvcc for sm_80, sm_90 and every newer arch this nvcc knows among
+# sm_100 / sm_120 (no GPU or CUDA build of torch needed), and fails on any register spill (ptxas -v).
 #
 # The kernel files are torch-free by design, so this checks that they compile on any machine with nvcc.
 # The binding (csrc/cuda/*.cpp) includes torch's CUDA headers and is only built by setup.py when torch has
@@ -8,6 +9,7 @@
 # one header CUDA builds generate (c10/cuda/impl/cuda_cmake_macros.h); set CHECK_BINDING=0 to skip it.
 #
 # Usage: bash .ci/compile_cuda.sh          (VERBOSE=1 also prints ptxas register / smem usage)
+#        ARCHS="80 90" bash .ci/compile_cuda.sh   (another arch list)
 # Exits non-zero on any compile error; prints a one-line notice and exits 0 when nvcc is absent.
 set -euo pipefail
 
@@ -29,20 +31,37 @@ fi
 out_dir="$(mktemp -d)"
 trap 'rm -rf "${out_dir}"' EXIT
 
-archs=(90 80)
-flags=(-std=c++17 -O3 --use_fast_math -Icsrc -Xcompiler -Wall -Werror all-warnings)
-if [[ "${VERBOSE:-0}" == "1" ]]; then
-  flags+=(-Xptxas -v)
+if [[ -n "${ARCHS:-}" ]]; then
+  read -r -a archs <<<"${ARCHS}"
+else
+  archs=(80 90)
+  known="$("${NVCC}" --list-gpu-arch 2>/dev/null || true)"
+  for arch in 100 120; do
+    if grep -qx "compute_${arch}" <<<"${known}"; then archs+=("${arch}"); fi
+  done
 fi
+flags=(-std=c++17 -O3 --use_fast_math -Icsrc -Xcompiler -Wall -Werror all-warnings -Xptxas -v)
 
 echo "compile_cuda: $("${NVCC}" --version | tail -n 1)"
 status=0
 for src in "${sources[@]}"; do
   for arch in "${archs[@]}"; do
     obj="${out_dir}/$(basename "${src}" .cu).sm_${arch}.o"
-    if "${NVCC}" "${flags[@]}" -gencode "arch=compute_${arch},code=sm_${arch}" -c "${src}" -o "${obj}"; then
-      echo "compile_cuda: ok   ${src} (sm_${arch})"
+    log="${obj}.log"
+    if "${NVCC}" "${flags[@]}" -gencode "arch=compute_${arch},code=sm_${arch}" -c "${src}" -o "${obj}" \
+      >"${log}" 2>&1; then
+      if [[ "${VERBOSE:-0}" == "1" ]]; then cat "${log}"; fi
+      # ptxas prints "N bytes spill stores, M bytes spill loads" per kernel; any N or M > 0 fails.
+      spills="$(grep -E '[1-9][0-9]* bytes spill (stores|loads)' "${log}" || true)"
+      if [[ -n "${spills}" ]]; then
+        echo "compile_cuda: FAIL ${src} (sm_${arch}): register spills" >&2
+        grep -E -B2 '[1-9][0-9]* bytes spill (stores|loads)' "${log}" >&2 || true
+        status=1
+      else
+        echo "compile_cuda: ok   ${src} (sm_${arch}, $(grep -c 'spill stores' "${log}") kernels, no spills)"
+      fi
     else
+      cat "${log}" >&2
       echo "compile_cuda: FAIL ${src} (sm_${arch})" >&2
       status=1
     fi

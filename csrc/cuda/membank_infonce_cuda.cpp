@@ -12,6 +12,11 @@
 //   negative_index   [L, B, K] int64 into the bank's rows (then the bank is [L, N, D] or [N, D])
 // Outputs: loss [L, B], lse [L, B], wsum [L, B, D] in float32 (float64 for float64 inputs).
 //
+// negative_index is range-checked on the device, never with a host synchronisation: a value outside the bank
+// is never read, the rows holding one get NaN outputs, and the kernel counts it in two words of mapped pinned
+// host memory (one pair per device). The next call on that device raises an IndexError naming the value;
+// distillkit::membank_infonce_take_index_error(device) returns [count, value] and clears the words.
+//
 // Environment (read per call, for tests and benchmarks):
 //   DISTILLKIT_CUDA_PATH = auto | generic | tensorcore   (default auto)
 // fp32 inputs use tf32 tensor cores only when torch.backends.cuda.matmul.allow_tf32 is set.
@@ -22,8 +27,11 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cuda/membank_infonce_kernels.cuh"
 #include "membank_infonce_checks.h"
@@ -65,6 +73,46 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "membank_infonce_fwd (CUDA): ", what, " failed: ", cudaGetErrorString(err));
 }
 
+// Two words per device in mapped pinned host memory: [count of out-of-range index values, one of them].
+struct IndexErrorWords {
+  unsigned long long* host = nullptr;
+  unsigned long long* device = nullptr;
+};
+constexpr int kMaxDevices = 64;
+std::mutex g_index_error_mutex;
+IndexErrorWords g_index_error[kMaxDevices];
+
+// The words of `device` (the current device), allocated on first use.
+IndexErrorWords index_error_words(int device) {
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "membank_infonce_fwd: device index ", device, " too large");
+  const std::lock_guard<std::mutex> lock(g_index_error_mutex);
+  IndexErrorWords& w = g_index_error[device];
+  if (w.host == nullptr) {
+    void* host = nullptr;
+    void* dev = nullptr;
+    check_cuda(cudaHostAlloc(&host, 2 * sizeof(unsigned long long), cudaHostAllocMapped),
+               "allocating the index-error words");
+    std::memset(host, 0, 2 * sizeof(unsigned long long));
+    check_cuda(cudaHostGetDevicePointer(&dev, host, 0), "mapping the index-error words");
+    w.host = static_cast<unsigned long long*>(host);
+    w.device = static_cast<unsigned long long*>(dev);
+  }
+  return w;
+}
+
+// Returns [count, value] of out-of-range negative_index values seen on `device` since the last call, and
+// clears them. Reads host memory only: no device synchronisation (kernels still running report later).
+std::vector<int64_t> take_index_error(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const IndexErrorWords w = index_error_words(static_cast<int>(device));
+  volatile unsigned long long* words = w.host;
+  const unsigned long long count = words[0];
+  if (count == 0) return {0, 0};
+  const auto value = static_cast<int64_t>(words[1]);
+  words[0] = 0;
+  return {static_cast<int64_t>(count), value};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
     const at::Tensor& query, const at::Tensor& positive, const at::Tensor& bank, double temperature,
     const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& bank_labels,
@@ -82,6 +130,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
   }
 
   const c10::cuda::CUDAGuard guard(device);
+  if (negative_index.has_value()) {  // report an earlier call's out-of-range values (see the file comment)
+    const std::vector<int64_t> bad = take_index_error(device.index());
+    TORCH_CHECK_INDEX(bad[0] == 0, "membank_infonce: an earlier call on ", device, " had ", bad[0],
+                      " negative_index value(s) outside the bank's rows (e.g. ", bad[1],
+                      "); the query rows holding them got NaN loss");
+  }
   const at::ScalarType acc_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Inner (feature) dims must be contiguous; contiguous() is a no-op for the canonical inputs.
   const at::Tensor q = query.contiguous();
@@ -124,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
     p.negative_index = ni.data_ptr<int64_t>();
     p.index_stride_l = B * p.K;
     p.index_stride_b = p.K;
+    p.index_error = index_error_words(device.index()).device;
   }
   p.temperature = temperature;
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
@@ -145,6 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distillkit, CUDA, m) { m.impl("membank_infonce_fwd", &membank_infonce_fwd_cuda); }
+
+TORCH_LIBRARY_FRAGMENT(distillkit, m) {
+  m.def("membank_infonce_take_index_error(int device) -> int[]", &take_index_error);
+}
 
 }  // namespace distillkit
 

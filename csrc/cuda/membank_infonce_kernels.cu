@@ -10,7 +10,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace distillkit {
 namespace cuda {
@@ -60,6 +63,10 @@ __device__ __forceinline__ float exp2_acc(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_acc(double x) { return exp2(x); }
 __device__ __forceinline__ float log2_acc(float x) { return log2f(x); }
 __device__ __forceinline__ double log2_acc(double x) { return log2(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float log1p_acc(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_acc(double x) { return log1p(x); }
 
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
@@ -85,6 +92,13 @@ __device__ __forceinline__ A warp_max(A v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
+}
+
+/// Records an out-of-range negative_index value (see MembankInfonceParams::index_error).
+__device__ __forceinline__ void report_bad_index(const MembankInfonceParams& p, int64_t value) {
+  if (p.index_error == nullptr) return;
+  atomicAdd(p.index_error, 1ull);
+  atomicExch(p.index_error + 1, static_cast<unsigned long long>(value));
 }
 
 /// Workspace views, all [num_splits, L, B] (x D for o), split-major.
@@ -123,7 +137,7 @@ constexpr int kGenericThreads = kGenericWarps * 32;
 constexpr int kChunk = 32;  // keys per online-softmax step (one per lane)
 
 template <typename T>
-__global__ void __launch_bounds__(kGenericThreads)
+__global__ void __launch_bounds__(kGenericThreads, 4)  // the plan targets 4 blocks per SM
     generic_partial_kernel(const MembankInfonceParams p, int64_t keys_per_split,
                            Partials<typename AccOf<T>::type> parts) {
   using A = typename AccOf<T>::type;
@@ -159,14 +173,23 @@ __global__ void __launch_bounds__(kGenericThreads)
   for (int64_t c0 = k_begin; c0 < k_end; c0 += kChunk) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), k_end - c0));
     // Lane j resolves key j of the chunk: bank row and validity (range end, label mask).
+    // An index outside the bank is never dereferenced: the key reads bank row 0 and scores NaN, which makes
+    // the whole row NaN (as a NaN score does), and the call's error words record the value.
     const int64_t j = c0 + lane;
     bool valid = lane < n;
+    bool bad = false;
     int64_t key_row = 0;
     if (valid) {
       key_row = nidx ? nidx[j] : j;
-      if (use_labels && p.bank_labels[key_row] == qlab) valid = false;
+      if (key_row < 0 || key_row >= p.N) {
+        report_bad_index(p, key_row);
+        bad = true;
+        key_row = 0;
+      } else if (use_labels && p.bank_labels[key_row] == qlab) {
+        valid = false;
+      }
     }
-    const unsigned valid_mask = __ballot_sync(kFullMask, valid);
+    const unsigned valid_mask = __ballot_sync(kFullMask, valid && !bad);
 
     // Scores: one warp-reduced dot product per valid key; lane j keeps z_j.
     A my_z = neg_inf<A>();
@@ -179,6 +202,7 @@ __global__ void __launch_bounds__(kGenericThreads)
       acc = warp_sum(acc);
       if (lane == jj) my_z = acc * scale;
     }
+    if (bad) my_z = static_cast<A>(NAN);  // still `valid`: its NaN reaches the row like a NaN score
 
     // Online softmax: one rescale per chunk.
     const A m_new = nan_max(m, warp_max(my_z));
@@ -263,10 +287,25 @@ struct TcLayout {
 };
 static_assert(TcLayout<__half>::kO == 47104 && TcLayout<float>::kO == 71680, "see the layout comment");
 
+/// Replaces every Inf / NaN packed in the 32-bit word `w` (two 16-bit or one 32-bit value of type T) by +0.
+template <typename T>
+__device__ __forceinline__ uint32_t zero_nonfinite(uint32_t w) {
+  if constexpr (sizeof(T) == 4) {
+    return (w & 0x7f800000u) == 0x7f800000u ? 0u : w;
+  } else {
+    constexpr uint32_t kExp = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;  // exponent bits, all ones
+    if ((w & kExp) == kExp) w &= 0xffff0000u;
+    if ((w & (kExp << 16)) == (kExp << 16)) w &= 0x0000ffffu;
+    return w;
+  }
+}
+
 /// Copies rows [0, rows_valid) x features [col0, col0 + COLS) of a row-major global matrix (row stride
 /// `stride` elements) into a [ROWS][LD] smem tile, writing zeros outside the valid rows / past D.
-/// `vec` requires 16-byte aligned rows, stride and D multiples of 16 / sizeof(T).
-template <typename T, int ROWS, int COLS, int LD>
+/// `vec` requires 16-byte aligned rows, stride and D multiples of 16 / sizeof(T). With kFiniteOnly, Inf and
+/// NaN values are staged as 0 (the V operand of P V, where a masked key has P = 0 and 0 * NaN must not
+/// happen).
+template <typename T, int ROWS, int COLS, int LD, bool kFiniteOnly = false>
 __device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restrict__ src, int64_t stride,
                                            int rows_valid, int64_t col0, int64_t D, bool vec) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -278,6 +317,10 @@ __device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restr
       const int c = (v - r * kPerRow) * kVec;
       uint4 val = make_uint4(0u, 0u, 0u, 0u);
       if (r < rows_valid && col0 + c < D) val = *reinterpret_cast<const uint4*>(src + r * stride + col0 + c);
+      if constexpr (kFiniteOnly) {
+        val = make_uint4(zero_nonfinite<T>(val.x), zero_nonfinite<T>(val.y), zero_nonfinite<T>(val.z),
+                         zero_nonfinite<T>(val.w));
+      }
       *reinterpret_cast<uint4*>(dst + r * LD + c) = val;
     }
   } else {
@@ -286,6 +329,9 @@ __device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restr
       const int c = e - r * COLS;
       T val = from_float<T>(0.f);
       if (r < rows_valid && col0 + c < D) val = src[r * stride + col0 + c];
+      if constexpr (kFiniteOnly) {
+        if (!isfinite(to_acc(val))) val = from_float<T>(0.f);
+      }
       dst[r * LD + c] = val;
     }
   }
@@ -302,7 +348,7 @@ __device__ __forceinline__ void maybe_tf32(Frag& f) {
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads)
     tc_partial_kernel(const MembankInfonceParams p, int64_t keys_per_split, bool o_in_smem, bool vec,
-                      Partials<float> parts) {
+                      int64_t layer0, Partials<float> parts) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // never selected below sm_80 (see membank_infonce_plan)
 #else
@@ -325,7 +371,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const int lane = threadIdx.x & 31;
   const int r0 = warp * 16;  // this warp's query rows within the tile: [r0, r0 + 16)
   const int64_t D = p.D;
-  const int64_t l = blockIdx.z;
+  const int64_t l = layer0 + blockIdx.z;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kQT;
   const int q_rows = static_cast<int>(min(static_cast<int64_t>(kQT), p.B - b0));
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * keys_per_split;
@@ -427,7 +473,7 @@ __global__ void __launch_bounds__(kTcThreads)
     // ---- O = alpha * O + P V over feature chunks, V = the same bank tile.
     for (int64_t dv0 = 0; dv0 < D; dv0 += kDV) {
       __syncthreads();  // previous readers of Vs are done
-      stage_tile<T, kKT, kDV, kLdV>(Vs, kbase, p.bank_stride_n, k_rows, dv0, D, vec);
+      stage_tile<T, kKT, kDV, kLdV, true>(Vs, kbase, p.bank_stride_n, k_rows, dv0, D, vec);
       __syncthreads();
 #pragma unroll
       for (int n = 0; n < kDV / 16; ++n) {
@@ -523,13 +569,16 @@ __global__ void __launch_bounds__(kMergeThreads)
       coef[i] = c;
       total += c * parts.l[i * LB + row];
     }
-    total = warp_sum(total) + exp2_acc(z_pos - mx);  // >= the largest term, which is 1
+    const A neg = warp_sum(total);  // sum over the valid negatives of 2^(z_j - mx)
+    total = neg + exp2_acc(z_pos - mx);  // >= the largest term, which is 1
     const A inv = A(1) / total;
     for (int i = lane; i < num_splits; i += 32) coef[i] *= inv;
     if (lane == 0) {
-      const A lse = (mx + log2_acc(total)) * static_cast<A>(kLn2D);
-      static_cast<A*>(p.lse)[row] = lse;
-      static_cast<A*>(p.loss)[row] = lse - s_pos / static_cast<A>(p.temperature);
+      static_cast<A*>(p.lse)[row] = (mx + log2_acc(total)) * static_cast<A>(kLn2D);
+      // loss = ln(sum_j 2^(z_j - z_pos)) without subtracting two large numbers: log1p of the negatives' sum
+      // when the positive holds the max (exactly 0 without valid negatives), else two non-negative terms.
+      static_cast<A*>(p.loss)[row] = mx == z_pos ? log1p_acc(neg)
+                                                 : (mx - z_pos) * static_cast<A>(kLn2D) + log_acc(total);
     }
   }
   __syncthreads();
@@ -562,6 +611,81 @@ size_t tc_base_smem(MembankDType t) {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// ---- Per-device cache: attributes, the tensor-core kernels' smem opt-in, occupancy answers.
+
+constexpr int kMaxDevices = 64;
+constexpr int kTcKinds = 3;  // tensor-core kernels: fp16, bf16, fp32 (tf32)
+
+int tc_kind(MembankDType t) { return t == MembankDType::kFloat16 ? 0 : t == MembankDType::kBFloat16 ? 1 : 2; }
+
+const void* tc_kernel_ptr(int kind) {
+  switch (kind) {
+    case 0:
+      return reinterpret_cast<const void*>(&tc_partial_kernel<__half>);
+    case 1:
+      return reinterpret_cast<const void*>(&tc_partial_kernel<__nv_bfloat16>);
+    default:
+      return reinterpret_cast<const void*>(&tc_partial_kernel<float>);
+  }
+}
+
+struct DeviceCache {
+  std::once_flag attrs_once;
+  cudaError_t attrs_status = cudaSuccess;
+  int sms = 0, major = 0, optin = 0;
+  std::once_flag smem_once[kTcKinds];
+  cudaError_t smem_status[kTcKinds] = {};
+  std::mutex occupancy_mutex;
+  std::vector<std::pair<uint64_t, int>> occupancy;  // (kind << 32 | smem bytes) -> blocks per SM
+};
+
+DeviceCache* device_cache(int device) {
+  static DeviceCache caches[kMaxDevices];
+  return device >= 0 && device < kMaxDevices ? &caches[device] : nullptr;
+}
+
+// SM count, compute capability and shared-memory opt-in of `device`, queried once.
+cudaError_t device_attributes(int device, DeviceCache** out) {
+  DeviceCache* c = device_cache(device);
+  if (c == nullptr) return cudaErrorInvalidDevice;
+  std::call_once(c->attrs_once, [&] {
+    cudaError_t err = cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&c->major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&c->optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    }
+    c->attrs_status = err;
+  });
+  *out = c;
+  return c->attrs_status;
+}
+
+// Opts the tensor-core kernel of `kind` in to the device's largest dynamic shared memory, once per device
+// (the current one) and kind, so that no launch ever changes a function attribute another thread relies on.
+cudaError_t tc_smem_optin(DeviceCache* c, int kind) {
+  std::call_once(c->smem_once[kind], [&] {
+    c->smem_status[kind] =
+        cudaFuncSetAttribute(tc_kernel_ptr(kind), cudaFuncAttributeMaxDynamicSharedMemorySize, c->optin);
+  });
+  return c->smem_status[kind];
+}
+
+// Resident blocks per SM of the tensor-core kernel of `kind` with `smem` bytes of dynamic shared memory.
+cudaError_t tc_blocks_per_sm(DeviceCache* c, int kind, size_t smem, int* blocks) {
+  const uint64_t key = (static_cast<uint64_t>(kind) << 32) | static_cast<uint64_t>(smem);
+  const std::lock_guard<std::mutex> lock(c->occupancy_mutex);
+  for (const auto& entry : c->occupancy) {
+    if (entry.first == key) {
+      *blocks = entry.second;
+      return cudaSuccess;
+    }
+  }
+  const cudaError_t err =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, tc_kernel_ptr(kind), kTcThreads, smem);
+  if (err == cudaSuccess && c->occupancy.size() < 256) c->occupancy.emplace_back(key, *blocks);
+  return err;
+}
+
 template <typename T>
 cudaError_t launch_typed(const MembankInfonceParams& p, const MembankInfoncePlan& plan, void* workspace,
                          cudaStream_t stream) {
@@ -578,17 +702,22 @@ cudaError_t launch_typed(const MembankInfonceParams& p, const MembankInfoncePlan
                        p.query_stride_l % vec_elems == 0 && p.bank_stride_n % vec_elems == 0 &&
                        p.bank_stride_l % vec_elems == 0 && aligned16(p.query) && aligned16(p.bank);
       const int64_t q_tiles = (p.B + kQT - 1) / kQT;
-      if (p.L > 65535 || q_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
-      auto kernel = tc_partial_kernel<T>;
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(plan.smem_bytes));
+      if (q_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+      int device = 0;
+      DeviceCache* cache = nullptr;
+      cudaError_t err = cudaGetDevice(&device);
+      if (err == cudaSuccess) err = device_attributes(device, &cache);
+      if (err == cudaSuccess) err = tc_smem_optin(cache, tc_kind(p.dtype));
       if (err != cudaSuccess) return err;
-      const dim3 grid(static_cast<unsigned>(q_tiles), static_cast<unsigned>(plan.num_splits),
-                      static_cast<unsigned>(p.L));
-      kernel<<<grid, kTcThreads, plan.smem_bytes, stream>>>(p, plan.keys_per_split, plan.o_in_smem, vec,
-                                                            parts);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
+      for (int64_t l0 = 0; l0 < p.L; l0 += kMaxLayersPerLaunch) {  // grid z holds at most 65535 layers
+        const int64_t layers = std::min<int64_t>(kMaxLayersPerLaunch, p.L - l0);
+        const dim3 grid(static_cast<unsigned>(q_tiles), static_cast<unsigned>(plan.num_splits),
+                        static_cast<unsigned>(layers));
+        tc_partial_kernel<T><<<grid, kTcThreads, plan.smem_bytes, stream>>>(p, plan.keys_per_split,
+                                                                            plan.o_in_smem, vec, l0, parts);
+        err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+      }
     }
   }
   if (plan.path == MembankPath::kGeneric) {
@@ -610,17 +739,17 @@ cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, Memb
   if (plan == nullptr || p.L < 0 || p.B < 0 || p.K < 0 || p.D < 0 || !(p.temperature > 0.0)) {
     return cudaErrorInvalidValue;
   }
-  int sms = 0, major = 0, optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  if (current != device) return cudaErrorInvalidDevice;  // function attributes apply to the current device
+  DeviceCache* cache = nullptr;
+  err = device_attributes(device, &cache);
   if (err != cudaSuccess) return err;
 
   const bool half_in = p.dtype == MembankDType::kFloat16 || p.dtype == MembankDType::kBFloat16;
   const bool tc_ok = (half_in || (p.dtype == MembankDType::kFloat32 && p.allow_tf32)) &&
-                     p.negative_index == nullptr && major >= 8 && p.D > 0;
+                     p.negative_index == nullptr && cache->major >= 8 && p.D > 0;
   MembankInfoncePlan out;
   switch (p.path) {
     case MembankPath::kGeneric:
@@ -633,23 +762,39 @@ cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, Memb
       out.path = (tc_ok && p.B >= 16) ? MembankPath::kTensorCore : MembankPath::kGeneric;
   }
 
-  int64_t tile, min_tiles_per_split, base_blocks, target_blocks;
+  int64_t tile, min_tiles_per_split, base_blocks, target_blocks = 0;
   if (out.path == MembankPath::kTensorCore) {
+    const int kind = tc_kind(p.dtype);
+    err = tc_smem_optin(cache, kind);
+    if (err != cudaSuccess) return err;
     const size_t base = tc_base_smem(p.dtype);
     const size_t o_bytes = sizeof(float) * kQT * static_cast<size_t>(p.D);
-    const size_t on_chip_limit = std::min<size_t>(static_cast<size_t>(optin), 112 * 1024);  // 2 blocks/SM
-    out.o_in_smem = base + o_bytes <= on_chip_limit;
-    out.smem_bytes = base + (out.o_in_smem ? o_bytes : 0);
-    if (out.smem_bytes > static_cast<size_t>(optin)) return cudaErrorInvalidConfiguration;
+    int blocks_ws = 0, blocks_on_chip = 0;
+    err = tc_blocks_per_sm(cache, kind, base, &blocks_ws);
+    if (err == cudaSuccess && base + o_bytes <= static_cast<size_t>(cache->optin)) {
+      err = tc_blocks_per_sm(cache, kind, base + o_bytes, &blocks_on_chip);
+    }
+    if (err != cudaSuccess) return err;
+    // O stays on chip while that keeps 2 resident blocks per SM (or costs no occupancy at all).
+    out.o_in_smem = blocks_on_chip >= std::min(2, blocks_ws) && blocks_on_chip > 0;
+    const int blocks_per_sm = out.o_in_smem ? blocks_on_chip : blocks_ws;
+    if (blocks_per_sm < 1) {
+      out.path = MembankPath::kGeneric;  // the tile does not fit this device at all
+      out.o_in_smem = false;
+    } else {
+      out.smem_bytes = base + (out.o_in_smem ? o_bytes : 0);
+      target_blocks = static_cast<int64_t>(blocks_per_sm) * cache->sms;
+    }
+  }
+  if (out.path == MembankPath::kTensorCore) {
     tile = kKT;
     min_tiles_per_split = 2;
     base_blocks = p.L * ((p.B + kQT - 1) / kQT);
-    target_blocks = 2 * static_cast<int64_t>(sms);
   } else {
     tile = kChunk;
     min_tiles_per_split = 4;
     base_blocks = (p.L * p.B + kGenericWarps - 1) / kGenericWarps;
-    target_blocks = 4 * static_cast<int64_t>(sms);
+    target_blocks = 4 * static_cast<int64_t>(cache->sms);
   }
   const size_t acc_bytes = p.dtype == MembankDType::kFloat64 ? 8 : 4;
   const int64_t n_tiles = std::max<int64_t>(1, (p.K + tile - 1) / tile);

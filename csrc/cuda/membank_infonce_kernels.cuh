@@ -3,18 +3,24 @@
 // Math (per layer l and query row b, temperature tau, keys k_j = bank rows):
 //   s_pos   = <q_b, p_b>,  s_j = <q_b, k_j>                      (fp32 accumulation; fp64 for fp64 inputs)
 //   lse     = logsumexp([s_pos, s_j for valid j] / tau)           [L, B]
-//   loss    = lse - s_pos / tau                                   [L, B]
+//   loss    = lse - s_pos / tau = log(1 + sum_{valid j} exp((s_j - s_pos) / tau))   [L, B]
 //   wsum    = sum_{valid j} softmax_j * k_j                       [L, B, D]   (softmax over all logits)
 // A bank row is not a valid negative when its label equals the query's label (labels given) or when it lies
-// past the end of the bank. A row with no valid negative gets lse = s_pos / tau and wsum = 0. The backward
-// pass is elementwise on (lse, wsum) and lives in Python; only the forward is here.
+// past the end of the bank. A row with no valid negative gets lse = s_pos / tau, loss = 0 exactly and
+// wsum = 0. A key that is not a negative of a row never affects that row, whatever its values (a NaN or Inf
+// in a masked bank row included); a NaN score of a valid negative makes the row NaN. The loss is computed
+// without subtracting lse and s_pos / tau (see the merge), so small losses keep their relative accuracy.
+// A negative_index value outside [0, N) is never dereferenced: the row's outputs become NaN and the call's
+// `index_error` words record it (see MembankInfonceParams). The backward pass is elementwise on
+// (loss, wsum) and lives in Python; only the forward is here.
 //
 // Algorithm: one pass over the bank, never the B x K logit matrix. The bank is cut into `num_splits`
 // contiguous ranges (split-K over the bank). Each range produces, per query row, a partial
 //   (m, l, o) = (max_j z_j, sum_j 2^(z_j - m), sum_j 2^(z_j - m) k_j),   z_j = s_j * log2(e) / tau,
 // with the online-softmax rescaling of flash-attention's forward pass (V = K = the bank tile). A second
 // small kernel merges the partials with s_pos (computed there): M = max(z_pos, m_1..m_S),
-// T = 2^(z_pos - M) + sum_i l_i 2^(m_i - M), lse = ln2 (M + log2 T), wsum = sum_i 2^(m_i - M) o_i / T.
+// N = sum_i l_i 2^(m_i - M), T = 2^(z_pos - M) + N, lse = ln2 (M + log2 T), wsum = sum_i 2^(m_i - M) o_i / T,
+// loss = log1p(N) when M = z_pos, else ln2 (M - z_pos) + ln T (two non-negative terms: no cancellation).
 // A range with no valid key has m = -inf, l = 0, o = 0 and is skipped by the merge, so fully masked tiles
 // and splits never produce NaN; M is finite because z_pos is.
 //
@@ -29,7 +35,9 @@
 //      PV stage: O[64 x D] = alpha * O + P V with V = the same bank tile, in DV = 64 column chunks staged
 //                in smem; O lives in shared memory when QT * D * 4 bytes fit (D <= ~256), otherwise in the
 //                fp32 workspace (L2 resident read-modify-write; O rows are private to one warp).
-//    Grid (ceil(B / 64), num_splits, L); x fastest so blocks running together read the same bank range
+//    Masked keys get P = 0, and non-finite values of the staged V tile are replaced by 0, so 0 * NaN never
+//    reaches O (a valid key with a NaN has a NaN score, which already makes its row NaN).
+//    Grid (ceil(B / 64), num_splits, L), launched in chunks of at most 65535 layers; x fastest so blocks running together read the same bank range
 //    (the bank is read from DRAM about once and served to the query tiles from L2).
 //    Shared memory (dynamic, opt-in above 48 KB): bf16/fp16 ~47 KB, tf32 ~72 KB, plus 64 * D * 4 bytes
 //    when O is kept on chip.
@@ -39,8 +47,9 @@
 //    over d (coalesced key reads; O is the warp's own workspace row). With negative_index each query row
 //    gathers its own K rows straight from the bank; the [B, K, D] gathered tensor is never formed.
 //
-// Split heuristic: enough bank ranges that the grid has >= 2 blocks (tensor-core path) or >= 4 blocks of 4
-// warps (generic path) per SM, at least 2 tiles (128 keys) per range, at most kMaxSplits ranges, and a
+// Split heuristic: enough bank ranges that the grid fills every SM with as many blocks as the occupancy
+// calculator says fit (tensor-core path; O stays on chip only while 2 blocks still fit per SM) or >= 4 blocks
+// of 4 warps (generic path), at least 2 tiles (128 keys) per range, at most kMaxSplits ranges, and a
 // workspace of at most 256 MiB. Workspace = num_splits * L * B * (D + 2) accumulator words: it grows with
 // B * D, never with B * K.
 //
@@ -70,6 +79,12 @@ enum class MembankPath : int { kAuto = 0, kGeneric = 1, kTensorCore = 2 };
 /// Upper bound on the number of bank ranges merged per row.
 constexpr int kMaxSplits = 64;
 
+#ifndef DISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH
+#define DISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH 65535  // gridDim.z limit; lowered by the emulation tests
+#endif
+/// Layers per tensor-core launch (grid z); more layers are covered by several launches.
+constexpr int64_t kMaxLayersPerLaunch = DISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH;
+
 /// Raw inputs and outputs of one forward call. Strides are in elements; the feature dim D is contiguous.
 struct MembankInfonceParams {
   MembankDType dtype = MembankDType::kFloat32;
@@ -91,6 +106,11 @@ struct MembankInfonceParams {
   const int64_t* negative_index = nullptr;  ///< [L, B, K] rows of the bank, values in [0, N), or null
   int64_t index_stride_l = 0, index_stride_b = 0;
 
+  /// Two words the kernel updates atomically when negative_index holds a value outside [0, N): [0] counts
+  /// such values, [1] holds one of them. May be null (then nothing is recorded; the rows are still NaN).
+  /// The binding passes mapped pinned host memory, so the host reads it without a device synchronisation.
+  unsigned long long* index_error = nullptr;
+
   double temperature = 1.0;
   bool allow_tf32 = false;  ///< fp32 inputs may use tf32 tensor cores
   MembankPath path = MembankPath::kAuto;
@@ -110,7 +130,10 @@ struct MembankInfoncePlan {
   size_t workspace_bytes = 0;               ///< device scratch the caller must provide (256-byte aligned)
 };
 
-/// Chooses path, split count and workspace size for `p` on `device`. Deterministic for a given device.
+/// Chooses path, split count and workspace size for `p` on `device`, which must be the current device.
+/// Deterministic for a given device. The
+/// device's attributes, the kernels' shared-memory opt-in (set once per device and dtype, to the device's
+/// maximum) and occupancy answers are cached per device, so planning is host-only after the first call.
 cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, MembankInfoncePlan* plan);
 
 /// Runs the partial and merge kernels on `stream`. `workspace` holds at least plan.workspace_bytes.
