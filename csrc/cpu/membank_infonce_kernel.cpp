@@ -170,6 +170,30 @@ inline acc_t exp_scalar(acc_t x) {
   return std::exp(x);
 }
 
+// True when no element is Inf or NaN (x - x is NaN exactly for those).
+template <typename acc_t>
+inline bool all_finite(const acc_t* x, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= !(x[i] - x[i] == acc_t(0));
+  return bad == 0;
+}
+
+// Copies n values to dst with every Inf / NaN replaced by 0.
+template <typename acc_t>
+inline void copy_finite(const acc_t* src, acc_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] - src[i] == acc_t(0) ? src[i] : acc_t(0);
+}
+
+// The row's loss log(sum_j exp(s_j - s_pos)) from the running max m, the negatives' sum `neg` (scaled by
+// exp(-m)) and the total `sum` = exp(s_pos - m) + neg, without subtracting two large numbers: log1p(neg)
+// when the positive holds the max (exactly 0 without valid negatives), else two non-negative terms.
+template <typename acc_t>
+inline acc_t loss_from(acc_t s_pos, acc_t m, acc_t neg, acc_t sum) {
+  return m == s_pos ? std::log1p(neg) : (m - s_pos) + std::log(sum);
+}
+
 // Masks out (sets to -inf) scores of bank rows whose label equals the query's.
 template <typename acc_t>
 inline void mask_labels(acc_t* s, const int64_t* bank_labels, int64_t label, int64_t n) {
@@ -213,8 +237,7 @@ DensePlan plan_dense(int64_t L, int64_t B, int64_t D, int64_t K, int64_t num_thr
 
 template <typename in_t, typename acc_t>
 int64_t dense_scratch_size(const Problem<in_t, acc_t>& p, const DensePlan& plan) {
-  const int64_t tile_buf = std::is_same_v<in_t, acc_t> ? 0 : plan.tile * p.D;
-  return p.B * plan.tile + tile_buf;
+  return p.B * plan.tile + plan.tile * p.D;  // scores, and a converted (or Inf/NaN-free) tile
 }
 
 template <typename in_t, typename acc_t>
@@ -229,7 +252,7 @@ void dense_item(const Problem<in_t, acc_t>& p, const DensePlan& plan, int64_t it
   const acc_t* q = p.query + l * B * D;
   const in_t* bank = p.bank + l * p.bank_layer_stride;
   acc_t* scores = scratch;                   // [B, tile]
-  acc_t* tile_buf = scratch + B * plan.tile;  // [tile, D] when converting
+  acc_t* tile_buf = scratch + B * plan.tile;  // [tile, D]: converted keys, or their Inf/NaN-free copy
   std::fill(part_max, part_max + B, neg_inf);
   std::fill(part_sum, part_sum + B, acc_t(0));
   std::fill(part_w, part_w + B * D, acc_t(0));
@@ -256,8 +279,15 @@ void dense_item(const Problem<in_t, acc_t>& p, const DensePlan& plan, int64_t it
       part_max[b] = m_new;
     }
     if (!any) continue;
-    // W[B, D] += P[B, T] * keys[T, D]
-    gemm(false, false, D, B, T, acc_t(1), keys, D, scores, T, acc_t(1), part_w, D);
+    // A key that is not a negative of a row has P = 0 there, but 0 * NaN = NaN: Inf / NaN values of the
+    // tile enter W as 0 (a valid key holding one has a NaN or +Inf score, which already makes its row NaN).
+    const acc_t* values = keys;
+    if (!all_finite(keys, T * D)) {
+      copy_finite(keys, tile_buf, T * D);  // in place when keys already live in tile_buf
+      values = tile_buf;
+    }
+    // W[B, D] += P[B, T] * values[T, D]
+    gemm(false, false, D, B, T, acc_t(1), values, D, scores, T, acc_t(1), part_w, D);
   }
 }
 
@@ -271,7 +301,7 @@ void dense_merge(const Problem<in_t, acc_t>& p, const DensePlan& plan, int64_t r
     const acc_t s_pos = dot(p.query + row * D, p.positive + row * D, D) * p.inv_tau;
     acc_t m = s_pos;
     for (int64_t c = 0; c < C; ++c) m = nan_max(m, part_max[(l * C + c) * B + b]);
-    acc_t sum = exp_scalar(s_pos - m);
+    acc_t neg = 0;
     acc_t* w = p.wsum + row * D;
     std::fill(w, w + D, acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
@@ -279,12 +309,13 @@ void dense_merge(const Problem<in_t, acc_t>& p, const DensePlan& plan, int64_t r
       const acc_t mc = part_max[item * B + b];
       if (mc == neg_inf) continue;
       const acc_t f = exp_scalar(mc - m);
-      sum += part_sum[item * B + b] * f;
+      neg += part_sum[item * B + b] * f;
       axpy(w, f, part_w + (item * B + b) * D, D);
     }
+    const acc_t sum = exp_scalar(s_pos - m) + neg;
     scale(w, acc_t(1) / sum, D);
     p.lse[row] = m + std::log(sum);
-    p.loss[row] = p.lse[row] - s_pos;
+    p.loss[row] = loss_from(s_pos, m, neg, sum);
   }
 }
 
@@ -317,7 +348,7 @@ bool indexed_rows(const Problem<in_t, acc_t>& p, int64_t row_begin, int64_t row_
     const bool labelled = p.query_labels != nullptr;
     const int64_t label = labelled ? p.query_labels[b] : 0;
     const acc_t s_pos = dot(q, p.positive + row * D, D) * p.inv_tau;
-    acc_t m = s_pos, sum = 1;
+    acc_t m = s_pos, neg = 0;  // neg: sum of exp(s_j - m) over the valid negatives so far
     acc_t* w = p.wsum + row * D;
     std::fill(w, w + D, acc_t(0));
     bool row_ok = true;
@@ -338,11 +369,11 @@ bool indexed_rows(const Problem<in_t, acc_t>& p, int64_t row_begin, int64_t row_
       if (!row_ok || cmax == neg_inf) continue;
       if (cmax > m) {
         const acc_t alpha = exp_scalar(m - cmax);
-        sum *= alpha;
+        neg *= alpha;
         scale(w, alpha, D);
         m = cmax;
       }
-      sum += exp_shift_sum(s, m, T);
+      neg += exp_shift_sum(s, m, T);
       for (int64_t t = 0; t < T; ++t) {
         if (s[t] != acc_t(0)) axpy(w, s[t], keys[t], D);
       }
@@ -351,9 +382,10 @@ bool indexed_rows(const Problem<in_t, acc_t>& p, int64_t row_begin, int64_t row_
       ok = false;
       continue;
     }
+    const acc_t sum = exp_scalar(s_pos - m) + neg;
     scale(w, acc_t(1) / sum, D);
     p.lse[row] = m + std::log(sum);
-    p.loss[row] = p.lse[row] - s_pos;
+    p.loss[row] = loss_from(s_pos, m, neg, sum);
   }
   return ok;
 }

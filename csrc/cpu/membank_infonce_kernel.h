@@ -2,9 +2,12 @@
 //
 // For every query row (layer l, row b) the kernel computes, with s = dot(query, key) * inv_tau:
 //   lse  = logsumexp([s_pos, s_neg_1 .. s_neg_K])          (masked negatives left out)
-//   loss = lse - s_pos
+//   loss = lse - s_pos = log(1 + sum_j exp(s_neg_j - s_pos)), computed without that subtraction (log1p
+//          when the positive holds the max), so a row without valid negatives has loss exactly 0
 //   wsum = sum_j softmax_j * key_j over the valid negatives (softmax over the same set as lse)
-// so that the backward pass needs no second pass over the bank.
+// so that the backward pass needs no second pass over the bank. A key that is not a negative of a row
+// (same label) never affects that row, whatever its values (Inf / NaN included); a NaN score of a valid
+// negative makes the row NaN.
 //
 // Dense path: the bank is split into per-worker chunks and each chunk into cache-sized tiles; a tile's
 // scores S = Q * tile^T come from a caller-supplied GEMM, are turned into exp(S - running max) in place

@@ -58,7 +58,7 @@ def reference_forward(
         q = query.to(acc)
         s_pos = (q * positive.to(acc)).sum(-1) / temperature
         m = s_pos.clone()
-        total = torch.ones_like(s_pos)
+        neg = torch.zeros_like(s_pos)  # sum over valid negatives of exp(s_j - m)
         w = torch.zeros_like(q)
         layers, batch, dim = q.shape
         count = negative_index.shape[-1] if negative_index is not None else bank.shape[-2]
@@ -80,14 +80,18 @@ def reference_forward(
             m_new = torch.maximum(m, scores.amax(-1))
             alpha = torch.exp(m - m_new)
             p = torch.exp(scores - m_new.unsqueeze(-1))
-            total = total * alpha + p.sum(-1)
+            neg = neg * alpha + p.sum(-1)
+            keys = torch.nan_to_num(keys, nan=0.0, posinf=0.0, neginf=0.0)  # masked keys: p = 0, 0 * NaN
             if negative_index is None:
                 w = w * alpha.unsqueeze(-1) + p @ keys
             else:
                 w = w * alpha.unsqueeze(-1) + (p.unsqueeze(-2) @ keys).squeeze(-2)
             m = m_new
+        total = torch.exp(s_pos - m) + neg
         lse = m + torch.log(total)
-        return lse - s_pos, lse, w / total.unsqueeze(-1)
+        # lse - s_pos without the cancellation: log1p when the positive holds the max, else two terms >= 0.
+        loss = torch.where(m == s_pos, torch.log1p(neg), (m - s_pos) + torch.log(total))
+        return loss, lse, w / total.unsqueeze(-1)
 
 
 class _ReferenceFunction(torch.autograd.Function):
