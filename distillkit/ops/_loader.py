@@ -16,7 +16,7 @@ import torch
 from distillkit.ops._backward import infonce_backward
 
 OP_NAME = "distillkit::membank_infonce_fwd"
-_state: dict[str, object] = {"loaded": False, "error": None}
+_state: dict[str, object] = {"loaded": False, "error": None, "cuda_error": None}
 # device type -> whether the compiled op has a kernel for it; filled once by load().
 _KERNELS: dict[str, bool] = {}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta", "mps": "MPS", "xpu": "XPU"}
@@ -57,8 +57,8 @@ def load() -> None:
         return
     try:
         importlib.import_module("distillkit._C_cuda")
-    except ImportError:
-        pass
+    except ImportError as exc:  # not built (no CUDA toolkit at install time), or built for another torch
+        _state["cuda_error"] = exc
     torch.library.register_fake(OP_NAME)(_fake_fwd)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
     for device_type, key in _DISPATCH_KEYS.items():
@@ -86,3 +86,47 @@ def kernel_available(device_type: str) -> bool:
             stacklevel=3,
         )
     return False
+
+
+def extension_status() -> dict[str, str]:
+    """Each compiled extension module and whether it loaded (``loaded`` or why not)."""
+    load()
+    if _state["error"] is not None:
+        return {
+            "distillkit._C": f"not loaded ({_state['error']})",
+            "distillkit._C_cuda": "not tried (distillkit._C did not load)",
+        }
+    cuda = _state["cuda_error"]
+    return {
+        "distillkit._C": "loaded",
+        "distillkit._C_cuda": "loaded" if cuda is None else f"not loaded ({cuda})",
+    }
+
+
+def op_kernels() -> dict[str, list[str]]:
+    """Each ``distillkit::`` op registered with torch and the device types it has a compiled kernel for."""
+    load()
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("distillkit::"))
+    return {
+        name: [
+            dev
+            for dev, key in _DISPATCH_KEYS.items()
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+        ]
+        for name in names
+    }
+
+
+def take_index_error(device: torch.device | int) -> tuple[int, int]:
+    """Out-of-range ``negative_index`` values the CUDA kernel met on ``device`` since the last look.
+
+    Reads host memory only (no device synchronisation; kernels still running report later) and clears it.
+
+    Returns:
+        ``(count, one of the values)``; ``(0, 0)`` when none, or when the CUDA kernel is not built.
+    """
+    if not _KERNELS.get("cuda", False):
+        return 0, 0
+    index = device if isinstance(device, int) else (device.index or 0)
+    count, value = torch.ops.distillkit.membank_infonce_take_index_error(index)
+    return int(count), int(value)

@@ -77,6 +77,8 @@ def canonicalize(
     query_labels: torch.Tensor | None = None,
     bank_labels: torch.Tensor | None = None,
     negative_index: torch.Tensor | None = None,
+    *,
+    check_index: bool = True,
 ) -> Canonical:
     """Validates the public arguments and brings them to the kernels' layout.
 
@@ -89,6 +91,8 @@ def canonicalize(
         query_labels: ``[B]`` integer labels, or None.
         bank_labels: ``[K]`` (or ``[N]``) integer labels, or None; give both label tensors or neither.
         negative_index: ``[..., B, K]`` integer rows of the bank, or None.
+        check_index: Range-check ``negative_index`` here (two host reads: a device synchronisation on
+            accelerators). False when the kernel that runs checks it on the device.
 
     Returns:
         The :class:`Canonical` inputs.
@@ -169,7 +173,7 @@ def canonicalize(
                 "membank_infonce: negative_index has no negatives (K=0); give at least one per query"
             )
         ni = ni.to(torch.int64).reshape(layers, batch, ni.shape[-1]).contiguous()
-        if not torch.compiler.is_compiling() and ni.device.type != "meta":
+        if check_index and not torch.compiler.is_compiling() and ni.device.type != "meta":
             low, high = int(ni.min()), int(ni.max())
             if low < 0 or high >= rows:
                 bad = low if low < 0 else high

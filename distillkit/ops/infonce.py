@@ -1,12 +1,20 @@
-"""The public memory-bank InfoNCE op."""
+"""The public memory-bank InfoNCE op and its choice between the compiled kernel and the reference."""
 
 from __future__ import annotations
 
 import torch
 
-from distillkit.ops import _loader
+from distillkit.ops import _loader, selfcheck
 from distillkit.ops._validate import canonicalize
 from distillkit.ops.reference import _ReferenceFunction
+
+# Device types whose kernel range-checks negative_index itself (no host synchronisation needed).
+_KERNEL_CHECKS_INDEX = {"cuda"}
+
+
+def use_kernel(device: torch.device) -> bool:
+    """Whether a call on ``device`` runs the compiled kernel: built for it, and allowed by the self-check."""
+    return _loader.kernel_available(device.type) and selfcheck.kernel_allowed(device)
 
 
 def membank_infonce(
@@ -37,7 +45,15 @@ def membank_infonce(
             left with no negative has loss 0.
         bank_labels: ``[K]`` (``[N]``) integer labels; required with ``query_labels``.
         negative_index: ``[..., B, K]`` int64 rows of the bank: per-query negatives (CRD style), fused
-            so that the gathered ``[..., B, K, D]`` keys are never made.
+            so that the gathered ``[..., B, K, D]`` keys are never made. Values outside ``[0, N)`` raise
+            ``ValueError`` (CPU, and CUDA without the kernel); the CUDA kernel checks them on the device
+            instead (no host synchronisation): such a row's loss is NaN and the next call on that device
+            raises ``IndexError``.
+
+    A key that is not a negative of a row (same label) never affects that row's result, whatever its
+    values (Inf or NaN included); a NaN in a key that is a negative makes that row's loss NaN. On CUDA the
+    kernel is compared with the reference on first use per device (``DISTILLKIT_CUDA_KERNEL``, see
+    :mod:`distillkit.ops.selfcheck`).
 
     Returns:
         ``[..., B]`` loss, float32 (float64 for float64 inputs); gradients reach query and positive in
@@ -47,10 +63,21 @@ def membank_infonce(
         TypeError: Wrong argument type or dtype.
         ValueError: Wrong shape, device or value (the message names the argument and the fix).
     """
-    c = canonicalize(query, positive, bank, temperature, query_labels, bank_labels, negative_index)
+    device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
+    kernel = use_kernel(device)
+    c = canonicalize(
+        query,
+        positive,
+        bank,
+        temperature,
+        query_labels,
+        bank_labels,
+        negative_index,
+        check_index=not (kernel and device.type in _KERNEL_CHECKS_INDEX),
+    )
     args = (c.query, c.positive, c.bank, c.temperature, c.query_labels, c.bank_labels, c.negative_index)
-    if _loader.kernel_available(c.query.device.type):
-        loss = torch.ops.distillkit.membank_infonce_fwd(*args)[0]
+    if kernel:
+        loss = selfcheck.kernel_forward(*args)[0]
     else:
         loss = _ReferenceFunction.apply(*args)
     return loss.reshape(*c.lead_shape, c.query.shape[1])
