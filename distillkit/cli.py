@@ -1,4 +1,4 @@
-"""Command line: ``distillkit losses | distill | cache-teacher | bench | study``."""
+"""Command line: ``distillkit losses | distill | cache-teacher | bench | study | doctor``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_cli(args)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from distillkit.doctor import run_doctor
+
+    return run_doctor()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of the ``distillkit`` command."""
     parser = argparse.ArgumentParser(prog="distillkit", description=__doc__)
@@ -123,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     bench.set_defaults(handler=_cmd_bench)
+
+    doctor = commands.add_parser(
+        "doctor", help="versions, GPUs, compiled ops and the CUDA self-check, for bug reports"
+    )
+    doctor.set_defaults(handler=_cmd_doctor)
     return parser
 
 
