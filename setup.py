@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -49,7 +50,11 @@ def _extensions():
     has_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
     if cuda_sources and want_cuda != "0" and (has_cuda or want_cuda == "1"):
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            # No GPU to ask: sm_80, sm_90 and the newer archs this nvcc knows, plus PTX of the newest so
+            # that GPUs newer still can JIT-compile the kernel.
+            known = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
+            archs = ["8.0", "9.0"] + [a for a in ("10.0", "12.0") if f"compute_{a.replace('.', '')}" in known]
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs) + "+PTX"
         extensions.append(
             CUDAExtension(
                 "distillkit._C_cuda",
