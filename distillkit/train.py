@@ -255,7 +255,7 @@ def teacher_sources(
             meta, requests.get(name, NOTHING), objective.teacher_layers(name), top_k=spec.cache_top_k, who=who
         )
         if accelerator.is_main_process:
-            print(f"distillkit: the {who}'s outputs are read from {spec.cache} ({len(cache)} examples)")
+            print(f"distillkit: {who}: outputs read from the cache {spec.cache} ({len(cache)} examples)")
         sources[name] = cache
     return sources
 
