@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from distillkit.ops import _loader, membank_infonce
+from distillkit.ops import _loader, membank_infonce, selfcheck
+from distillkit.ops.reference import reference_forward
 
 _loader.load()
 HAS_CUDA = torch.cuda.is_available()
@@ -258,3 +259,100 @@ def test_no_allocation_proportional_to_batch_times_bank(dtype, path):
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < batch * keys * 4 // 8, f"peak extra allocation {extra} bytes"
     assert torch.isfinite(out[0]).all()
+
+
+def _offset_copy(t: torch.Tensor, elements: int = 1) -> torch.Tensor:
+    """A contiguous copy of ``t`` starting ``elements`` past an aligned address (breaks 16-byte alignment)."""
+    storage = torch.empty(t.numel() + elements, dtype=t.dtype, device=t.device)
+    out = storage[elements:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_misaligned_inputs(dtype, path):
+    q, p, bank = make(1, 65, 150, 64, dtype, seed=12)
+    qm, bm = _offset_copy(q), _offset_copy(bank)
+    assert qm.data_ptr() % 16 != 0 and bm.data_ptr() % 16 != 0
+    check(FWD(qm, p, bm, 0.1, None, None, None), naive(q, p, bank, 0.1), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_nonfinite_values_in_masked_rows_change_nothing(dtype, path):
+    """NaN / +-Inf in bank rows every query masks: results equal those of the clean bank, exactly."""
+    q, p, bank = make(2, 40, 150, 64, dtype, seed=13)
+    ql = torch.zeros(40, dtype=torch.int64, device="cuda")
+    bl = torch.randint(1, 4, (150,), device="cuda")
+    bl[[3, 77, 149]] = 0
+    dirty = bank.clone()
+    dirty[:, 3], dirty[:, 77, ::2], dirty[:, 149] = float("nan"), float("inf"), float("-inf")
+    got = FWD(q, p, dirty, 0.1, ql, bl, None)
+    want = FWD(q, p, bank, 0.1, ql, bl, None)
+    for g, w in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_row_without_negatives_is_exactly_zero(path):
+    q, p, bank = make(1, 20, 300, 24, torch.bfloat16, seed=14)
+    ql = torch.arange(20, device="cuda") % 2
+    bl = torch.zeros(300, dtype=torch.int64, device="cuda")
+    loss = FWD(q * 3, p * 3, bank, 0.05, ql, bl, None)[0]
+    assert (loss[:, 0::2] == 0).all()
+
+
+def test_out_of_range_index_is_flagged_without_a_sync():
+    q, p, bank = make(2, 9, 70, 24, torch.float32, seed=15)
+    index = torch.randint(0, 70, (2, 9, 31), device="cuda")
+    index[0, 3, 5], index[1, 8, 0] = 70, -2
+    _loader.take_index_error(q.device)  # clear earlier reports
+    loss, lse, wsum = FWD(q, p, bank, 0.1, None, None, index)
+    torch.cuda.synchronize()
+    bad = torch.zeros(2, 9, dtype=torch.bool, device="cuda")
+    bad[0, 3], bad[1, 8] = True, True
+    assert torch.isnan(loss[bad]).all() and torch.isnan(wsum[bad]).all()
+    ok = ~bad
+    want = naive(q, p, bank, 0.1, None, None, index.clamp(0, 69))[0]
+    torch.testing.assert_close(loss[ok].double(), want[ok], atol=2e-4, rtol=1e-3)
+    count, value = _loader.take_index_error(q.device)
+    assert count >= 1 and value in (70, -2)
+    FWD(q, p, bank, 0.1, None, None, index)  # reported by the next call on the device
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="negative_index"):
+        FWD(q, p, bank, 0.1, None, None, index)
+
+
+def test_non_default_stream_and_device(path):
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # device != 0 when there are two
+    q, p, bank = (t.to(device) for t in make(2, 70, 333, 40, torch.bfloat16, seed=16))
+    stream = torch.cuda.Stream(device=device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        out = FWD(q, p, bank, 0.1, None, None, None)
+    stream.synchronize()
+    assert out[0].device == device
+    check(out, naive(q, p, bank, 0.1), TOL[torch.bfloat16])
+
+
+def test_more_than_65535_layers_tensorcore(monkeypatch):
+    monkeypatch.setenv("DISTILLKIT_CUDA_PATH", "tensorcore")
+    q, p, bank = make(65537, 16, 64, 8, torch.bfloat16, shared=True, seed=17)
+    check(FWD(q, p, bank, 0.1, None, None, None), naive(q, p, bank, 0.1), TOL[torch.bfloat16])
+
+
+def test_bank_with_more_than_2_31_elements(path):
+    """K * D > 2^31 (4.3 GB of bf16): offsets must be 64-bit everywhere."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    keys, dim = (1 << 21) + 3, 1032
+    q, p, _ = make(1, 16, 1, dim, torch.bfloat16, seed=18)
+    bank = torch.empty(keys, dim, dtype=torch.bfloat16, device="cuda").uniform_(-0.03, 0.03)
+    bank[-1] = q[0, 0]  # the last row matters: it is the largest score of query 0
+    loss, lse, wsum = FWD(q, p, bank, 0.1, None, None, None)
+    ref = reference_forward(q, p, bank, 0.1)
+    torch.testing.assert_close(loss, ref[0], atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(wsum, ref[2], atol=2e-3, rtol=2e-2)
+
+
+def test_self_check_passes_on_this_device():
+    result = selfcheck.run_check(torch.device("cuda"))
+    assert result.passed, result
