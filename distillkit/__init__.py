@@ -3,10 +3,10 @@
 The names most users need::
 
     from distillkit import DistillationObjective, ModelDims, build_term, hookimpl, LossTerm, LossParams, Taps
-    from distillkit import TapRequest, TaskInfo, LayerMapSpec   # for plugin authors
+    from distillkit import TapRequest, TaskInfo, LayerMapSpec, BenchCase   # for plugin authors
 """
 
-from distillkit.hookspecs import hookimpl
+from distillkit.hookspecs import BenchCase, hookimpl
 from distillkit.losses import LossParams, LossTerm, ModelDims, TaskInfo
 from distillkit.mapping import LayerMapSpec
 from distillkit.objective import DistillationObjective, ObjectiveOutput, build_term
@@ -15,6 +15,7 @@ from distillkit.taps import TapRequest, Taps
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchCase",
     "DistillationObjective",
     "LayerMapSpec",
     "LossParams",

@@ -18,13 +18,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from distillkit.hookspecs import BenchCase
 from distillkit.losses import LossTerm, ModelDims, TapRequest, Taps
-from distillkit.membank import QueueBank
+
+__all__ = ["BenchCase", "BenchShapes", "collect_cases", "make_step", "time_case"]
 
 
 @dataclass(frozen=True)
@@ -55,23 +57,6 @@ class BenchShapes:
         return ModelDims(
             self.student_layers, self.teacher_layers, self.student_hidden, self.teacher_hidden, heads, heads
         )
-
-
-@dataclass(frozen=True)
-class BenchCase:
-    """One benchmark case: a registered loss with parameters.
-
-    Attributes:
-        name: Case name shown in the table.
-        loss: Registered loss name.
-        params: The loss's parameters.
-        shapes: Shape overrides for this case (field -> value), applied to the run's shapes.
-    """
-
-    name: str
-    loss: str
-    params: dict[str, Any] = field(default_factory=dict)
-    shapes: dict[str, int] = field(default_factory=dict)
 
 
 def synthetic_heads(student_hidden: int, teacher_hidden: int) -> int:
@@ -157,10 +142,15 @@ def collect_cases(losses: list[str] | None = None) -> list[BenchCase]:
 
     Args:
         losses: Keep only cases of these losses (None: all).
+
+    Raises:
+        UnknownLossError: For a name in ``losses`` that no plugin registers.
     """
     from distillkit.plugins import load_plugins
-    from distillkit.registry import loss_registry
+    from distillkit.registry import get_loss, loss_registry
 
+    for name in losses or ():
+        get_loss(name)  # an unknown name is an error, never an empty table
     cases = [BenchCase(name, name) for name in sorted(loss_registry())]
     load_plugins().hook.distillkit_register_bench_cases(register=cases.append)
     if losses is not None:
@@ -190,9 +180,7 @@ def make_step(
     cls: type[LossTerm] = get_loss(case.loss).cls
     term = cls(cls.parse_params(case.params), shapes.dims()).to(device)
     student, teacher, leaves = synthetic_taps(shapes, device, dtype, term.tap_requests())
-    for module in term.modules():  # time a full queue, not the first steps of an empty one
-        if isinstance(module, QueueBank):
-            module.fill_random()
+    term.prepare_benchmark()  # e.g. a full memory bank, not the first steps of an empty one
 
     def step() -> None:
         for leaf in leaves:
@@ -249,7 +237,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(key for row in rows for key in row))
 
     def cell(value: Any) -> str:
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+        return str(value)
 
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
@@ -261,10 +251,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BenchShapes()
     parser.add_argument("--losses", help="comma-separated loss names (default: every registered loss)")
     for name in ("batch", "seq", "student_hidden", "teacher_hidden", "student_layers", "teacher_layers"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults, name),
+            help="synthetic tap size",
+        )
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run"
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="synthetic tap dtype"
+    )
     parser.add_argument(
         "--op",
         nargs="?",
@@ -378,7 +377,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                     "error": f"{type(exc).__name__}: {exc}",
                 }
             )
-        print(f"  {case.name}: {rows[-1]['median_ms']:.3g} ms", file=sys.stderr, flush=True)
+        print(f"  {case.name}: {rows[-1]['median_ms']:.1f} ms", file=sys.stderr, flush=True)
     print(f"\nforward+backward on synthetic taps, {shapes}, device={args.device}, dtype={args.dtype}\n")
     print(format_table(rows))
     return 0

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
 
 from distillkit.errors import DistillkitError
+
+DESCRIPTION = (
+    "Knowledge distillation for language models: every loss a plugin. Run 'distillkit COMMAND --help' for a "
+    "command's options."
+)
 
 
 def _cmd_losses(args: argparse.Namespace) -> int:
@@ -25,8 +31,9 @@ def _cmd_losses(args: argparse.Namespace) -> int:
                     "distribution": info.plugin.distribution,
                     "version": info.plugin.version,
                     "plugin": info.plugin.name,
+                    "description": " ".join((info.cls.__doc__ or "").split()),
                     "parameters": [
-                        {"name": n, "type": t, "default": repr(d) if d != "required" else d}
+                        {"name": n, "type": t, "required": d == "required", "default": _json_value(d)}
                         for n, t, d in info.cls.describe_params()
                     ],
                 }
@@ -53,6 +60,26 @@ def _cmd_losses(args: argparse.Namespace) -> int:
             source = f" ({distribution} {version})" if distribution else ""
             print(f"  {name}{source}: {error}")
     return 0
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless it has none (None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _json_value(value: object) -> object:
+    """A parameter default as a JSON value (None for a required parameter, text for non-JSON objects)."""
+    if value == "required":
+        return None
+    try:
+        json.dumps(value)
+    except TypeError:
+        return str(value)
+    return value
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -92,20 +119,24 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of the ``distillkit`` command."""
-    parser = argparse.ArgumentParser(prog="distillkit", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    from distillkit import __version__
 
-    losses = commands.add_parser("losses", help="list registered losses, their plugins and parameters")
+    parser = argparse.ArgumentParser(prog="distillkit", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"distillkit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(commands.add_parser, formatter_class=_HelpFormatter)
+
+    losses = add("losses", help="list registered losses, their plugins and parameters")
     losses.add_argument("--json", action="store_true", help="machine-readable output")
     losses.set_defaults(handler=_cmd_losses)
 
-    distill = commands.add_parser("distill", help="distil a teacher into a student from a YAML config")
+    distill = add("distill", help="distil a teacher into a student from a YAML config")
     distill.add_argument("config", help="YAML config file")
     distill.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     distill.set_defaults(handler=_cmd_distill)
 
-    study = commands.add_parser("study", help="run objective variants x seeds and tabulate them")
+    study = add("study", help="run objective variants x seeds and tabulate them")
     study.add_argument("study", help="STUDY.yaml")
     study.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-config field")
     study.add_argument(
@@ -113,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.set_defaults(handler=_cmd_study)
 
-    cache = commands.add_parser("cache-teacher", help="run a teacher once over the data, cache its outputs")
+    cache = add("cache-teacher", help="run a teacher once over the data and cache its outputs")
     cache.add_argument("config", help="YAML config file (the objective decides what is stored)")
     cache.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     cache.add_argument("--teacher", default="teacher", help="which teacher (a name of `teachers:`)")
@@ -121,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--with-eval", action="store_true", help="also cache the evaluation split")
     cache.set_defaults(handler=_cmd_cache_teacher)
 
-    bench = commands.add_parser("bench", help="benchmark loss terms and the InfoNCE op")
+    bench = add("bench", help="benchmark loss terms and the InfoNCE op")
     try:
         from distillkit.bench import add_bench_arguments
 
@@ -130,9 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     bench.set_defaults(handler=_cmd_bench)
 
-    doctor = commands.add_parser(
-        "doctor", help="versions, GPUs, compiled ops and the CUDA self-check, for bug reports"
-    )
+    doctor = add("doctor", help="versions, GPUs, compiled ops and the CUDA self-check, for bug reports")
     doctor.set_defaults(handler=_cmd_doctor)
     return parser
 

@@ -327,7 +327,7 @@ def _format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str
             lines.append(f"missing field '{location}'")
         else:
             lines.append(f"field '{location or '<root>'}': {err['msg']} (got {err.get('input')!r})")
-    return "invalid config: " + "; ".join(lines) + ". Fix the YAML file or pass --set key=value."
+    return "invalid config: " + "; ".join(lines) + ". Fix the YAML file or the --set override that sets it."
 
 
 def _model_at(root: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:

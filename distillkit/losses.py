@@ -189,6 +189,9 @@ class LossTerm(nn.Module):
     def after_step(self) -> None:
         """Updates state after the optimizer step (e.g. enqueue teacher keys into a memory bank)."""
 
+    def prepare_benchmark(self) -> None:
+        """Puts the term in a steady state before ``distillkit bench`` times it (e.g. fills memory banks)."""
+
     def skip_step(self) -> None:
         """Forgets what was collected for a step the loop skipped (a non-finite loss): nothing was applied."""
 
@@ -219,7 +222,7 @@ class LossTerm(nn.Module):
 
 
 def _describe_error(err: Any) -> str:
-    """Formats one pydantic error as ``field: message (got value)``, or the message alone for a model check."""
+    """Formats a pydantic error as ``field: message (got value)``, or the message alone for a model check."""
     if not err["loc"]:
         return err["msg"].removeprefix("Value error, ")
     return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distillkit.errors import UnknownLossError, close_matches
-from distillkit.plugins import PluginInfo, load_plugins, plugin_infos
+from distillkit.plugins import PluginInfo, failed_plugins, load_plugins, plugin_infos
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,18 @@ def get_loss(name: str) -> LossInfo:
     if name in registry:
         return registry[name]
     known = ", ".join(sorted(registry)) or "none (no plugin loaded)"
+    broken = [info for info in failed_plugins() if info.name == name] or failed_plugins()
+    broken += [PluginInfo(p, p, "", "", e) for p, e in registration_errors().items()]
+    if broken:
+        failures = "; ".join(
+            f"plugin '{info.name}'{f' ({info.distribution} {info.version})' if info.distribution else ''} "
+            f"failed to load: {info.error}"
+            for info in broken
+        )
+        raise UnknownLossError(
+            f"unknown loss '{name}'{close_matches(name, registry)}, and {failures}. That plugin may provide "
+            f"it: fix that error (reinstall the package or its missing dependency). Known losses: {known}."
+        )
     raise UnknownLossError(
         f"unknown loss '{name}'{close_matches(name, registry)}. Known losses: {known}. "
         "Install a plugin that provides it, or run `distillkit losses` to see what is available."

@@ -42,7 +42,7 @@ from distillkit_plugins.codir_crd import CRDMemory
 from pydantic import Field, model_validator
 from torch import nn
 
-from distillkit import hookimpl
+from distillkit import BenchCase, hookimpl
 from distillkit.errors import ConfigError
 from distillkit.losses import LossParams, LossTerm, ModelDims, TapRequest, Taps, TaskInfo, masked_mean
 from distillkit.mapping import LayerMapSpec
@@ -55,8 +55,8 @@ class BankParams(LossParams):
 
     Attributes:
         kind: ``queue``, ``index`` or ``in_batch``.
-        size: Queue capacity (``queue``; default 16384) or number of training examples (``index``; default: the
-            run's training examples).
+        size: Queue capacity (``queue``; default 16384) or number of training examples (``index``; default:
+            the run's training examples).
         momentum: Momentum of the ``index`` bank update (CRD: 0.5).
         negatives: Slots drawn per query from an ``index`` bank (CRD: 16384).
 
@@ -110,8 +110,8 @@ def _index_slots(bank: BankParams, dims: ModelDims) -> int:
     if bank.size is None:
         if examples is None:
             raise ConfigError(
-                "codir with bank.kind: index needs bank.size = the number of training examples (a run sets it "
-                "from the data; set it when building the term yourself)"
+                "codir with bank.kind: index needs bank.size = the number of training examples (a run sets "
+                "it from the data; set it when building the term yourself)"
             )
         return examples
     if examples is not None and bank.size < examples:
@@ -300,6 +300,11 @@ class CoDIRLoss(LossTerm):
             elif self.bank is not None:
                 self.bank.enqueue(keys, labels)
 
+    def prepare_benchmark(self) -> None:
+        """Fills a queue bank with random keys, so a benchmark times the steady state."""
+        if isinstance(self.bank, QueueBank):
+            self.bank.fill_random()
+
     def skip_step(self) -> None:
         """Drops the keys collected since the last step: the step was skipped, not applied."""
         self._pending = []
@@ -314,8 +319,6 @@ def distillkit_register_losses(register):
 @hookimpl
 def distillkit_register_bench_cases(register):
     """Adds ``distillkit bench`` cases for the large-bank forms of ``codir``."""
-    from distillkit.bench import BenchCase
-
     queue = {"kind": "queue", "size": 65536}
     register(BenchCase("codir-queue-65k", "codir", {"bank": queue}))
     index = {"kind": "index", "size": 50000, "negatives": 16384}

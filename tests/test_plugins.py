@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from distillkit.errors import UnknownLossError
 from distillkit.plugins import failed_plugins, plugin_infos, reset_plugins
 from distillkit.registry import get_loss, loss_registry, reset_registry
 from tests.plugin_helpers import PathPlugins, write_distribution
@@ -116,6 +117,16 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path):
     assert "plugins that failed to load" in result.stdout
     assert "broken (distillkit-broken 0.1): ImportError: needs a library" in result.stdout
     assert "kd  (distillkit" in result.stdout
+
+
+def test_a_config_naming_a_broken_plugins_loss_says_it_failed_to_load(tmp_path):
+    write_distribution(tmp_path, "distillkit-broken", "distillkit_broken", BROKEN, "broken")
+    with PathPlugins(tmp_path):
+        with pytest.raises(UnknownLossError) as error:
+            get_loss("broken")
+    message = str(error.value)
+    assert "plugin 'broken' (distillkit-broken 0.1) failed to load: ImportError: needs a library" in message
+    assert "frobnicate" in message and "Install a plugin" not in message
 
 
 def test_plugin_raising_inside_registration_keeps_others(tmp_path):
