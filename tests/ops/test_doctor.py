@@ -33,7 +33,7 @@ def test_doctor_report_has_the_key_lines():
 def test_doctor_cli_exits_0(capsys):
     assert main(["doctor"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("distillkit ") and "compiled ops (device types with a kernel):" in printed
+    assert f"torch {torch.__version__}" in printed and "compiled ops (device types with a kernel):" in printed
 
 
 def test_doctor_bad_policy_is_exit_2(monkeypatch, capsys):
