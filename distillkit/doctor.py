@@ -37,8 +37,13 @@ def _driver_version() -> str:
     return lines[0].strip() if out.returncode == 0 and lines else "unknown (nvidia-smi failed)"
 
 
-def run_doctor(out: TextIO = sys.stdout) -> int:
-    """Prints the report to ``out``. Returns 0, or 1 when a CUDA device's self-check failed."""
+def run_doctor(out: TextIO | None = None) -> int:
+    """Prints the report to ``out`` (``sys.stdout`` at call time when None).
+
+    Returns:
+        0, or 1 when a CUDA device's self-check failed.
+    """
+    out = sys.stdout if out is None else out
     from distillkit import __version__
     from distillkit.ops import _loader, selfcheck
 
