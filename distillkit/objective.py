@@ -37,7 +37,14 @@ from distillkit.config import TermConfig, parse_term_configs
 from distillkit.errors import ConfigError, LossTermError
 from distillkit.losses import LossTerm, ModelDims, TaskInfo
 from distillkit.registry import get_loss
-from distillkit.taps import NOTHING, TapRequest, Taps, find_module, use_eager_attention
+from distillkit.taps import (
+    NOTHING,
+    TapRequest,
+    Taps,
+    disable_attention_dropout,
+    find_module,
+    use_eager_attention,
+)
 
 DEFAULT_TEACHER = "teacher"
 """The name of the main teacher (``teacher:`` in a config); terms read it unless they name another."""
@@ -360,7 +367,8 @@ class DistillationObjective(nn.Module):
         """Checks the models can give what the terms read, before the first step.
 
         Module paths are looked up (an error names the term and nearby module names); a model some term
-        reads attention probabilities of is switched to eager attention, said once when ``announce``.
+        reads attention probabilities of is switched to eager attention without attention-probability
+        dropout (so rows sum to 1), said once when ``announce``.
 
         Args:
             student: The student.
@@ -389,10 +397,14 @@ class DistillationObjective(nn.Module):
             attention_readers = [label for label, request in readers.items() if request.attentions]
             if attention_readers:
                 who = f"objective term '{attention_readers[0]}'"
-                if use_eager_attention(model, who) and announce:
+                eager = use_eager_attention(model, who)
+                dropout = disable_attention_dropout(model)
+                if (eager or dropout) and announce:
+                    changes = ["runs eager attention"] if eager else []
+                    changes += ["has no attention-probability dropout"] if dropout else []
                     print(
-                        f"distillkit: the {role} runs eager attention, since {', '.join(attention_readers)} "
-                        "read(s) its attention probabilities"
+                        f"distillkit: the {role} {' and '.join(changes)}, since "
+                        f"{', '.join(attention_readers)} read(s) its attention probabilities"
                     )
 
     def terms_reading(self, side: str) -> list[str]:

@@ -269,6 +269,32 @@ def use_eager_attention(model: nn.Module, who: str = "a loss term") -> bool:
     return True
 
 
+def disable_attention_dropout(model: nn.Module) -> int:
+    """Turns off dropout on attention probabilities, so the probabilities a term reads sum to 1.
+
+    Eager attention returns the probabilities after dropout; in training mode their rows would hold zeros
+    and sum to ``1 / (1 - p)``. Covers ``nn.Dropout`` modules inside attention blocks (BERT-style) and
+    float ``attention_dropout`` attributes (Llama-style). Other dropout is left as it is.
+
+    Returns:
+        How many dropout settings were changed.
+
+    """
+    changed = 0
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower():
+            continue
+        dropout = getattr(module, "dropout", None)
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            dropout.p = 0.0
+            changed += 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout = 0.0
+            changed += 1
+    return changed
+
+
 def collect_taps(model: nn.Module, batch: Mapping[str, torch.Tensor], request: TapRequest) -> Taps:
     """Runs ``model`` once on ``batch`` and returns the taps ``request`` asks for.
 

@@ -119,3 +119,27 @@ def test_taps_position_mask_prefers_the_task_loss_mask():
     assert torch.equal(taps.token_mask(), torch.ones(2, 3))
     detached = Taps(hidden_states=(torch.ones(1, 2, 3, requires_grad=True),)).detached()
     assert not detached.hidden_states[0].requires_grad
+
+
+def test_models_whose_attentions_are_read_get_eager_attention_without_dropout(capsys):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        attention_probs_dropout_prob=0.5,
+    )
+    student = BertModel(config, add_pooling_layer=False).train()  # training mode: dropout would be active
+    dims = ModelDims(2, 2, 16, 16, 4, 4)
+    objective = DistillationObjective.from_config([{"loss": "attention", "kind": "kl"}], dims)
+    objective.prepare_models(student, None)
+    assert "runs eager attention and has no attention-probability dropout" in capsys.readouterr().out
+    data = batch()
+    with torch.no_grad():
+        taps = collect_taps(student, data, objective.tap_requests()[0])
+    mask = data["attention_mask"].bool()
+    for layer in taps.attentions:
+        sums = layer.masked_fill(~mask[:, None, None, :], 0.0).sum(-1)
+        torch.testing.assert_close(sums, torch.ones_like(sums))
