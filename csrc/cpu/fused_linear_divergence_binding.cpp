@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -88,7 +90,9 @@ int64_t rows_override() {
   return env != nullptr ? std::atoll(env) : 0;
 }
 
-constexpr int64_t kBufferBytes = int64_t(32) << 20;
+constexpr int64_t kBufferBytes = int64_t(48) << 20;  // the two [R, V] logit buffers
+constexpr int64_t kPartsPerThread = 4;
+constexpr int64_t kMinPartColumns = 512;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
@@ -134,10 +138,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
   at::Tensor grad_hidden = at::empty({N, Ds}, opts);
   at::Tensor grad_weight = at::empty({V, Ds}, opts);
   const int64_t rows = cpu::fld::plan_rows(N, V, acc == at::kDouble ? 8 : 4, kBufferBytes, rows_override());
-  const int64_t parts = at::get_num_threads();
-  const cpu::fld::ParallelFor par = [](int64_t n, const std::function<void(int64_t)>& body) {
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) body(i);
+  // Several vocabulary parts per thread, taken from a shared counter: a core slowed by other work takes
+  // fewer parts instead of holding up the block.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads * kPartsPerThread, V / kMinPartColumns));
+  const cpu::fld::ParallelFor par = [threads](int64_t n, const std::function<void(int64_t)>& body) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t worker = begin; worker < end; ++worker) {
+        for (int64_t item = next++; item < n; item = next++) body(item);
+      }
     });
   };
   auto solve = [&](auto* tag) {

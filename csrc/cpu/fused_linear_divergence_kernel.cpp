@@ -95,6 +95,29 @@ inline acc_t row_sum_exp(const acc_t* x, int64_t n, acc_t scale, acc_t shift) {
   return s;
 }
 
+// Forward KL without cross-entropy, first sweep of one row: replaces s and t by exp(s/T - ms) and
+// exp(t/T - mt) (ms, mt: the row maxima over these columns, already scaled by 1/T), adds their sums to
+// *sum_s and *sum_t, and returns sum(exp(t/T - mt) * (t - s) / T). The row's divergence follows from the
+// merged normalisers, and the gradient q - p from the stored exponentials, with no further exp.
+template <typename acc_t>
+inline acc_t exp_rows_forward_kl(acc_t* s, acc_t* t, int64_t n, acc_t inv_t, acc_t ms, acc_t mt, acc_t* sum_s,
+                                 acc_t* sum_t) {
+  acc_t ss = 0, st = 0, cross = 0;
+#pragma omp simd reduction(+ : ss, st, cross)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t zs = s[i] * inv_t, zt = t[i] * inv_t;
+    const acc_t es = vexp(zs - ms), et = vexp(zt - mt);
+    ss += es;
+    st += et;
+    cross += et > 0 ? et * (zt - zs) : acc_t(0);
+    s[i] = es;
+    t[i] = et;
+  }
+  *sum_s += ss;
+  *sum_t += st;
+  return cross;
+}
+
 // Merges partial (max, sum) pairs into a log-normaliser; -inf when every logit is -inf.
 template <typename acc_t>
 inline acc_t merge_lse(const acc_t* maxes, const acc_t* sums, int64_t count, int64_t stride) {
@@ -220,6 +243,8 @@ double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> g
   // Every divergence but forward KL needs the row's sum(q * g) before its gradient can be formed.
   const bool needs_sqg = p.kind != Divergence::kForwardKL;
   const bool has_ce = p.ce_weight != nullptr;
+  // Forward KL without cross-entropy keeps exponentials instead of logits: two exp per logit in all.
+  const bool fast_kl = p.kind == Divergence::kForwardKL && !has_ce;
 
   std::vector<acc_t> sbuf(static_cast<size_t>(R * V)), tbuf(static_cast<size_t>(R * V));
   std::vector<acc_t> hs(static_cast<size_t>(R * Ds)), ht(static_cast<size_t>(R * Dt));
@@ -261,6 +286,14 @@ double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> g
         const acc_t* s = sbuf.data() + r * V + v0;
         const acc_t* t = tbuf.data() + r * V + v0;
         const acc_t ms = row_max(s, nv), mt = row_max(t, nv);
+        if (fast_kl) {
+          stat(part, r, kMaxS) = ms * inv_t;
+          stat(part, r, kMaxT) = mt * inv_t;
+          stat(part, r, kValue) = exp_rows_forward_kl(sbuf.data() + r * V + v0, tbuf.data() + r * V + v0, nv,
+                                                      inv_t, ms * inv_t, mt * inv_t, &stat(part, r, kSumS),
+                                                      &stat(part, r, kSumT));
+          continue;
+        }
         if (ms != neg_inf<acc_t>()) {
           stat(part, r, kMaxS) = ms * inv_t;
           stat(part, r, kSumS) = row_sum_exp(s, nv, inv_t, ms * inv_t);
@@ -285,6 +318,14 @@ double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> g
       state[r].lse_s = merge_lse(base + kMaxS, base + kSumS, parts, stride);
       state[r].lse_t = merge_lse(base + kMaxT, base + kSumT, parts, stride);
       state[r].lse_c = has_ce ? merge_lse(base + kMaxC, base + kSumC, parts, stride) : acc_t(0);
+      if (fast_kl) {  // KL(p || q) = sum p (t - s) / T - lse_t + lse_s
+        acc_t cross = 0;
+        for (int64_t part = 0; part < parts; ++part) {
+          const acc_t mt = stat(part, r, kMaxT);
+          if (mt != neg_inf<acc_t>()) cross += stat(part, r, kValue) * std::exp(mt - state[r].lse_t);
+        }
+        state[r].d = cross - state[r].lse_t + state[r].lse_s;
+      }
     }
     // Sweep 2 (when the gradient needs sum(q * g) over the whole row): the divergence and that sum.
     if (needs_sqg) {
@@ -321,6 +362,14 @@ double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> g
         const acc_t c_kd = p.kd_weight[row] * p.temperature;  // d(T^2 w D)/ds = T w dD/dz
         const acc_t c_ce = has_ce ? p.ce_weight[row] : acc_t(0);
         acc_t* s = sbuf.data() + r * V + v0;
+        if (fast_kl) {  // G = c * (q - p) from the stored exponentials
+          const acc_t fs = c_kd * std::exp(stat(part, r, kMaxS) - state[r].lse_s);
+          const acc_t ft = c_kd * std::exp(stat(part, r, kMaxT) - state[r].lse_t);
+          const acc_t* t = tbuf.data() + r * V + v0;
+#pragma omp simd
+          for (int64_t j = 0; j < nv; ++j) s[j] = fs * s[j] - ft * t[j];
+          continue;
+        }
         const acc_t value = sweep<acc_t>(p.kind, s, tbuf.data() + r * V + v0, nv, inv_t, state[r], p.beta,
                                          p.alpha, nullptr, s, c_kd, c_ce, needs_sqg ? state[r].sqg : acc_t(0));
         if (!needs_sqg) stat(part, r, kValue) = value;
@@ -340,7 +389,7 @@ double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> g
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t row = idx[r];
       acc_t d = state[r].d;
-      if (!needs_sqg) {
+      if (!needs_sqg && !fast_kl) {
         d = 0;
         for (int64_t part = 0; part < parts; ++part) d += stat(part, r, kValue);
       }

@@ -21,6 +21,9 @@ from distillkit.ops.linear_divergence_chunked import chunked_linear_divergence
 OP_NAME = "distillkit::fused_linear_divergence_fwd"
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _state: dict[str, bool] = {"registered": False, "kernel": False}
+HANDOVER_ELEMENTS = 1 << 20
+"""From this many ``student_weight`` elements on, eager CPU calls hand the stored gradients to autograd
+without a copy, and the loss can then be backpropagated only once; smaller calls keep them reusable."""
 
 
 def _fake(hs, ws, ht, wt, kd_weight, ce_weight, labels, divergence, temperature, beta, alpha):
@@ -37,20 +40,56 @@ def _setup_context(ctx, inputs, output):
 
 
 def _eager(tensor: torch.Tensor) -> bool:
-    """True for a plain tensor outside any tracing (its value may be read without breaking a graph)."""
+    """True for a plain CPU tensor outside any tracing (its value may be read without breaking a graph)."""
     return type(tensor) is torch.Tensor and not torch.compiler.is_compiling() and tensor.device.type == "cpu"
 
 
-def _backward(ctx, grad_loss, _grad_h, _grad_w):
-    grad_h, grad_w = ctx.saved_tensors
+def _scaled(grad_loss, grad_h, grad_w, dtypes, needs_input_grad):
+    """The stored gradients times the upstream gradient, in the inputs' dtypes."""
     if _eager(grad_loss) and float(grad_loss) == 1.0:
         scaled_h, scaled_w = grad_h, grad_w  # the usual terminal case: no [V, Ds] copy
     else:
         scale = grad_loss.to(grad_h.dtype)
         scaled_h, scaled_w = grad_h * scale, grad_w * scale
-    grad_hs = scaled_h.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_ws = scaled_w.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-    return grad_hs, grad_ws, None, None, None, None, None, None, None, None, None
+    grad_hs = scaled_h.to(dtypes[0]) if needs_input_grad[0] else None
+    grad_ws = scaled_w.to(dtypes[1]) if needs_input_grad[1] else None
+    return grad_hs, grad_ws
+
+
+def _backward(ctx, grad_loss, _grad_h, _grad_w):
+    grad_h, grad_w = ctx.saved_tensors
+    grads = _scaled(grad_loss, grad_h, grad_w, ctx.dtypes, ctx.needs_input_grad)
+    return *grads, None, None, None, None, None, None, None, None, None
+
+
+class _EagerFunction(torch.autograd.Function):
+    """Eager calls of the compiled op: hands its gradients over without a copy.
+
+    Through the op's registered autograd formula the stored ``[V, Ds]`` gradient is still referenced when
+    autograd accumulates it, so autograd copies it into ``weight.grad``; here ctx gives up its only
+    reference first, so a second backward through the same loss is refused. Traced calls
+    (``torch.compile``) and small problems use the registered formula.
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, *rest):
+        loss, grad_h, grad_w = torch.ops.distillkit.fused_linear_divergence_fwd(hs, ws, *rest)
+        ctx.gradients = [grad_h, grad_w]
+        ctx.dtypes = (hs.dtype, ws.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not ctx.gradients:
+            raise RuntimeError(
+                "fused_linear_divergence: backward ran twice through the same loss; its gradients are "
+                "computed in the forward pass and handed over once (compute the loss again instead)"
+            )
+        grad_h, grad_w = ctx.gradients
+        ctx.gradients.clear()
+        grads = _scaled(grad_loss, grad_h, grad_w, ctx.dtypes, ctx.needs_input_grad)
+        del grad_h, grad_w
+        return *grads, None, None, None, None, None, None, None, None, None
 
 
 def _register() -> bool:
@@ -258,5 +297,7 @@ def fused_linear_divergence(
         alpha,
     )
     if student_hidden.device.type == "cpu" and _register():
-        return torch.ops.distillkit.fused_linear_divergence_fwd(*args)[0]
+        if torch.compiler.is_compiling() or student_weight.numel() < HANDOVER_ELEMENTS:
+            return torch.ops.distillkit.fused_linear_divergence_fwd(*args)[0]
+        return _EagerFunction.apply(*args)
     return chunked_linear_divergence(*args)

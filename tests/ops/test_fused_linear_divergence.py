@@ -314,3 +314,16 @@ def test_vocab_bench_variants_compute_the_same_loss():
     assert set(times) == {"naive", "chunked", "fused"} and all(t > 0 for t in times.values())
     table = format_table([{"case": case.name, "variant": "fused", "ms": 1.0, "speedup": 2.0}])
     assert "| N6 V40 Ds5 Dt7 tvd | fused | 1 | 2.00x | - | - |" in table
+
+
+@needs_kernel
+def test_large_weight_gradient_is_handed_over_without_a_copy(monkeypatch):
+    monkeypatch.setattr(MODULE, "HANDOVER_ELEMENTS", 1)
+    hs, ws, ht, wt = make(6, 50, 8, 8, seed=14)
+    loss = fused_linear_divergence(hs, ws, ht, wt, divergence="jsd")
+    loss.backward(retain_graph=True)
+    expected = hs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
+    float64_loss(*expected, ht, wt, "jsd", 1.0).backward()
+    torch.testing.assert_close(ws.grad.double(), expected[1].grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
