@@ -29,7 +29,9 @@ def _extensions():
         return [], {}
 
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    if os.environ.get("DISTILLKIT_NATIVE_ARCH", "1") == "1":
+    # Portable by default: a wheel built here must run on any x86-64/arm64 machine. DISTILLKIT_NATIVE_ARCH=1
+    # tunes the build for this machine's CPU (its vector units) instead.
+    if os.environ.get("DISTILLKIT_NATIVE_ARCH", "0") == "1":
         cxx_flags.append("-march=native")
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     extensions = []
