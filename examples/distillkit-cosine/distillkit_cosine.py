@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distillkit import LossParams, LossTerm, Taps, hookimpl
-from distillkit.losses import TapRequest
+from distillkit import LayerMapSpec, LossParams, LossTerm, TapRequest, Taps, hookimpl
 
 
 class TokenCosineParams(LossParams):
@@ -21,7 +20,7 @@ class TokenCosineParams(LossParams):
         layers: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
     """
 
-    layers: str | list[list[int]] = "last"
+    layers: LayerMapSpec = "last"
 
 
 class TokenCosineLoss(LossTerm):
