@@ -131,3 +131,14 @@ def test_check_compares_all_three_outputs(checked_cpu):
 
     result = selfcheck.run_check(torch.device("cpu"), bad_wsum)
     assert not result.passed and "wsum" in result.worst
+
+
+def test_check_runs_while_tracing_under_torch_compile(checked_cpu):
+    """fullgraph=True: the verdict is computed eagerly at trace time and the graph uses the reference."""
+    checked_cpu.setattr(selfcheck, "kernel_forward", _off_by_one_percent)
+    q, p, bank = _inputs(5)
+    compiled = torch.compile(lambda q, p, b: membank_infonce(q, p, b, 0.1), fullgraph=True)
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        loss = compiled(q, p, bank)
+    assert not selfcheck.results()["cpu"].passed
+    torch.testing.assert_close(loss.double(), float64_truth(q, p, bank, 0.1), atol=1e-5, rtol=1e-5)
