@@ -277,6 +277,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--op-b", type=int, default=256, help="queries for --op")
     parser.add_argument("--op-d", type=int, default=128, help="vector size for --op")
     parser.add_argument("--plot", help="with --op: write a PNG of time and memory vs K here")
+    parser.add_argument(
+        "--step",
+        metavar="CONFIG.yaml",
+        help="time the phases of one training step of a distill config (teacher, student, objective, ...)",
+    )
 
 
 def run_op_table(
@@ -343,6 +348,13 @@ def _plot_op_rows(rows: list[dict[str, Any]], bank_sizes: list[int], path: str) 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Runs ``distillkit bench`` and prints a markdown table; returns the exit status."""
     dtype = getattr(torch, args.dtype)
+    if args.step:
+        from distillkit.config import load_config
+        from distillkit.stepbench import format_step_table, time_training_step
+
+        result = time_training_step(load_config(args.step), repeats=args.repeat)
+        print(format_step_table(result, args.step))
+        return 0
     if args.op == "vocab":
         from distillkit.vocabbench import VocabCase, run_vocab_table
 
