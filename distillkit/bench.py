@@ -174,11 +174,10 @@ def make_step(
     Returns:
         A function running forward, backward and ``after_step`` once.
     """
-    from distillkit.registry import get_loss
+    from distillkit.objective import build_term
 
     shapes = replace(shapes, **case.shapes)
-    cls: type[LossTerm] = get_loss(case.loss).cls
-    term = cls(cls.parse_params(case.params), shapes.dims()).to(device)
+    term: LossTerm = build_term(case.loss, shapes.dims(), **case.params).to(device)
     student, teacher, leaves = synthetic_taps(shapes, device, dtype, term.tap_requests())
     term.prepare_benchmark()  # e.g. a full memory bank, not the first steps of an empty one
 
