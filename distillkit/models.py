@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -327,13 +326,6 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-@torch.no_grad()
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Returns whether two models hold identical parameters and buffers."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @contextmanager

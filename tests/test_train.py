@@ -13,11 +13,19 @@ from distillkit.config import config_from_dict
 from distillkit.data import Collator, load_task_data
 from distillkit.errors import ConfigError
 from distillkit.losses import ModelDims
-from distillkit.models import load_model, load_tokenizer, same_weights, student_from_teacher
+from distillkit.models import load_model, load_tokenizer, student_from_teacher
 from distillkit.objective import DistillationObjective
 from distillkit.runlog import read_jsonl
 from distillkit.train import NonFiniteLossError, distill, fit, make_accelerator
 from tests.distill_fixtures import tiny_config
+
+
+@torch.no_grad()
+def same_weights(a, b) -> bool:
+    """Whether two models hold identical parameters and buffers."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
 
 CODIR = {"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 16}}
 
