@@ -25,6 +25,7 @@ the fused linear-divergence op (:mod:`distillkit.ops.fused_linear_divergence`) u
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 """The divergence names, as ``kd``'s ``divergence`` parameter and the fused op accept them."""
@@ -147,3 +148,18 @@ def divergence_and_grad(
         g = torch.where(q > 0, log_q - log_m - alpha * torch.exp(log_q - log_m), torch.zeros_like(q))
     mean_g = (q * g).sum(dim=-1, keepdim=True)
     return value, q * (g - mean_g)
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits against hard labels, in float32.
+
+    Args:
+        logits: ``[B, C]`` or ``[B, T, V]``.
+        labels: ``[B]`` or ``[B, T]`` class indices; -100 is ignored.
+
+    Returns:
+        Scalar mean over the counted positions.
+
+    """
+    logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

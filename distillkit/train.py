@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
 from distillkit.config import DistillConfig, load_config
 from distillkit.data import TaskData
+from distillkit.divergences import label_cross_entropy
 from distillkit.errors import ConfigError
 from distillkit.loop import (
     FitResult,
@@ -71,7 +71,7 @@ class _LabelCrossEntropy(LossTerm):
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Mean cross-entropy of ``[B, C]`` logits against ``[B]`` labels."""
-        return F.cross_entropy(student.logits.float(), student.labels)
+        return label_cross_entropy(student.logits, student.labels)
 
 
 def prepare_teacher(

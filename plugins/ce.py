@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from distillkit import hookimpl
+from distillkit.divergences import label_cross_entropy
 from distillkit.losses import LossTerm, TapRequest, Taps
 
 
@@ -20,10 +20,7 @@ class CrossEntropyLoss(LossTerm):
         """Computes the loss; ``teacher`` is not used."""
         if student.logits is None or student.labels is None:
             raise ValueError("ce needs the student's logits and labels in the batch")
-        logits = student.logits.float()
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), student.labels.reshape(-1), ignore_index=-100
-        )
+        return label_cross_entropy(student.logits, student.labels)
 
 
 @hookimpl

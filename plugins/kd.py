@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from distillkit import hookimpl
-from distillkit.divergences import divergence
+from distillkit.divergences import divergence, label_cross_entropy
 from distillkit.losses import LossParams, LossTerm, TapRequest, Taps
 
 
@@ -113,10 +113,7 @@ class KDLoss(LossTerm):
             if params.ce_weight > 0:
                 if student.labels is None:
                     raise ValueError("kd with ce_weight > 0 needs labels in the batch")
-                logits = student.logits.float()
-                loss = loss + params.ce_weight * F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), student.labels.reshape(-1), ignore_index=-100
-                )
+                loss = loss + params.ce_weight * label_cross_entropy(student.logits, student.labels)
         return loss
 
 
