@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distillkit.errors import ConfigError
-from distillkit.taps import NOTHING, TapRequest, Taps, collect_taps
+from distillkit.taps import NOTHING, TapRequest, Taps, collect_taps, use_eager_attention
 
 FORMAT = 1
 """The version of the cache layout; a cache of another version is refused."""
@@ -188,7 +188,9 @@ def write_cache(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    teacher.eval()
+    teacher.eval()  # no dropout: the cache holds what the frozen teacher gives
+    if request.attentions:
+        use_eager_attention(teacher, "the teacher cache")
     device = device or next(teacher.parameters()).device
     ask = TapRequest(
         hidden_states=request.hidden_states,

@@ -51,7 +51,6 @@ def _teacher_and_data(tmp_path, **data):
     dataset = load_task_data(cfg.data, tokenizer)
     torch.manual_seed(0)
     teacher = freeze(load_model(cfg.teacher, dataset.num_labels, "teacher"))
-    teacher.set_attn_implementation("eager")
     return cfg, tokenizer, dataset, teacher
 
 
@@ -76,6 +75,7 @@ def test_cached_taps_equal_live_taps_at_real_positions_and_zero_at_padding(tmp_p
     batch = collator(rows)
     mask = batch["attention_mask"].bool()
     assert not mask.all(), "the batch must have padding for this test"
+    assert teacher.config._attn_implementation == "eager"  # switched by write_cache to return attentions
     live = collect_taps(teacher, batch, EVERYTHING)
     read = cache.taps(batch, EVERYTHING)
     for layer in (0, 2, 4):
