@@ -92,6 +92,7 @@ setup(
         "datasets>=2.14",
         "accelerate>=0.26",
         "matplotlib>=3.5",
+        "scipy>=1.9",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],

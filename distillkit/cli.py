@@ -82,6 +82,16 @@ def _json_value(value: object) -> object:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
+    return value
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from distillkit.train import run_distill
 
@@ -92,7 +102,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from distillkit.study import run_study
 
-    run_study(args.study, overrides=args.set or [], teacher_cache=not args.no_teacher_cache)
+    run_study(args.study, overrides=args.set or [], teacher_cache=not args.no_teacher_cache, jobs=args.jobs)
     return 0
 
 
@@ -141,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-config field")
     study.add_argument(
         "--no-teacher-cache", action="store_true", help="run the teacher live in every run (no shared cache)"
+    )
+    study.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="runs at once, each in its own process (default: CPU cores / the study's threads_per_run); "
+        "results do not depend on it",
     )
     study.set_defaults(handler=_cmd_study)
 

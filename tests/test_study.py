@@ -1,16 +1,19 @@
 import csv
 import json
+import math
+import statistics
 
 import pytest
 import yaml
 
 from distillkit.errors import ConfigError
-from distillkit.study import load_study, run_study
-from tests.distill_fixtures import tiny_config
+from distillkit.study import load_study, paired_difference, run_study
+from tests.distill_fixtures import bert, tiny_config
 
 
-def _write_study(tmp_path, variants=None):
+def _write_study(tmp_path, variants=None, student=None, **extra):
     base = tiny_config(tmp_path, steps=3, tensorboard=False)
+    base["student"] = student or base["student"]
     base["teacher"]["finetune"] = {
         "steps": 3,
         "batch_size": 8,
@@ -25,36 +28,135 @@ def _write_study(tmp_path, variants=None):
         or {"none": [{"loss": "ce"}], "kd+l2": [{"loss": "kd", "temperature": 2.0}, {"loss": "l2"}]},
         "seeds": [0, 1],
         "output_dir": str(tmp_path / "study"),
+        **extra,
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
     return path
 
 
-def test_study_writes_table_and_plot_and_skips_finished_runs(tmp_path, capsys):
-    path = _write_study(tmp_path)
-    rows = run_study(path)
+def _per_seed(rows, metric="accuracy"):
+    return {row["variant"]: row["values"][metric] for row in rows}
+
+
+# -- the paired interval ------------------------------------------------------------------------------------
+T_975 = {1: 12.706204736174707, 2: 4.302652729749464, 4: 2.7764451051977934}  # Student's t tables
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_paired_difference_matches_the_textbook_interval(n):
+    base = {s: 0.70 + 0.013 * s * s for s in range(n)}
+    variant = {s: base[s] + 0.01 + 0.004 * (-1) ** s for s in range(n)}
+    variant[99] = 1.0  # a seed the baseline did not run is not paired
+    diff = paired_difference(base, variant)
+    d = [variant[s] - base[s] for s in range(n)]
+    mean = math.fsum(d) / n
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
+    half = T_975[n - 1] * sd / math.sqrt(n)
+    assert diff.seeds == tuple(range(n)) and diff.n == n
+    assert diff.mean == pytest.approx(mean, abs=1e-12)
+    assert (diff.low, diff.high) == pytest.approx((mean - half, mean + half), abs=1e-9)
+    assert diff.excludes_zero == (mean - half > 0 or mean + half < 0)
+
+
+def test_paired_difference_marks_only_intervals_that_exclude_zero():
+    base = {0: 0.5, 1: 0.6, 2: 0.7}
+    assert paired_difference(base, {s: v + 0.02 + 0.001 * s for s, v in base.items()}).excludes_zero
+    assert paired_difference(base, {s: v - 0.02 - 0.001 * s for s, v in base.items()}).excludes_zero
+    noisy = paired_difference(base, {0: 0.55, 1: 0.55, 2: 0.75})
+    assert noisy.low < 0 < noisy.high and not noisy.excludes_zero
+    single = paired_difference({0: 0.5}, {0: 0.6})
+    assert single.mean == pytest.approx(0.1) and math.isnan(single.low) and not single.excludes_zero
+
+
+# -- the runner ---------------------------------------------------------------------------------------------
+def test_study_compares_to_the_baseline_and_skips_finished_runs(tmp_path, capsys):
+    path = _write_study(tmp_path, baseline="none")
+    rows = run_study(path, jobs=1)
     out = tmp_path / "study"
     assert [r["variant"] for r in rows] == ["none", "kd+l2"]
     assert all(r["runs"] == 2 for r in rows)
     assert "term.kd" in rows[1] and "term.kd" not in rows[0]
+    assert "delta" not in rows[0]
+    values = _per_seed(rows)
+    delta = rows[1]["delta"]["accuracy"]
+    assert delta.mean == pytest.approx(
+        statistics.fmean(values["kd+l2"][s] - values["none"][s] for s in (0, 1))
+    )
     table = (out / "results.md").read_text(encoding="utf-8")
-    assert (
-        table.count("±") == 2 + 2 * 2
-    )  # header + two metrics per row and "| none |" in table and "| kd+l2 |" in table
+    assert "Δ accuracy vs none [95% CI]" in table and "(baseline)" in table and "Noise floor" in table
     with open(out / "results.csv", encoding="utf-8") as handle:
-        assert [r["variant"] for r in csv.DictReader(handle)] == ["none", "kd+l2"]
+        rows_csv = list(csv.DictReader(handle))
+    assert [r["variant"] for r in rows_csv] == ["none", "kd+l2"]
+    assert float(rows_csv[1]["accuracy_seed1"]) == values["kd+l2"][1]
+    assert json.loads((out / "results.json").read_text())["rows"][1]["delta"]["accuracy"]["n"] == 2
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "none" / "seed-1" / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 2
     # the teacher was fine-tuned once and shared
     assert len(list((tmp_path / "cache").iterdir())) == 1
+    printed = capsys.readouterr().out
+    assert "| kd+l2 | 2 |" in printed and str(out / "results.md") in printed
 
-    capsys.readouterr()
     stamp = (out / "none" / "seed-0" / "summary.json").stat().st_mtime_ns
-    run_study(path)
+    run_study(path, jobs=1)
     assert capsys.readouterr().out.count("finished earlier, skipped") == 4
     assert (out / "none" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_a_changed_variant_reruns_only_its_own_runs(tmp_path, capsys):
+    path = _write_study(tmp_path)
+    run_study(path, jobs=1)
+    out = tmp_path / "study"
+    kept = (out / "none" / "seed-0" / "summary.json").stat().st_mtime_ns
+    old = json.loads((out / "kd+l2" / "seed-0" / "summary.json").read_text())
+    capsys.readouterr()
+    path = _write_study(
+        tmp_path, variants={"none": [{"loss": "ce"}], "kd+l2": [{"loss": "kd"}, {"loss": "l2"}]}
+    )
+    run_study(path, jobs=1)
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 2
+    assert "kd+l2/seed-0: changed config.objective; runs again" in printed
+    assert (out / "none" / "seed-0" / "summary.json").stat().st_mtime_ns == kept
+    assert json.loads((out / "kd+l2" / "seed-0.stale" / "summary.json").read_text()) == old
+    # a changed base config reaches every run
+    capsys.readouterr()
+    run_study(path, overrides=["train.lr=0.02"], jobs=1)
+    assert capsys.readouterr().out.count("changed config.train.lr") == 4
+
+
+def test_runs_of_one_seed_share_the_initialisation(tmp_path):
+    """With a learning rate too small to move a float32 weight, a seed's variants are one student."""
+    path = _write_study(
+        tmp_path,
+        student={"config": bert(2, 16)},  # randomly initialised: the seed decides the weights
+        variants={"ce": [{"loss": "ce"}], "kd": [{"loss": "kd"}]},
+        overrides=["train.steps=2", "train.lr=1e-15"],
+        metric=["loss", "accuracy"],
+        seeds=3,
+    )
+    rows = run_study(path, jobs=1)
+    values = _per_seed(rows, "loss")
+    assert values["ce"] == values["kd"]
+    assert len(set(values["ce"].values())) == 3
+    assert rows[1]["delta"]["loss"].mean == 0.0 and rows[1]["delta"]["accuracy"].n == 3
+
+
+def test_parallel_jobs_give_the_same_results(tmp_path, capsys):
+    every = ["accuracy", "f1", "loss"]
+    path = _write_study(tmp_path, seeds=[0, 1], metric=every)
+    sequential = run_study(path, jobs=1)
+    capsys.readouterr()
+    path = _write_study(tmp_path, seeds=[0, 1], metric=every, output_dir=str(tmp_path / "parallel"))
+    parallel = run_study(path, jobs=2)
+    printed = capsys.readouterr().out
+    assert "2 at a time" in printed
+    assert (tmp_path / "parallel" / "kd+l2" / "seed-1" / "study.log").is_file()
+    for metric in every:
+        assert _per_seed(parallel, metric) == _per_seed(sequential, metric)
+    terms = [k for k in sequential[1] if k.startswith("term.")]
+    assert [parallel[1][t] for t in terms] == [sequential[1][t] for t in terms]
 
 
 def test_study_validates_every_variant_first(tmp_path):
@@ -70,3 +172,13 @@ def test_study_file_errors(tmp_path):
     path = _write_study(tmp_path, variants={"a b": [{"loss": "ce"}]})
     with pytest.raises(ConfigError, match="variant name 'a b'"):
         load_study(path)
+    with pytest.raises(ConfigError, match="baseline 'kd' is not a variant"):
+        load_study(_write_study(tmp_path, baseline="kd"))
+    with pytest.raises(
+        ConfigError, match="does not report metric 'perplexity'; it reports accuracy, f1, loss"
+    ):
+        load_study(_write_study(tmp_path, metric="perplexity"))
+    with pytest.raises(ConfigError, match="seeds"):
+        load_study(_write_study(tmp_path, seeds=0))
+    study, runs = load_study(_write_study(tmp_path, seeds=3))
+    assert study.seed_list == [0, 1, 2] and len(runs) == 6

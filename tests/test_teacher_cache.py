@@ -255,7 +255,7 @@ def test_study_fills_the_cache_once_and_gives_the_same_table(tmp_path):
     for use_cache in (True, False):
         study["output_dir"] = str(tmp_path / f"study-{use_cache}")
         (tmp_path / "study.yaml").write_text(json.dumps(study), encoding="utf-8")
-        rows[use_cache] = run_study(tmp_path / "study.yaml", teacher_cache=use_cache)
+        rows[use_cache] = run_study(tmp_path / "study.yaml", teacher_cache=use_cache, jobs=1)
     assert (tmp_path / "study-True" / "teacher-cache" / "index.json").is_file()
     assert not (tmp_path / "study-False" / "teacher-cache").exists()
     summary = json.loads((tmp_path / "study-True" / "kd+l2" / "seed-0" / "summary.json").read_text())

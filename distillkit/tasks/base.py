@@ -36,7 +36,11 @@ class Task:
     name: ClassVar[str] = ""
     info: ClassVar[TaskInfo]
     metric: ClassVar[str] = "loss"
-    """The headline evaluation metric (the study ranks by it)."""
+    """The headline evaluation metric (the study compares by it unless told otherwise)."""
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    """Every metric :meth:`student_metrics` reads from a run's summary."""
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
+    """Metrics where a smaller value is the better one."""
 
     def __init__(self, config: DistillConfig) -> None:
         self.config = config
@@ -59,6 +63,18 @@ class Task:
     ) -> dict[str, float]:
         """Evaluates ``model`` on held-out batches (``teacher`` given for metrics that compare with it)."""
         raise NotImplementedError
+
+    @classmethod
+    def run_metrics(cls, summary: dict[str, Any], model: str = "student") -> dict[str, float]:
+        """One model's scalar metrics (those of :attr:`metrics` it has) from a run's ``summary.json``.
+
+        Args:
+            summary: The run's summary.
+            model: ``student`` or ``teacher``.
+
+        """
+        held_out = summary[model].get("eval") or {}
+        return {name: float(held_out[name]) for name in cls.metrics if name in held_out}
 
     def describe(self, metrics: dict[str, float]) -> str:
         """A one-line rendering of evaluation metrics for the progress output."""

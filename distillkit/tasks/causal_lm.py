@@ -75,6 +75,7 @@ class CausalLM(Task):
     name = "causal_lm"
     info = TaskInfo(name="causal_lm", labels="token", logits="token")
     metric = "perplexity"
+    metrics = ("perplexity", "loss", "agreement")
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

@@ -21,6 +21,7 @@ class SequenceClassification(Task):
     name = "sequence_classification"
     info = TaskInfo(name="sequence_classification", labels="class", logits="class")
     metric = "accuracy"
+    metrics = ("accuracy", "f1", "loss")
 
     def load_data(self, tokenizer: Any) -> TaskData:
         """Labelled rows (``data.text_column``, ``data.label_column``) tokenised and checked."""

@@ -68,6 +68,7 @@ class MaskedLM(Task):
     name = "masked_lm"
     info = TaskInfo(name="masked_lm", labels="token", logits="token")
     metric = "perplexity"
+    metrics = ("perplexity", "loss", "accuracy", "agreement")
 
     def load_data(self, tokenizer: Any) -> TaskData:
         """One truncated text per example (packed blocks when ``data.packing`` is true)."""

@@ -82,6 +82,17 @@ class Representation(Task):
     name = "representation"
     info = TaskInfo(name="representation", labels=None, logits=None)
     metric = "probe_accuracy"
+    metrics = ("probe_accuracy", "cosine")
+
+    @classmethod
+    def run_metrics(cls, summary: dict[str, Any], model: str = "student") -> dict[str, float]:
+        """Embedding cosine with the teacher (student only) and linear-probe accuracy (when probed)."""
+        held_out = summary[model].get("eval") or {}
+        found = {"cosine": float(held_out["cosine"])} if "cosine" in held_out else {}
+        probe = summary.get("probe", {}).get("accuracy", {})
+        if model in probe:
+            found["probe_accuracy"] = float(probe[model])
+        return found
 
     def load_data(self, tokenizer: Any) -> TaskData:
         """One truncated text per example (``data.text_column``)."""

@@ -1,0 +1,260 @@
+"""Runs a study: the shared teacher cache, stale-run invalidation, runs in order or in parallel processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from distillkit.config import DistillConfig
+from distillkit.study.report import RESULT_FILES, summarise, write_results
+from distillkit.study.spec import StudyConfig, changed_fields, fingerprint, load_study, run_identity
+
+RUN_RECORD = "study-run.json"
+"""Written into every run directory: the identity (config and threads) the run was started with."""
+
+
+def _cache_identity(config: DistillConfig) -> dict[str, Any]:
+    return {
+        "task": config.task,
+        "teacher": config.teacher.model_dump(mode="json", exclude={"cache"}),
+        "data": config.data.model_dump(mode="json", exclude={"max_eval_examples"}),
+        "precision": config.train.precision,
+    }
+
+
+def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> str | None:
+    """Caches the main teacher once for every run: what the union of the variants' objectives reads.
+
+    A cache written for another teacher, data or precision (the base config changed) is written again.
+
+    Returns:
+        The cache directory, or None when the runs cannot share a cache (a ``masked_lm`` task, a base config
+        with its own ``teacher.cache`` or several teachers, or no variant reading the teacher).
+
+    """
+    from distillkit.models import load_tokenizer
+    from distillkit.taps import NOTHING
+    from distillkit.tasks import make_task
+    from distillkit.teacher_cache import TeacherCache, cache_teacher
+    from distillkit.train import build_objective
+
+    first = next(iter(runs.values()))
+    if first.task == "masked_lm" or first.teacher.cache or first.teachers:
+        return None
+    task = make_task(first)
+    data = task.load_data(load_tokenizer(first.teacher))
+    request, layers = NOTHING, ()
+    for config in runs.values():
+        objective = build_objective(config, task, data)
+        request = request | objective.teacher_requests().get("teacher", NOTHING)
+        mapped = objective.teacher_layers("teacher")
+        layers = None if mapped is None or layers is None else tuple(sorted({*layers, *mapped}))
+    if not request.needs_forward:
+        return None
+    directory = Path(study.output_dir) / "teacher-cache"
+    key = fingerprint(_cache_identity(first))
+    record = directory / "study-key.json"
+    if (directory / "index.json").is_file():
+        same_run = record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("key") == key
+        stored = TeacherCache(directory).contents
+        holds = (
+            (not request.hidden_states or (layers is not None and set(layers) <= set(stored.layers)))
+            and (not request.attentions or stored.attentions)
+            and (not request.logits or stored.logits is not None)
+            and set(request.modules) <= set(stored.modules)
+        )
+        if same_run and holds:
+            print(f"[study] teacher outputs cached earlier in {directory}")
+            return str(directory)
+        why = "it lacks what a variant reads" if same_run else "the teacher, data or precision changed"
+        print(f"[study] the teacher cache in {directory} is written again: {why}")
+        shutil.rmtree(directory)
+    print(f"[study] caching the teacher's outputs once in {directory}")
+    stats = cache_teacher(first, directory=directory, request=request, layers=layers)
+    record.write_text(json.dumps({"key": key}), encoding="utf-8")
+    print(f"[study] teacher cache: {stats['bytes_per_example'] / 1e3:.1f} kB per example")
+    return str(directory)
+
+
+def retire_stale_runs(runs: dict[str, DistillConfig], threads: int) -> None:
+    """Moves aside every run whose recorded identity differs from its config now (to ``<run>.stale``).
+
+    Only the runs whose config (or thread count) changed are redone; a run directory without a record is
+    treated as stale, since nothing says what it ran.
+    """
+    for run_id, config in runs.items():
+        out = Path(config.output_dir)
+        if not out.exists():
+            continue
+        identity = run_identity(config, threads)
+        record = out / RUN_RECORD
+        old = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+        if old is not None and old.get("fingerprint") == fingerprint(identity):
+            continue
+        why = (
+            "no record of what it ran"
+            if old is None
+            else "changed " + ", ".join(changed_fields(old.get("identity"), identity)[:6])
+        )
+        stale = out.with_name(out.name + ".stale")
+        if stale.exists():
+            shutil.rmtree(stale)
+        out.rename(stale)
+        print(f"[study] {run_id}: {why}; runs again (the old run is kept in {stale})")
+
+
+def _start_run(config: DistillConfig, threads: int) -> bool:
+    """Records the run's identity; returns whether it resumes from checkpoints."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(config, threads)
+    record = {"fingerprint": fingerprint(identity), "identity": identity}
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return (out / "checkpoints").is_dir()
+
+
+def _execute(config: DistillConfig, threads: int, log: Path | None) -> dict[str, Any]:
+    """Runs one study run with ``threads`` CPU threads; its output goes to ``log`` when given."""
+    import torch
+
+    from distillkit.train import distill
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    resume = _start_run(config, threads)
+    started = time.perf_counter()
+    try:
+        with contextlib.ExitStack() as stack:
+            if log is not None:
+                handle = stack.enter_context(open(log, "a", encoding="utf-8"))
+                stack.enter_context(contextlib.redirect_stdout(handle))
+                stack.enter_context(contextlib.redirect_stderr(handle))
+            summary = distill(config, resume=resume)
+    finally:
+        torch.set_num_threads(previous)
+    summary["study_seconds"] = time.perf_counter() - started
+    (Path(config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def _default_jobs(threads: int) -> int:
+    """One run at a time on a GPU (runs would share it); else as many as the CPU cores hold."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return max(1, (os.cpu_count() or 1) // threads)
+
+
+def run_study(
+    study_path: str | Path,
+    overrides: Sequence[str] = (),
+    teacher_cache: bool = True,
+    jobs: int | None = None,
+) -> list[dict[str, Any]]:
+    """Runs every variant x seed (skipping finished runs), then writes and prints the comparison.
+
+    Args:
+        study_path: The study YAML file.
+        overrides: Extra base-config overrides.
+        teacher_cache: Run the teacher once into ``<output_dir>/teacher-cache`` and let every run read it.
+        jobs: Runs at once, each in its own process (default: CPU cores / ``threads_per_run``; 1 with a
+            GPU). Every run uses
+            ``threads_per_run`` threads whatever this is, so the results do not depend on it.
+
+    Returns:
+        One row per variant (see :func:`~distillkit.study.report.summarise`).
+
+    """
+    from distillkit.tasks import TASKS
+
+    study, runs = load_study(study_path, overrides)
+    threads = study.threads_per_run
+    jobs = jobs or _default_jobs(threads)
+    retire_stale_runs(runs, threads)
+    pending = {k: c for k, c in runs.items() if not (Path(c.output_dir) / "summary.json").exists()}
+    cache = fill_teacher_cache(study, pending) if teacher_cache and pending else None
+    if cache is not None:
+        pending = {
+            k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": cache})})
+            for k, c in pending.items()
+        }
+    for run_id in runs.keys() - pending.keys():
+        print(f"[study] {run_id}: finished earlier, skipped")
+    started = time.perf_counter()
+    if pending:
+        order = list(pending)
+        print(f"[study] {len(pending)} of {len(runs)} runs to do, {min(jobs, len(pending))} at a time")
+        if jobs == 1 or len(pending) == 1:
+            for index, run_id in enumerate(order, start=1):
+                doing = "resuming" if _resumes(pending[run_id]) else "running"
+                print(f"[study {index}/{len(order)}] {run_id}: {doing}")
+                _execute(pending[run_id], threads, None)
+        else:
+            _run_parallel(pending, threads, jobs, teacher_needs_tuning=cache is None)
+    summaries = {
+        run_id: json.loads((Path(c.output_dir) / "summary.json").read_text(encoding="utf-8"))
+        for run_id, c in runs.items()
+    }
+    task = TASKS[next(iter(runs.values())).task]
+    metrics = study.metric_names(task.metric)
+    rows = summarise(study, summaries, task, metrics)
+    lines = write_results(study, rows, summaries, task, metrics)
+    elapsed = time.perf_counter() - started
+    print("\n".join(["", *lines, ""]))
+    if pending:
+        print(f"[study] {len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time")
+    out = Path(study.output_dir)
+    print("[study] results: " + ", ".join(str(out / name) for name in RESULT_FILES))
+    return rows
+
+
+def _resumes(config: DistillConfig) -> bool:
+    return (Path(config.output_dir) / "checkpoints").is_dir()
+
+
+def _run_parallel(
+    pending: dict[str, DistillConfig], threads: int, jobs: int, teacher_needs_tuning: bool
+) -> None:
+    """Runs in ``jobs`` spawned processes, each run's output in ``<run>/study.log``."""
+    queue = list(pending.items())
+    if teacher_needs_tuning and any(c.teacher.finetune for c in pending.values()):
+        run_id, config = queue.pop(0)  # fine-tunes (and caches) the teacher before the others share it
+        print(f"[study 1/{len(pending)}] {run_id}: running alone first (it fine-tunes the shared teacher)")
+        _execute(config, threads, None)
+    total, done = len(pending), len(pending) - len(queue)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {}
+        for run_id, config in queue:
+            quiet = config.model_copy(update={"train": config.train.model_copy(update={"progress": False})})
+            log = Path(config.output_dir) / "study.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            futures[pool.submit(_execute, quiet, threads, log)] = run_id
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done += 1
+                run_id = futures[future]
+                try:
+                    summary = future.result()
+                except BaseException:
+                    print(
+                        f"[study {done}/{total}] {run_id}: failed; its output is in "
+                        f"{Path(pending[run_id].output_dir) / 'study.log'}",
+                        file=sys.stderr,
+                    )
+                    for other in remaining:
+                        other.cancel()
+                    raise
+                print(f"[study {done}/{total}] {run_id}: finished in {summary['study_seconds']:.0f} s")

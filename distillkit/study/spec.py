@@ -1,0 +1,179 @@
+"""The study file: base config, objective variants, seeds, the baseline and the metrics it compares by."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distillkit.config import DistillConfig, apply_overrides, config_from_dict, safe_load_yaml
+from distillkit.errors import ConfigError
+from distillkit.registry import get_loss
+
+
+class StudyConfig(BaseModel):
+    """A study: base config, objective variants, seeds.
+
+    Attributes:
+        base: Path of the base distill config (relative to the study file).
+        overrides: ``key.path=value`` overrides applied to the base config.
+        variants: Variant name -> objective term list.
+        baseline: The variant every other one is compared with, paired by seed (default: the first).
+        seeds: Training seeds (a list, or ``N`` for ``0 … N-1``); every variant runs once per seed.
+        metric: The metric (or metrics; the first is plotted) the comparisons are made on (default: the task's
+            headline metric).
+        threads_per_run: CPU threads of each run. Part of a run's identity: float sums depend on it, so it is
+            fixed whatever ``--jobs`` is.
+        output_dir: Where runs and results go.
+
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    overrides: list[str] = Field(default_factory=list)
+    variants: dict[str, list[dict[str, Any]]] = Field(min_length=1)
+    baseline: str | None = None
+    seeds: list[int] | int = Field(default_factory=lambda: [0])
+    metric: str | list[str] | None = None
+    threads_per_run: int = Field(default=1, ge=1)
+    output_dir: str = "runs/study"
+
+    @field_validator("variants")
+    @classmethod
+    def _names_are_paths(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+                raise ValueError(f"variant name '{name}' may only use letters, digits and _ . + -")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_list(cls, value: list[int] | int) -> list[int]:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("seeds: give a positive count or a list of seeds")
+            return list(range(value))
+        if not value or len(set(value)) != len(value):
+            raise ValueError("seeds: give at least one seed, each once")
+        return value
+
+    @model_validator(mode="after")
+    def _baseline_is_a_variant(self) -> StudyConfig:
+        if self.baseline is None:
+            self.baseline = next(iter(self.variants))
+        elif self.baseline not in self.variants:
+            raise ValueError(
+                f"baseline '{self.baseline}' is not a variant (variants: {', '.join(self.variants)})"
+            )
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds, as a list."""
+        assert isinstance(self.seeds, list)
+        return self.seeds
+
+    def metric_names(self, task_metric: str) -> list[str]:
+        """The metrics compared, headline first (``task_metric`` when the study names none)."""
+        if self.metric is None:
+            return [task_metric]
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+
+def load_study(
+    path: str | Path, overrides: Sequence[str] = ()
+) -> tuple[StudyConfig, dict[str, DistillConfig]]:
+    """Reads a study and validates the config of every run before any of them starts.
+
+    Args:
+        path: The study YAML file.
+        overrides: Extra base-config overrides (``--set``), applied after the study's own.
+
+    Returns:
+        The study and ``{run_id: config}`` in run order (``variant/seed-N``).
+
+    Raises:
+        ConfigError: For a missing file or an invalid field of the study, the base or any variant, or a metric
+            the task does not report.
+
+    """
+    from distillkit.tasks import TASKS
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file '{path}' does not exist")
+    raw = safe_load_yaml(path.read_text(encoding="utf-8"), source=str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study must be a mapping with base, variants and seeds")
+    try:
+        study = StudyConfig(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid study '{path}': {problems}") from None
+    base_path = (path.parent / study.base).resolve()
+    if not base_path.is_file():
+        raise ConfigError(
+            f"study '{path}': base config '{study.base}' does not exist (looked at {base_path})"
+        )
+    base = safe_load_yaml(base_path.read_text(encoding="utf-8"), source=str(base_path))
+    if not isinstance(base, dict):
+        raise ConfigError(f"base config '{base_path}' must be a mapping")
+    base = apply_overrides(base, [*study.overrides, *overrides])
+    runs: dict[str, DistillConfig] = {}
+    for name, objective in study.variants.items():
+        for seed in study.seed_list:
+            run_id = f"{name}/seed-{seed}"
+            data = {**base, "objective": objective, "output_dir": str(Path(study.output_dir) / run_id)}
+            data["train"] = {**(data.get("train") or {}), "seed": seed}
+            try:
+                runs[run_id] = config_from_dict(data)
+                for term in runs[run_id].objective:  # loss parameters too, before any run starts
+                    get_loss(term.loss).cls.parse_params(term.params())
+            except ConfigError as exc:
+                raise ConfigError(f"study variant '{name}': {exc}") from None
+    task = TASKS[next(iter(runs.values())).task]
+    unknown = [m for m in study.metric_names(task.metric) if m not in task.metrics]
+    if unknown:
+        raise ConfigError(
+            f"study '{path}': task '{task.name}' does not report metric {', '.join(map(repr, unknown))}; "
+            f"it reports {', '.join(task.metrics)}"
+        )
+    return study, runs
+
+
+_NOT_IDENTITY = {"output_dir": None, "teacher": {"cache": None}, "train": {"progress": None}}
+
+
+def _strip(data: dict[str, Any], drop: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if key in drop and drop[key] is None:
+            continue
+        out[key] = _strip(value, drop[key]) if key in drop and isinstance(value, dict) else value
+    return out
+
+
+def run_identity(config: DistillConfig, threads: int) -> dict[str, Any]:
+    """What a run's result depends on: its config (not where it writes, nor its progress bar), threads."""
+    return {"config": _strip(config.model_dump(mode="json"), _NOT_IDENTITY), "threads": threads}
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able value."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-able values differ (lists compared whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [prefix.rstrip(".") or "<root>"]
