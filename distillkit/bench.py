@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from distillkit.hookspecs import BenchCase
-from distillkit.losses import LossTerm, ModelDims, TapRequest, Taps
+from distillkit.terms import LossTerm, ModelDims, TapRequest, Taps
 
 __all__ = ["BenchCase", "BenchShapes", "collect_cases", "make_step", "time_case"]
 
@@ -146,7 +146,7 @@ def collect_cases(losses: list[str] | None = None) -> list[BenchCase]:
     Raises:
         UnknownLossError: For a name in ``losses`` that no plugin registers.
     """
-    from distillkit.plugins import load_plugins
+    from distillkit.plugin_manager import load_plugins
     from distillkit.registry import get_loss, loss_registry
 
     for name in losses or ():

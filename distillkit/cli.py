@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 
 def _cmd_losses(args: argparse.Namespace) -> int:
-    from distillkit.plugins import failed_plugins
+    from distillkit.plugin_manager import failed_plugins
     from distillkit.registry import loss_registry, registration_errors
 
     registry = loss_registry()

@@ -35,7 +35,6 @@ from torch import nn
 
 from distillkit.config import TermConfig, parse_term_configs
 from distillkit.errors import ConfigError, LossTermError
-from distillkit.losses import LossTerm, ModelDims, TaskInfo
 from distillkit.registry import get_loss
 from distillkit.taps import (
     NOTHING,
@@ -45,6 +44,7 @@ from distillkit.taps import (
     find_module,
     use_eager_attention,
 )
+from distillkit.terms import LossTerm, ModelDims, TaskInfo
 
 DEFAULT_TEACHER = "teacher"
 """The name of the main teacher (``teacher:`` in a config); terms read it unless they name another."""
@@ -440,7 +440,7 @@ def _teacher_taps(
 
 
 def _describe_term(label: str, term: LossTerm) -> str:
-    from distillkit.plugins import plugin_for_module
+    from distillkit.plugin_manager import plugin_for_module
 
     plugin = plugin_for_module(type(term).__module__)
     where = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distillkit.errors import UnknownLossError, close_matches
-from distillkit.plugins import PluginInfo, failed_plugins, load_plugins, plugin_infos
+from distillkit.plugin_manager import PluginInfo, failed_plugins, load_plugins, plugin_infos
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class LossInfo:
 
     Attributes:
         name: The name configs use (``loss: <name>``).
-        cls: The :class:`distillkit.losses.LossTerm` subclass.
+        cls: The :class:`distillkit.terms.LossTerm` subclass.
         plugin: The plugin that registered it.
 
     """
@@ -29,7 +29,7 @@ _registration_errors: dict[str, str] = {}
 
 
 def _collect() -> dict[str, LossInfo]:
-    from distillkit.losses import LossTerm
+    from distillkit.terms import LossTerm
 
     pm = load_plugins()
     infos = {info.name: info for info in plugin_infos()}

@@ -31,7 +31,6 @@ from distillkit.loop import (
     fit,
     make_accelerator,
 )
-from distillkit.losses import LossTerm, ModelDims
 from distillkit.models import (
     count_parameters,
     freeze,
@@ -46,6 +45,7 @@ from distillkit.objective import DistillationObjective
 from distillkit.taps import NOTHING, TapRequest, Taps
 from distillkit.tasks import Task, make_task
 from distillkit.teacher_cache import TeacherCache, expected_meta, resolved_precision
+from distillkit.terms import LossTerm, ModelDims
 
 __all__ = ["NonFiniteLossError", "distill", "fit", "make_accelerator", "run_distill"]
 

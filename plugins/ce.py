@@ -6,7 +6,7 @@ import torch
 
 from distillkit import hookimpl
 from distillkit.divergences import label_cross_entropy
-from distillkit.losses import LossTerm, TapRequest, Taps
+from distillkit.terms import LossTerm, TapRequest, Taps
 
 
 class CrossEntropyLoss(LossTerm):

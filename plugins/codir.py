@@ -44,10 +44,10 @@ from torch import nn
 
 from distillkit import BenchCase, hookimpl
 from distillkit.errors import ConfigError
-from distillkit.losses import LossParams, LossTerm, ModelDims, TapRequest, Taps, TaskInfo, masked_mean
 from distillkit.mapping import LayerMapSpec
 from distillkit.membank import IndexBank, QueueBank, all_gather_rows, rank_and_world
 from distillkit.ops import membank_infonce
+from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, TaskInfo, masked_mean
 
 
 class BankParams(LossParams):

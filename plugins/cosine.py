@@ -20,8 +20,8 @@ from torch import nn
 
 from distillkit import hookimpl
 from distillkit.errors import ConfigError
-from distillkit.losses import LossParams, LossTerm, ModelDims, TapRequest, Taps
 from distillkit.mapping import LayerMapSpec
+from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
 
 
 class CosineParams(LossParams):

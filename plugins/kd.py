@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from distillkit import hookimpl
 from distillkit.divergences import divergence, label_cross_entropy
-from distillkit.losses import LossParams, LossTerm, TapRequest, Taps
+from distillkit.terms import LossParams, LossTerm, TapRequest, Taps
 
 
 class KDParams(LossParams):

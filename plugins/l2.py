@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from distillkit import hookimpl
-from distillkit.losses import LossParams, LossTerm, ModelDims, TapRequest, Taps
 from distillkit.mapping import LayerMapSpec
+from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
 
 
 class L2Params(LossParams):

@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from distillkit.plugins import reset_plugins
+from distillkit.plugin_manager import reset_plugins
 from distillkit.registry import reset_registry
 
 

@@ -12,8 +12,8 @@ from distillkit.checkpoint import (
     optimizer_to_flat,
     save_checkpoint,
 )
-from distillkit.losses import ModelDims
 from distillkit.objective import DistillationObjective
+from distillkit.terms import ModelDims
 
 
 def _objective():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from distillkit.errors import UnknownLossError
-from distillkit.plugins import failed_plugins, plugin_infos, reset_plugins
+from distillkit.plugin_manager import failed_plugins, plugin_infos, reset_plugins
 from distillkit.registry import get_loss, loss_registry, reset_registry
 from tests.plugin_helpers import PathPlugins, write_distribution
 
@@ -73,7 +73,7 @@ def test_third_party_plugin_is_discovered_through_its_entry_point(installed_exam
 
 
 def dims_equal():
-    from distillkit.losses import ModelDims
+    from distillkit.terms import ModelDims
 
     return ModelDims(student_layers=2, teacher_layers=4, student_hidden=16, teacher_hidden=16)
 
@@ -158,3 +158,20 @@ def test_unknown_loss_lists_known_names_and_close_matches():
     assert "did you mean 'codir'" in message
     known = message.split("Known losses: ")[1].split(".")[0].split(", ")
     assert known == sorted(known) and {"ce", "codir", "kd", "l2", "attention", "cosine"} <= set(known)
+
+
+def test_old_module_names_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    from distillkit.plugin_manager import load_plugins
+    from distillkit.terms import LossTerm
+
+    for old, new_name, new_object in (
+        ("losses", "LossTerm", LossTerm),
+        ("plugins", "load_plugins", load_plugins),
+    ):
+        sys.modules.pop(f"distillkit.{old}", None)
+        with pytest.warns(DeprecationWarning, match=f"distillkit.{old} is now"):
+            module = importlib.import_module(f"distillkit.{old}")
+        assert getattr(module, new_name) is new_object

@@ -17,8 +17,8 @@ from torch import nn
 
 from distillkit.config import DistillConfig
 from distillkit.data import TaskData
-from distillkit.losses import TaskInfo
 from distillkit.taps import MODEL_INPUTS
+from distillkit.terms import TaskInfo
 
 Autocast = Callable[[], Any]
 

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.data import Collator, TaskData, load_text_data
-from distillkit.losses import TaskInfo
 from distillkit.tasks.base import (
     Autocast,
     Task,
@@ -27,6 +26,7 @@ from distillkit.tasks.base import (
     on_device,
     time_forward,
 )
+from distillkit.terms import TaskInfo
 
 
 class NextTokenCollator(Collator):

@@ -11,8 +11,8 @@ from torch import nn
 
 from distillkit.data import Collator, TaskData, load_task_data
 from distillkit.evaluate import evaluate
-from distillkit.losses import TaskInfo
 from distillkit.tasks.base import Autocast, Task, first_batches, time_forward
+from distillkit.terms import TaskInfo
 
 
 class SequenceClassification(Task):

@@ -17,9 +17,9 @@ from torch import nn
 
 from distillkit.data import Collator, TaskData, load_text_data
 from distillkit.errors import ConfigError
-from distillkit.losses import TaskInfo
 from distillkit.tasks.base import Autocast, Task, on_device
 from distillkit.tasks.causal_lm import next_token_stats
+from distillkit.terms import TaskInfo
 
 
 class MaskingCollator(Collator):

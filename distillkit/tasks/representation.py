@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.data import Collator, TaskData, load_task_data, load_text_data
-from distillkit.losses import TaskInfo, masked_mean
 from distillkit.tasks.base import Autocast, Task, context, model_inputs, on_device
+from distillkit.terms import TaskInfo, masked_mean
 
 
 @torch.no_grad()

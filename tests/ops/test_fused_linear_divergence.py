@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from distillkit import Taps, build_term
-from distillkit.losses import ModelDims
 from distillkit.ops import fused_linear_divergence
+from distillkit.terms import ModelDims
 
 MODULE = importlib.import_module("distillkit.ops.fused_linear_divergence")
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]

@@ -9,8 +9,8 @@ from transformers import BertConfig, BertModel
 
 from distillkit import DistillationObjective
 from distillkit.config import config_from_dict
-from distillkit.losses import ModelDims
 from distillkit.taps import collect_taps
+from distillkit.terms import ModelDims
 from distillkit.train import distill
 from tests.distill_fixtures import bert, text_config
 

@@ -1,0 +1,257 @@
+"""The loss-term base class and the tensors every loss term receives.
+
+A loss plugin subclasses :class:`LossTerm`, gives it a ``name`` and a pydantic ``Params`` model, and
+implements :meth:`LossTerm.forward`. See ``examples/distillkit-cosine`` for a complete third-party loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from distillkit.errors import ConfigError, close_matches
+from distillkit.mapping import LayerMapSpec, LayerPairs, resolve_layer_map
+from distillkit.taps import NOTHING, TapRequest, Taps
+
+__all__ = [
+    "LossParams",
+    "LossTerm",
+    "ModelDims",
+    "NOTHING",
+    "TapRequest",
+    "Taps",
+    "TaskInfo",
+    "masked_mean",
+]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a task gives its loss terms, so a term that cannot work on it is refused before models load.
+
+    Attributes:
+        name: The task (``sequence_classification``, ``causal_lm``, ``masked_lm``, ``representation``).
+        labels: ``class`` (``[B]``), ``token`` (``[B, T]``, -100 ignored) or None (unlabelled text).
+        logits: ``class`` (``[B, C]``), ``token`` (``[B, T, V]``) or None (models without a head).
+
+    """
+
+    name: str
+    labels: Literal["class", "token"] | None
+    logits: Literal["class", "token"] | None
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of the two models a loss term is built for.
+
+    Attributes:
+        student_layers: Number of transformer layers of the student.
+        teacher_layers: Number of transformer layers of the teacher.
+        student_hidden: Hidden size of the student.
+        teacher_hidden: Hidden size of the teacher.
+        student_heads: Attention heads per layer of the student (None when unknown).
+        teacher_heads: Attention heads per layer of the teacher (None when unknown).
+        train_examples: Number of training examples (``example_ids`` run over ``0..N-1``), when known;
+            index-keyed memory banks default to it.
+
+    """
+
+    student_layers: int
+    teacher_layers: int
+    student_hidden: int
+    teacher_hidden: int
+    student_heads: int | None = None
+    teacher_heads: int | None = None
+    train_examples: int | None = None
+
+    @classmethod
+    def from_configs(
+        cls, student_config: Any, teacher_config: Any, train_examples: int | None = None
+    ) -> ModelDims:
+        """Reads the sizes from two Hugging Face model configs (no weights needed)."""
+        heads = [getattr(c, "num_attention_heads", None) for c in (student_config, teacher_config)]
+        return cls(
+            student_layers=int(student_config.num_hidden_layers),
+            teacher_layers=int(teacher_config.num_hidden_layers),
+            student_hidden=int(student_config.hidden_size),
+            teacher_hidden=int(teacher_config.hidden_size),
+            student_heads=None if heads[0] is None else int(heads[0]),
+            teacher_heads=None if heads[1] is None else int(heads[1]),
+            train_examples=train_examples,
+        )
+
+    @classmethod
+    def from_models(
+        cls, student: nn.Module, teacher: nn.Module, train_examples: int | None = None
+    ) -> ModelDims:
+        """Reads the sizes from two Hugging Face models."""
+        return cls.from_configs(student.config, teacher.config, train_examples)
+
+
+class LossParams(BaseModel):
+    """Base of every loss's parameter model; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LossTerm(nn.Module):
+    """A distillation loss term: one plugin-provided piece of the objective.
+
+    Subclasses set ``name`` (the config name) and ``Params`` (a :class:`LossParams` subclass), and implement
+    :meth:`forward`. Learned parts (projections, heads) are submodules, so the objective's parameters include
+    them. State that changes after the optimizer step (memory banks) is updated in :meth:`after_step`.
+
+    What a term reads of each model is declared in ``student_reads`` and ``teacher_reads``
+    (:class:`~distillkit.taps.TapRequest`), or per instance by overriding :meth:`tap_requests` when it
+    depends on the parameters. Each model runs once per batch and is asked only for what some term reads;
+    a model no term reads does not run. ``uses_teacher = False`` is shorthand for ``teacher_reads =
+    NOTHING``. :meth:`check_task` refuses a task the term cannot work on, before any model loads.
+
+    Args:
+        params: The validated parameters.
+        dims: The student's and teacher's sizes.
+
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[LossParams]] = LossParams
+    uses_teacher: ClassVar[bool] = True
+    student_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
+    teacher_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
+
+    def __init__(self, params: LossParams, dims: ModelDims) -> None:
+        super().__init__()
+        self.params = params
+        self.dims = dims
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any]) -> LossParams:
+        """Validates raw parameters against ``Params``.
+
+        Args:
+            raw: Parameter name -> value, e.g. from YAML.
+
+        Returns:
+            The validated parameters.
+
+        Raises:
+            ConfigError: Naming the loss, the bad parameter and the accepted ones.
+
+        """
+        accepted = list(cls.Params.model_fields)
+        unknown = [key for key in raw if key not in accepted]
+        if unknown:
+            key = unknown[0]
+            raise ConfigError(
+                f"loss '{cls.name}' does not accept parameter '{key}'{close_matches(key, accepted)}. "
+                f"Accepted parameters: {', '.join(accepted) or 'none'}."
+            )
+        try:
+            return cls.Params(**raw)
+        except ValidationError as exc:
+            problems = "; ".join(_describe_error(err) for err in exc.errors())
+            raise ConfigError(f"loss '{cls.name}': invalid parameters: {problems}") from None
+
+    @classmethod
+    def describe_params(cls) -> list[tuple[str, str, Any]]:
+        """Returns ``(name, type, default)`` for each parameter, for ``distillkit losses``."""
+        rows = []
+        for field_name, field in cls.Params.model_fields.items():
+            default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump()
+            rows.append((field_name, _type_name(field.annotation), default))
+        return rows
+
+    def layer_pairs(self, spec: LayerMapSpec) -> LayerPairs:
+        """Resolves a layer-map spec against this term's models (see :mod:`distillkit.mapping`)."""
+        return resolve_layer_map(spec, self.dims.student_layers, self.dims.teacher_layers)
+
+    def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
+        """Computes the term.
+
+        Args:
+            student: The student's taps (with gradients).
+            teacher: The teacher's taps (no gradients).
+
+        Returns:
+            A scalar loss.
+
+        """
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Updates state after the optimizer step (e.g. enqueue teacher keys into a memory bank)."""
+
+    def prepare_benchmark(self) -> None:
+        """Puts the term in a steady state before ``distillkit bench`` times it (e.g. fills memory banks)."""
+
+    def skip_step(self) -> None:
+        """Forgets what was collected for a step the loop skipped (a non-finite loss): nothing was applied."""
+
+    def tap_requests(self) -> tuple[TapRequest, TapRequest]:
+        """Returns what this term reads of the student and of the teacher."""
+        return self.student_reads, (self.teacher_reads if self.uses_teacher else NOTHING)
+
+    def check_task(self, task: TaskInfo) -> None:
+        """Refuses a task this term cannot work on (called before any model loads).
+
+        The default refuses logits on a task whose models have no head and labels on unlabelled data;
+        override to add the term's own conditions (call ``super().check_task(task)``).
+
+        Raises:
+            ConfigError: Saying why the term cannot work on ``task``.
+
+        """
+        student, teacher = self.tap_requests()
+        if (student.logits or teacher.logits) and task.logits is None:
+            raise ConfigError(
+                f"loss '{self.name}' reads logits, but the models of task '{task.name}' have no head; "
+                "use a term on hidden states (l2, cosine, codir) or another task"
+            )
+        if student.labels and task.labels is None:
+            raise ConfigError(
+                f"loss '{self.name}' reads labels, but task '{task.name}' trains on unlabelled text"
+            )
+
+
+def _describe_error(err: Any) -> str:
+    """Formats a pydantic error as ``field: message (got value)``, or the message alone for a model check."""
+    if not err["loc"]:
+        return err["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _type_name(annotation: Any) -> str:
+    """Formats a parameter annotation for people: ``auto|always|never``, ``int | None``, ``layer map``."""
+    if annotation is LayerMapSpec:
+        return "layer map"
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "|".join(str(arg) for arg in get_args(annotation))
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(arg) for arg in get_args(annotation))
+    if isinstance(annotation, type):
+        return "None" if annotation is type(None) else annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Averages token vectors over real tokens.
+
+    Args:
+        hidden: ``[B, T, H]``.
+        mask: ``[B, T]`` float, 1 for real tokens.
+
+    Returns:
+        ``[B, H]``; rows with no real token are zero.
+
+    """
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
