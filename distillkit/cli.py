@@ -92,6 +92,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, got '{text}'"
+        ) from None
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from distillkit.train import run_distill
 
@@ -102,7 +115,15 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from distillkit.study import run_study
 
-    run_study(args.study, overrides=args.set or [], teacher_cache=not args.no_teacher_cache, jobs=args.jobs)
+    run_study(
+        args.study,
+        overrides=args.set or [],
+        teacher_cache=not args.no_teacher_cache,
+        jobs=args.jobs,
+        variants=args.variants,
+        seeds=args.seeds,
+        output_dir=args.output_dir,
+    )
     return 0
 
 
@@ -159,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs at once, each in its own process (default: CPU cores / the study's threads_per_run); "
         "results do not depend on it",
     )
+    study.add_argument("--variants", type=_names, metavar="A,B", help="run only these variants")
+    study.add_argument("--seeds", type=_seeds, metavar="0,1", help="run only these seeds")
+    study.add_argument("--output-dir", metavar="DIR", help="write runs and results here (not output_dir)")
     study.set_defaults(handler=_cmd_study)
 
     cache = add("cache-teacher", help="run a teacher once over the data and cache its outputs")

@@ -182,3 +182,14 @@ def test_study_file_errors(tmp_path):
         load_study(_write_study(tmp_path, seeds=0))
     study, runs = load_study(_write_study(tmp_path, seeds=3))
     assert study.seed_list == [0, 1, 2] and len(runs) == 6
+
+
+def test_a_study_narrowed_to_some_variants_and_seeds(tmp_path):
+    path = _write_study(tmp_path, seeds=3)
+    study, runs = load_study(path, variants=["kd+l2"], seeds=[2, 0], output_dir=str(tmp_path / "elsewhere"))
+    assert list(runs) == ["kd+l2/seed-0", "kd+l2/seed-2"]
+    assert runs["kd+l2/seed-2"].output_dir == str(tmp_path / "elsewhere" / "kd+l2" / "seed-2")
+    with pytest.raises(ConfigError, match="has no variant 'kd'; its variants: none, kd\\+l2"):
+        load_study(path, variants=["kd"])
+    with pytest.raises(ConfigError, match="has no seed 7; its seeds: 0, 1, 2"):
+        load_study(path, seeds=[7])

@@ -160,6 +160,10 @@ def run_study(
     overrides: Sequence[str] = (),
     teacher_cache: bool = True,
     jobs: int | None = None,
+    *,
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    output_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every variant x seed (skipping finished runs), then writes and prints the comparison.
 
@@ -168,8 +172,11 @@ def run_study(
         overrides: Extra base-config overrides.
         teacher_cache: Run the teacher once into ``<output_dir>/teacher-cache`` and let every run read it.
         jobs: Runs at once, each in its own process (default: CPU cores / ``threads_per_run``; 1 with a
-            GPU). Every run uses
-            ``threads_per_run`` threads whatever this is, so the results do not depend on it.
+            GPU). Every run uses ``threads_per_run`` threads whatever this is, so the results do not
+            depend on it.
+        variants: Run only these variants.
+        seeds: Run only these seeds.
+        output_dir: Instead of the study's ``output_dir``.
 
     Returns:
         One row per variant (see :func:`~distillkit.study.report.summarise`).
@@ -177,7 +184,7 @@ def run_study(
     """
     from distillkit.tasks import TASKS
 
-    study, runs = load_study(study_path, overrides)
+    study, runs = load_study(study_path, overrides, variants=variants, seeds=seeds, output_dir=output_dir)
     threads = study.threads_per_run
     jobs = jobs or _default_jobs(threads)
     retire_stale_runs(runs, threads)

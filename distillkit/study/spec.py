@@ -87,13 +87,21 @@ class StudyConfig(BaseModel):
 
 
 def load_study(
-    path: str | Path, overrides: Sequence[str] = ()
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    output_dir: str | None = None,
 ) -> tuple[StudyConfig, dict[str, DistillConfig]]:
     """Reads a study and validates the config of every run before any of them starts.
 
     Args:
         path: The study YAML file.
         overrides: Extra base-config overrides (``--set``), applied after the study's own.
+        variants: Run only these of the study's variants.
+        seeds: Run only these of the study's seeds.
+        output_dir: Write runs and results here instead of the study's ``output_dir``.
 
     Returns:
         The study and ``{run_id: config}`` in run order (``variant/seed-N``).
@@ -116,6 +124,7 @@ def load_study(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid study '{path}': {problems}") from None
+    study = _select(study, path, variants, seeds, output_dir)
     base_path = (path.parent / study.base).resolve()
     if not base_path.is_file():
         raise ConfigError(
@@ -145,6 +154,36 @@ def load_study(
             f"it reports {', '.join(task.metrics)}"
         )
     return study, runs
+
+
+def _select(
+    study: StudyConfig,
+    path: Path,
+    variants: Sequence[str] | None,
+    seeds: Sequence[int] | None,
+    output_dir: str | None,
+) -> StudyConfig:
+    """The study narrowed to some of its variants and seeds (``--variants``, ``--seeds``), or moved."""
+    update: dict[str, Any] = {}
+    if variants is not None:
+        unknown = [v for v in variants if v not in study.variants]
+        if unknown:
+            raise ConfigError(
+                f"study '{path}' has no variant {', '.join(map(repr, unknown))}; "
+                f"its variants: {', '.join(study.variants)}"
+            )
+        update["variants"] = {v: study.variants[v] for v in study.variants if v in variants}
+    if seeds is not None:
+        unknown = [s for s in seeds if s not in study.seed_list]
+        if unknown:
+            raise ConfigError(
+                f"study '{path}' has no seed {', '.join(map(str, unknown))}; its seeds: "
+                f"{', '.join(map(str, study.seed_list))}"
+            )
+        update["seeds"] = [s for s in study.seed_list if s in seeds]
+    if output_dir is not None:
+        update["output_dir"] = output_dir
+    return study.model_copy(update=update)
 
 
 _NOT_IDENTITY = {"output_dir": None, "teacher": {"cache": None}, "train": {"progress": None}}
