@@ -115,6 +115,8 @@ def prepare_teacher(
         info["eval"] = json.loads(scored.read_text(encoding="utf-8")) if scored.exists() else {}
         info["eval_cache"] = str(scored)
         return freeze(teacher), info
+    if accelerator.is_main_process:
+        print(f"distillkit: fine-tuning the teacher for {tune.steps} steps, once (cached in {cache})")
     teacher = load_model(spec, data.num_labels, "teacher", config.task)
     dims = ModelDims.from_models(teacher, teacher)
     objective = DistillationObjective([(_LabelCrossEntropy(_LabelCrossEntropy.Params(), dims), 1.0)])
