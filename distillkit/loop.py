@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from distillkit.models import freeze
 from distillkit.objective import DistillationObjective, ObjectiveOutput
 from distillkit.runlog import RunLog
 from distillkit.taps import Taps, collect_taps
+from distillkit.tasks.base import Batch, EvalContext
 from distillkit.teacher_cache import TeacherCache
 
 
@@ -206,8 +207,8 @@ def _buffer_checksums(accelerator: Accelerator, objective: nn.Module, step: int)
     return checksums
 
 
-Evaluator = Callable[..., dict[str, float]]
-"""``evaluator(model, batches, accelerator, autocast, teacher) -> metrics`` (a task's ``evaluate``)."""
+Evaluator = Callable[[nn.Module, Iterable[Batch], EvalContext], dict[str, float]]
+"""``evaluator(model, batches, context) -> metrics`` (a task's ``evaluate``)."""
 
 
 @dataclass
@@ -440,9 +441,8 @@ class _Run:
     # -- phase 4: evaluate -------------------------------------------------------------------------------
     def evaluate(self, log: RunLog | None = None) -> None:
         """Evaluates the student (with the teacher for comparisons) and logs the metrics."""
-        self.result.eval = self.evaluator(
-            self.student, self.eval_loader, self.accelerator, self.autocast, self.teacher
-        )
+        context = EvalContext(accelerator=self.accelerator, autocast=self.autocast, teacher=self.teacher)
+        self.result.eval = self.evaluator(self.student, self.eval_loader, context)
         if log is not None:
             log.log("eval", self.step, self.result.eval)
         if self.main:
@@ -481,10 +481,10 @@ def eval_loader(
     )
 
 
-def _classification_evaluator(model, batches, accelerator, autocast, teacher=None) -> dict[str, float]:
+def _classification_evaluator(model, batches, context: EvalContext) -> dict[str, float]:
     from distillkit.evaluate import evaluate
 
-    return evaluate(model, batches, model.config.num_labels, accelerator, autocast)
+    return evaluate(model, batches, model.config.num_labels, context.accelerator, context.autocast)
 
 
 def fit(
@@ -519,8 +519,9 @@ def fit(
         collator: Turns rows into batches.
         train: Optimisation settings.
         output_dir: Run directory (``metrics.jsonl``, ``checkpoints/``).
-        evaluator: ``evaluator(model, batches, accelerator, autocast, teacher)`` (a task's ``evaluate``);
-            default: classification accuracy/F1/loss.
+        evaluator: ``evaluator(model, batches, context)`` with an
+            :class:`~distillkit.tasks.base.EvalContext` (a task's ``evaluate``); default: classification
+            accuracy/F1/loss.
         resume: Continue from the newest checkpoint in ``output_dir/checkpoints``.
         fingerprint: Identifies the model/objective/data setup; a checkpoint of another setup is refused.
         stop_after_step: Return after this step as if interrupted (for time-sliced jobs and tests).

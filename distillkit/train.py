@@ -43,7 +43,7 @@ from distillkit.models import (
 )
 from distillkit.objective import DistillationObjective
 from distillkit.taps import NOTHING, TapRequest, Taps
-from distillkit.tasks import Task, make_task
+from distillkit.tasks import EvalContext, ReportContext, Task, make_task
 from distillkit.teacher_cache import TeacherCache, expected_meta, resolved_precision
 from distillkit.terms import LossTerm, ModelDims
 
@@ -375,7 +375,7 @@ def _finish(
     teacher_eval = teacher_info.get("eval")  # a fine-tuned teacher was scored on this eval split
     if not teacher_eval:
         loader = eval_loader(accelerator, data, collator, config.train)
-        teacher_eval = task.evaluate(teacher, loader, accelerator, autocast)
+        teacher_eval = task.evaluate(teacher, loader, EvalContext(accelerator=accelerator, autocast=autocast))
         if teacher_info.get("eval_cache") and accelerator.is_main_process:
             Path(teacher_info["eval_cache"]).write_text(json.dumps(teacher_eval), encoding="utf-8")
     summary: dict[str, Any] = {
@@ -393,13 +393,15 @@ def _finish(
     if accelerator.is_main_process:
         summary.update(
             task.report(
-                student=student,
-                teacher=teacher,
-                data=data,
-                collator=collator,
-                tokenizer=tokenizer,
-                accelerator=accelerator,
-                autocast=autocast,
+                ReportContext(
+                    student=student,
+                    teacher=teacher,
+                    data=data,
+                    collator=collator,
+                    tokenizer=tokenizer,
+                    accelerator=accelerator,
+                    autocast=autocast,
+                )
             )
         )
         final = output_dir / "student"

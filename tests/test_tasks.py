@@ -2,6 +2,7 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,3 +170,74 @@ def test_packed_text_blocks(tmp_path):
     assert {len(row) for row in data.train["input_ids"]} == {16}
     assert data.train["example_ids"] == list(range(len(data.train)))
     write_vocab(tmp_path)  # unchanged fixture still usable
+
+
+class _ToyLM(torch.nn.Module):
+    """``[B, T] -> [B, T, V]`` logits (embedding + linear), counting its forwards."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.head = torch.nn.Embedding(vocab, 6), torch.nn.Linear(6, vocab)
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        return SimpleNamespace(logits=self.head(self.embed(input_ids)))
+
+
+def _token_batches(vocab: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for b, t in ((3, 5), (1, 7)):  # B=1 and lengths that differ between batches
+        ids = torch.randint(vocab, (b, t), generator=g)
+        labels = torch.randint(vocab, (b, t), generator=g)
+        labels[torch.rand(b, t, generator=g) < 0.4] = -100
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def _expected_token_metrics(model, teacher, batches):
+    """Float64 loss, accuracy and agreement over the labelled positions, written out per position."""
+    nll, count, hits, agree = 0.0, 0, 0, 0
+    for batch in batches:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(batch["input_ids"]).logits.double(), -1)
+            guess = teacher(batch["input_ids"]).logits.double().argmax(-1)
+        for i, j in (batch["labels"] != -100).nonzero().tolist():
+            label = int(batch["labels"][i, j])
+            nll -= float(logp[i, j, label])
+            count += 1
+            hits += int(logp[i, j].argmax()) == label
+            agree += int(logp[i, j].argmax()) == int(guess[i, j])
+    return {"loss": nll / count, "accuracy": hits / count, "agreement": agree / count, "positions": count}
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "masked_lm"])
+def test_token_evaluation_matches_a_float64_count(tmp_path, task):
+    from distillkit.tasks import EvalContext, make_task
+
+    vocab = 11
+    cfg = config_from_dict(text_config(tmp_path, task, bert(2, 8), [{"loss": "ce"}]))
+    model, teacher, batches = _ToyLM(vocab, 0), _ToyLM(vocab, 1), _token_batches(vocab)
+    expected = _expected_token_metrics(model, teacher, batches)
+    metrics = make_task(cfg).evaluate(model, batches, EvalContext(teacher=teacher))
+    assert metrics["positions"] == expected["positions"] > 0
+    assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(expected["loss"]), rel=1e-5)
+    assert metrics["agreement"] == pytest.approx(expected["agreement"])
+    assert ("accuracy" in metrics) == (task == "masked_lm")
+    if task == "masked_lm":
+        assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    alone = make_task(cfg).evaluate(model, batches, EvalContext())
+    assert "agreement" not in alone and alone["loss"] == metrics["loss"]
+
+
+def test_causal_lm_runs_the_frozen_teacher_at_the_first_evaluation_only(tmp_path):
+    from distillkit.tasks import EvalContext, make_task
+
+    cfg = config_from_dict(text_config(tmp_path, "causal_lm", llama(2, 8), [{"loss": "ce"}]))
+    task, model, teacher, batches = make_task(cfg), _ToyLM(11, 0), _ToyLM(11, 1), _token_batches(11)
+    first = task.evaluate(model, batches, EvalContext(teacher=teacher))
+    assert task.evaluate(model, batches, EvalContext(teacher=teacher)) == first
+    assert teacher.calls == len(batches) and model.calls == 2 * len(batches)

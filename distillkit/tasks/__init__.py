@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distillkit.config import DistillConfig
-from distillkit.tasks.base import Task
+from distillkit.tasks.base import EvalContext, ReportContext, Task
 from distillkit.tasks.causal_lm import CausalLM
 from distillkit.tasks.classification import SequenceClassification
 from distillkit.tasks.masked_lm import MaskedLM
@@ -20,4 +20,14 @@ def make_task(config: DistillConfig) -> Task:
     return TASKS[config.task](config)
 
 
-__all__ = ["TASKS", "CausalLM", "MaskedLM", "Representation", "SequenceClassification", "Task", "make_task"]
+__all__ = [
+    "TASKS",
+    "CausalLM",
+    "EvalContext",
+    "MaskedLM",
+    "ReportContext",
+    "Representation",
+    "SequenceClassification",
+    "Task",
+    "make_task",
+]

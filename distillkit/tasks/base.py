@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,60 @@ from distillkit.taps import MODEL_INPUTS
 from distillkit.terms import TaskInfo
 
 Autocast = Callable[[], Any]
+"""A factory of the mixed-precision context: ``with autocast(): ...``."""
+
+Batch = dict[str, torch.Tensor]
+"""One collated batch: ``input_ids [B, T]``, ``attention_mask [B, T]``, task-specific keys (``labels``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalContext:
+    """What an evaluation needs besides the model and the held-out batches.
+
+    Attributes:
+        accelerator: Moves each batch to its ``device``; None leaves the batches where they are.
+        autocast: Enters mixed precision around each forward; None runs in the models' own precision.
+        teacher: The frozen teacher, for metrics that compare the model with it (agreement, embedding
+            cosine); None when only the model itself is scored (e.g. when the teacher is the model).
+
+    """
+
+    accelerator: Any = None
+    autocast: Autocast | None = None
+    teacher: nn.Module | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportContext:
+    """What a task's end-of-run :meth:`Task.report` may use.
+
+    Attributes:
+        student: The trained student.
+        teacher: The frozen teacher.
+        data: The run's tokenised train/eval splits (``data.eval`` rows are dicts of token lists).
+        collator: Turns a list of rows into a batch of ``[B, T]`` tensors.
+        tokenizer: The run's tokenizer (decoding samples, tokenising probe data).
+        accelerator: Its ``device`` is where the models are.
+        autocast: Enters the run's mixed precision.
+
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    data: TaskData
+    collator: Callable[[list[dict[str, Any]]], Batch]
+    tokenizer: Any
+    accelerator: Any
+    autocast: Autocast
+
+    @property
+    def models(self) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]]:
+        """``(("teacher", teacher), ("student", student))``, in the order reports list them."""
+        return (("teacher", self.teacher), ("student", self.student))
+
+    def eval_batches(self, examples: int, batch: int = 32) -> list[Batch]:
+        """Collated batches of the first ``examples`` held-out rows, on the accelerator's device."""
+        return first_batches(self.data.eval, self.collator, self.accelerator, examples, batch)
 
 
 class Task:
@@ -53,15 +108,18 @@ class Task:
         """Returns the function that turns a list of rows into a batch."""
         raise NotImplementedError
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[dict[str, torch.Tensor]],
-        accelerator: Any,
-        autocast: Autocast | None = None,
-        teacher: nn.Module | None = None,
-    ) -> dict[str, float]:
-        """Evaluates ``model`` on held-out batches (``teacher`` given for metrics that compare with it)."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
+        """Evaluates ``model`` on held-out batches.
+
+        Args:
+            model: The model to score (student, or the teacher itself).
+            batches: Collated held-out batches (on any device; ``context.accelerator`` moves them).
+            context: Accelerator, mixed precision and the teacher to compare with (if any).
+
+        Returns:
+            Metric name -> value (counts such as ``examples`` or ``positions`` included).
+
+        """
         raise NotImplementedError
 
     @classmethod
@@ -80,18 +138,16 @@ class Task:
         """A one-line rendering of evaluation metrics for the progress output."""
         return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
-    def report(
-        self,
-        *,
-        student: nn.Module,
-        teacher: nn.Module,
-        data: TaskData,
-        collator: Callable,
-        tokenizer: Any,
-        accelerator: Any,
-        autocast: Autocast,
-    ) -> dict[str, Any]:
-        """Extra summary entries computed once after training (main process only)."""
+    def report(self, context: ReportContext) -> dict[str, Any]:
+        """Extra summary entries computed once after training (main process only).
+
+        Args:
+            context: Both models, the data and what is needed to run them.
+
+        Returns:
+            Entries merged into the run's ``summary.json`` (none by default).
+
+        """
         return {}
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
@@ -99,26 +155,24 @@ class Task:
         raise NotImplementedError
 
 
-def on_device(
-    batches: Iterable[dict[str, torch.Tensor]], accelerator: Any
-) -> Iterator[dict[str, torch.Tensor]]:
+def on_device(batches: Iterable[Batch], accelerator: Any) -> Iterator[Batch]:
     """Moves each batch to the accelerator's device (no-op without one)."""
     for batch in batches:
         yield batch if accelerator is None else {k: v.to(accelerator.device) for k, v in batch.items()}
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     """The keys of ``batch`` a model's forward takes (:data:`distillkit.taps.MODEL_INPUTS`)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def context(autocast: Autocast | None):
+def autocast_scope(autocast: Autocast | None):
     """Enters ``autocast()`` when given, else nothing."""
     return autocast() if autocast is not None else nullcontext()
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, batches: list[dict[str, torch.Tensor]], repeats: int = 5) -> float:
+def time_forward(model: nn.Module, batches: list[Batch], repeats: int = 5) -> float:
     """Median seconds of one pass of ``model`` over ``batches``, after a warm-up pass.
 
     Measured as a benchmark is: eval mode, one untimed warm-up pass, then ``repeats`` timed passes; the

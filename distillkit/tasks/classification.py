@@ -6,12 +6,11 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from distillkit.data import Collator, TaskData, load_task_data
 from distillkit.evaluate import evaluate
-from distillkit.tasks.base import Autocast, Task, first_batches, time_forward
+from distillkit.tasks.base import Batch, EvalContext, ReportContext, Task, time_forward
 from distillkit.terms import TaskInfo
 
 
@@ -31,38 +30,21 @@ class SequenceClassification(Task):
         """Dynamic padding."""
         return Collator(tokenizer)
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[dict[str, torch.Tensor]],
-        accelerator: Any,
-        autocast: Autocast | None = None,
-        teacher: nn.Module | None = None,
-    ) -> dict[str, float]:
-        """Accuracy, macro-F1, mean cross-entropy and the number of examples."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
+        """Accuracy, macro-F1, mean cross-entropy and the number of examples (no teacher metric)."""
         num_labels = model.config.num_labels
-        return evaluate(model, batches, num_labels, accelerator, autocast)
+        return evaluate(model, batches, num_labels, context.accelerator, context.autocast)
 
     def describe(self, metrics: dict[str, float]) -> str:
         """``accuracy 0.75 f1 0.74 loss 0.52``."""
         return f"accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f} loss {metrics['loss']:.4f}"
 
-    def report(
-        self,
-        *,
-        student: nn.Module,
-        teacher: nn.Module,
-        data: TaskData,
-        collator: Callable,
-        tokenizer: Any,
-        accelerator: Any,
-        autocast: Autocast,
-    ) -> dict[str, Any]:
+    def report(self, context: ReportContext) -> dict[str, Any]:
         """Inference time of both models on up to 128 held-out examples (median of 5 passes)."""
-        batches = first_batches(data.eval, collator, accelerator, 128)
-        with autocast():
-            teacher_s = time_forward(teacher, batches)
-            student_s = time_forward(student, batches)
+        batches = context.eval_batches(128)
+        with context.autocast():
+            teacher_s = time_forward(context.teacher, batches)
+            student_s = time_forward(context.student, batches)
         return {
             "inference": {
                 "examples": sum(len(b["input_ids"]) for b in batches),

@@ -8,17 +8,14 @@ compares the two models' distributions at the chosen positions (``Taps.position_
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from distillkit.data import Collator, TaskData, load_text_data
 from distillkit.errors import ConfigError
-from distillkit.tasks.base import Autocast, Task, on_device
-from distillkit.tasks.causal_lm import next_token_stats
+from distillkit.tasks.tokens import TokenTask
 from distillkit.terms import TaskInfo
 
 
@@ -62,13 +59,14 @@ class MaskingCollator(Collator):
         return batch
 
 
-class MaskedLM(Task):
+class MaskedLM(TokenTask):
     """Masked-LM distillation: ``[B, T, V]`` logits, labels at masked positions; masked-token perplexity."""
 
     name = "masked_lm"
     info = TaskInfo(name="masked_lm", labels="token", logits="token")
     metric = "perplexity"
     metrics = ("perplexity", "loss", "accuracy", "agreement")
+    scores_accuracy = True
 
     def load_data(self, tokenizer: Any) -> TaskData:
         """One truncated text per example (packed blocks when ``data.packing`` is true)."""
@@ -77,36 +75,6 @@ class MaskedLM(Task):
     def collator(self, tokenizer: Any) -> Callable:
         """Padding plus dynamic masking (seeded by ``train.seed``)."""
         return MaskingCollator(tokenizer, self.config.data.mlm_probability, self.config.train.seed)
-
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[dict[str, torch.Tensor]],
-        accelerator: Any,
-        autocast: Autocast | None = None,
-        teacher: nn.Module | None = None,
-    ) -> dict[str, float]:
-        """Masked-token loss, perplexity and accuracy; agreement with the teacher's guess when given."""
-        batches = list(on_device(batches, accelerator))
-        nll, count, predictions = next_token_stats(model, batches, autocast)
-        hits = sum(
-            int(((p == b["labels"]) & (b["labels"] != -100)).sum())
-            for p, b in zip(predictions, batches, strict=True)
-        )
-        metrics = {
-            "loss": nll / max(count, 1),
-            "perplexity": math.exp(min(nll / max(count, 1), 50.0)),
-            "accuracy": hits / max(count, 1),
-            "positions": count,
-        }
-        if teacher is not None:
-            _, _, guesses = next_token_stats(teacher, batches, autocast)
-            agree = sum(
-                int(((s == t) & (b["labels"] != -100)).sum())
-                for s, t, b in zip(predictions, guesses, batches, strict=True)
-            )
-            metrics["agreement"] = agree / max(count, 1)
-        return metrics
 
     def describe(self, metrics: dict[str, float]) -> str:
         """``perplexity 12.3 accuracy 0.41``."""

@@ -16,14 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.data import Collator, TaskData, load_task_data, load_text_data
-from distillkit.tasks.base import Autocast, Task, context, model_inputs, on_device
+from distillkit.tasks.base import (
+    Autocast,
+    Batch,
+    EvalContext,
+    ReportContext,
+    Task,
+    autocast_scope,
+    model_inputs,
+    on_device,
+)
 from distillkit.terms import TaskInfo, masked_mean
 
 
 @torch.no_grad()
 def sentence_embeddings(
     model: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
+    batches: Iterable[Batch],
     pooling: str,
     autocast: Autocast | None = None,
 ) -> torch.Tensor:
@@ -32,7 +41,7 @@ def sentence_embeddings(
     model.eval()
     vectors = []
     for batch in batches:
-        with context(autocast):
+        with autocast_scope(autocast):
             hidden = model(**model_inputs(batch)).last_hidden_state.float()
         pooled = hidden[:, 0] if pooling == "cls" else masked_mean(hidden, batch["attention_mask"])
         vectors.append(pooled)
@@ -102,21 +111,15 @@ class Representation(Task):
         """Dynamic padding."""
         return Collator(tokenizer)
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[dict[str, torch.Tensor]],
-        accelerator: Any,
-        autocast: Autocast | None = None,
-        teacher: nn.Module | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
         """Mean cosine between the model's and the teacher's sentence embeddings (same width only)."""
-        batches = list(on_device(batches, accelerator))
+        batches = list(on_device(batches, context.accelerator))
         pooling = self.config.evaluation.pooling
-        mine = sentence_embeddings(model, batches, pooling, autocast)
+        mine = sentence_embeddings(model, batches, pooling, context.autocast)
         metrics: dict[str, float] = {"examples": len(mine)}
+        teacher = context.teacher
         if teacher is not None and teacher is not model:
-            theirs = sentence_embeddings(teacher, batches, pooling, autocast)
+            theirs = sentence_embeddings(teacher, batches, pooling, context.autocast)
             if theirs.shape[1] == mine.shape[1]:
                 metrics["cosine"] = float(F.cosine_similarity(mine, theirs, dim=-1).mean())
         return metrics
@@ -129,31 +132,21 @@ class Representation(Task):
             else "no cosine (widths differ)"
         )
 
-    def report(
-        self,
-        *,
-        student: nn.Module,
-        teacher: nn.Module,
-        data: TaskData,
-        collator: Callable,
-        tokenizer: Any,
-        accelerator: Any,
-        autocast: Autocast,
-    ) -> dict[str, Any]:
+    def report(self, context: ReportContext) -> dict[str, Any]:
         """Linear-probe accuracy of frozen student and teacher embeddings on ``evaluation.probe``."""
         probe_cfg = self.config.evaluation.probe
         if probe_cfg is None:
             return {}
-        probe = load_task_data(probe_cfg, tokenizer)
-        pad = Collator(tokenizer)
+        probe = load_task_data(probe_cfg, context.tokenizer)
+        pad = Collator(context.tokenizer)
+        pooling = self.config.evaluation.pooling
 
         def features(model: nn.Module, rows: Any) -> torch.Tensor:
             batches = [
                 pad([rows[i] for i in range(s, min(s + 64, len(rows)))]) for s in range(0, len(rows), 64)
             ]
-            return sentence_embeddings(
-                model, on_device(batches, accelerator), self.config.evaluation.pooling, autocast
-            ).cpu()
+            on_it = on_device(batches, context.accelerator)
+            return sentence_embeddings(model, on_it, pooling, context.autocast).cpu()
 
         train_y = torch.tensor(probe.train["labels"])
         eval_y = torch.tensor(probe.eval["labels"])
@@ -161,7 +154,7 @@ class Representation(Task):
             name: linear_probe(
                 features(m, probe.train), train_y, features(m, probe.eval), eval_y, probe.num_labels
             )
-            for name, m in (("teacher", teacher), ("student", student))
+            for name, m in context.models
         }
         return {
             "probe": {

@@ -1,0 +1,130 @@
+"""Evaluation shared by the tasks whose model predicts a token at labelled positions (causal and masked LM).
+
+Batches carry ``labels [B, T]``: the token to predict at each position, -100 where nothing is predicted; the
+model's logits are ``[B, T, V]`` at the same positions (causal LM labels are already shifted by the
+collator). The metrics are taken over the labelled positions only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillkit.config import DistillConfig
+from distillkit.tasks.base import Autocast, Batch, EvalContext, Task, autocast_scope, model_inputs, on_device
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """One model's token predictions over a list of batches.
+
+    Attributes:
+        nll: Summed cross-entropy (nats, float32 logits) over the labelled positions.
+        positions: Number of labelled positions (``labels != -100``).
+        predictions: Per batch, the argmax token ``[B, T]`` int64 at every position.
+
+    """
+
+    nll: float
+    positions: int
+    predictions: list[torch.Tensor]
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per labelled position (0 when there is none)."""
+        return self.nll / max(self.positions, 1)
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(loss)``, with the loss capped at 50 so the value stays finite."""
+        return math.exp(min(self.loss, 50.0))
+
+    def match_rate(self, targets: Sequence[torch.Tensor], batches: Sequence[Batch]) -> float:
+        """Fraction of labelled positions where the prediction equals the target.
+
+        Args:
+            targets: Per batch, ``[B, T]`` token ids: the labels (accuracy) or another model's
+                predictions (agreement).
+            batches: The batches the predictions were made on (their ``labels [B, T]`` select positions).
+
+        Returns:
+            Matches / :attr:`positions` (0 when there is no labelled position).
+
+        """
+        hits = sum(
+            int(((p == t) & (b["labels"] != -100)).sum())
+            for p, t, b in zip(self.predictions, targets, batches, strict=True)
+        )
+        return hits / max(self.positions, 1)
+
+
+@torch.no_grad()
+def token_stats(model: nn.Module, batches: Iterable[Batch], autocast: Autocast | None = None) -> TokenStats:
+    """Scores ``model``'s ``[B, T, V]`` logits against each batch's ``labels [B, T]`` (eval mode, no grad).
+
+    Args:
+        model: A model whose output has ``logits [B, T, V]``.
+        batches: Batches with the model's inputs and ``labels [B, T]`` (-100: not scored), on its device.
+        autocast: Enters mixed precision around each forward (None: none); logits are scored in float32.
+
+    Returns:
+        The summed cross-entropy, the labelled positions and the argmax predictions.
+
+    """
+    was_training = model.training
+    model.eval()
+    nll, count, predictions = 0.0, 0, []
+    for batch in batches:
+        with autocast_scope(autocast):
+            logits = model(**model_inputs(batch)).logits
+        logits = logits.float()
+        labels = batch["labels"]
+        nll += float(
+            F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        )
+        count += int((labels != -100).sum())
+        predictions.append(logits.argmax(-1))
+    model.train(was_training)
+    return TokenStats(nll, count, predictions)
+
+
+class TokenTask(Task):
+    """A task scored by token prediction at labelled positions: ``[B, T, V]`` logits, ``labels [B, T]``.
+
+    :meth:`evaluate` reports ``loss`` (mean cross-entropy), ``perplexity``, ``accuracy`` (argmax equals
+    the label; when :attr:`scores_accuracy`), ``positions`` and, given a teacher, ``agreement`` (the two
+    models' argmax tokens are equal).
+    """
+
+    scores_accuracy: ClassVar[bool] = False
+    """Report the fraction of labelled positions where the model's argmax is the label."""
+    reuses_teacher_predictions: ClassVar[bool] = False
+    """Run the teacher at the first evaluation only and reuse its predictions (the frozen teacher's answers
+    do not change as long as the evaluation batches are the same at every call)."""
+
+    def __init__(self, config: DistillConfig) -> None:
+        super().__init__(config)
+        self._teacher_stats: TokenStats | None = None
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
+        """Loss, perplexity (and accuracy) of ``model``; agreement with ``context.teacher`` when given."""
+        batches = list(on_device(batches, context.accelerator))
+        stats = token_stats(model, batches, context.autocast)
+        metrics: dict[str, float] = {"loss": stats.loss, "perplexity": stats.perplexity}
+        if self.scores_accuracy:
+            metrics["accuracy"] = stats.match_rate([b["labels"] for b in batches], batches)
+        metrics["positions"] = stats.positions
+        if context.teacher is not None:
+            teacher = self._teacher_stats
+            if teacher is None:
+                teacher = token_stats(context.teacher, batches, context.autocast)
+                if self.reuses_teacher_predictions:
+                    self._teacher_stats = teacher
+            metrics["agreement"] = stats.match_rate(teacher.predictions, batches)
+        return metrics
