@@ -115,6 +115,10 @@ def make_accelerator() -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU, torchrun then means gloo processes (MULTI_CPU)
         rng_types=[],
+        # Parts of the student often get no gradient in a step: the pooler and classifier when no term reads
+        # logits, layers above the last mapped one, a term's heads on a step it skips. DDP without this flag
+        # stops with "Expected to have finished reduction"; its cost is one walk of the autograd graph per
+        # backward, small next to the all-reduce on the models this trains.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
