@@ -1,12 +1,13 @@
 # One command each: `make demo` sets up a fresh clone and runs the offline main job; `make test` sets up and
 # runs the tests. `make demo-lm` (causal LM) and `make demo-embed` (embedding model) are the other offline
-# jobs; `make study` runs the objective study (configs/study.yaml).
+# jobs; `make study` runs the objective study (configs/study.yaml), `make embed-study` the embedding-objective
+# study (configs/embed_study.yaml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo-data demo demo-lm demo-embed study test
+.PHONY: setup demo-data demo demo-lm demo-embed study embed-study test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ demo-embed: demo-data
 
 study: demo-data
 	$(BIN)/distillkit study configs/study.yaml
+
+embed-study: demo-data
+	$(BIN)/distillkit study configs/embed_study.yaml
 
 # The venv's bin goes first on PATH so that tests launching torchrun find it.
 test: demo-data
