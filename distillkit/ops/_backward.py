@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from distillkit.ops._validate import OP_INPUT_COUNT, InfonceArgs
+
 
 def infonce_backward(
     grad_loss: torch.Tensor,
@@ -35,3 +37,21 @@ def infonce_backward(
     grad_query = coef * (wsum + pos_weight * positive.to(acc))
     grad_positive = (coef * pos_weight) * query.to(acc)
     return grad_query.to(query.dtype), grad_positive.to(positive.dtype)
+
+
+def save_for_backward(ctx, args: InfonceArgs, loss: torch.Tensor, wsum: torch.Tensor) -> None:
+    """Keeps what :func:`input_gradients` needs on an autograd context (compiled op or reference)."""
+    ctx.save_for_backward(args.query, args.positive, loss, wsum)
+    ctx.temperature = args.temperature
+
+
+def input_gradients(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients for every input of :meth:`InfonceArgs.op_inputs`: query and positive; None for the rest.
+
+    Args:
+        ctx: The autograd context filled by :func:`save_for_backward`.
+        grad_loss: ``[L, B]`` upstream gradient of the loss.
+    """
+    query, positive, loss, wsum = ctx.saved_tensors
+    grad_query, grad_positive = infonce_backward(grad_loss, query, positive, loss, wsum, ctx.temperature)
+    return grad_query, grad_positive, *(None,) * (OP_INPUT_COUNT - 2)

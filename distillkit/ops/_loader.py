@@ -13,7 +13,8 @@ import warnings
 
 import torch
 
-from distillkit.ops._backward import infonce_backward
+from distillkit.ops._backward import input_gradients, save_for_backward
+from distillkit.ops._validate import InfonceArgs
 
 OP_NAME = "distillkit::membank_infonce_fwd"
 _state: dict[str, object] = {"loaded": False, "error": None, "cuda_error": None}
@@ -22,7 +23,8 @@ _KERNELS: dict[str, bool] = {}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta", "mps": "MPS", "xpu": "XPU"}
 
 
-def _fake_fwd(query, positive, bank, temperature, query_labels, bank_labels, negative_index):
+def _fake_fwd(query, *_other_inputs):
+    """Output shapes and dtypes of the op (torch calls it with the schema's inputs, positionally)."""
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     layers, batch, dim = query.shape
     loss = query.new_empty((layers, batch), dtype=acc)
@@ -32,17 +34,13 @@ def _fake_fwd(query, positive, bank, temperature, query_labels, bank_labels, neg
 
 
 def _setup_context(ctx, inputs, output):
-    query, positive, _bank, temperature, *_ = inputs
     loss, lse, wsum = output
-    ctx.save_for_backward(query, positive, loss, wsum)
-    ctx.temperature = temperature
+    save_for_backward(ctx, InfonceArgs(*inputs), loss, wsum)
     ctx.mark_non_differentiable(lse, wsum)
 
 
 def _backward(ctx, grad_loss, _grad_lse, _grad_wsum):
-    query, positive, loss, wsum = ctx.saved_tensors
-    grad_query, grad_positive = infonce_backward(grad_loss, query, positive, loss, wsum, ctx.temperature)
-    return grad_query, grad_positive, None, None, None, None, None
+    return input_gradients(ctx, grad_loss)
 
 
 def load() -> None:

@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
+from dataclasses import dataclass, fields
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-class Canonical(NamedTuple):
-    """Inputs in the layout the kernels take.
+@dataclass(frozen=True)
+class InfonceArgs:
+    """The memory-bank InfoNCE op's arguments: the one description every internal function takes.
+
+    ``membank_infonce`` (and its pure-PyTorch twins) wrap the caller's arguments in it as given;
+    :func:`canonicalize` checks them and returns the canonical form the forward implementations (compiled
+    kernel, chunked reference, naive baseline) take. In the canonical form:
 
     Attributes:
-        query: ``[L, B, D]`` contiguous.
+        query: ``[L, B, D]`` contiguous (``L`` = the product of the caller's leading dims).
         positive: ``[L, B, D]`` contiguous, same dtype as ``query``.
-        bank: ``[L, K, D]``, or ``[K, D]`` when one bank is shared by every layer; detached, contiguous.
+        bank: ``[L, K, D]``, or ``[K, D]`` when one bank is shared by every layer; ``N`` rows instead of
+            ``K`` with ``negative_index``. Detached, contiguous.
         temperature: A positive float.
         query_labels: ``[B]`` int64 or None.
-        bank_labels: ``[K]`` (``[N]`` with ``negative_index``) int64 or None.
-        negative_index: ``[L, B, K]`` int64 or None.
+        bank_labels: ``[K]`` (``[N]`` with ``negative_index``) int64 or None; given with ``query_labels``.
+        negative_index: ``[L, B, K]`` int64 rows of the bank, or None.
         lead_shape: The caller's leading dims of ``query``; the loss is returned as ``[*lead_shape, B]``.
     """
 
@@ -33,10 +39,33 @@ class Canonical(NamedTuple):
     positive: torch.Tensor
     bank: torch.Tensor
     temperature: float
-    query_labels: torch.Tensor | None
-    bank_labels: torch.Tensor | None
-    negative_index: torch.Tensor | None
-    lead_shape: tuple[int, ...]
+    query_labels: torch.Tensor | None = None
+    bank_labels: torch.Tensor | None = None
+    negative_index: torch.Tensor | None = None
+    lead_shape: tuple[int, ...] = ()
+
+    def op_inputs(self) -> tuple:
+        """The arguments in the order of the ``distillkit::membank_infonce_fwd`` schema (without lead_shape).
+
+        ``InfonceArgs(*inputs)`` turns such a tuple back into canonical arguments.
+        """
+        return (
+            self.query,
+            self.positive,
+            self.bank,
+            self.temperature,
+            self.query_labels,
+            self.bank_labels,
+            self.negative_index,
+        )
+
+    def caller_shape(self, loss: torch.Tensor) -> torch.Tensor:
+        """A canonical ``[L, B]`` loss reshaped to the caller's ``[*lead_shape, B]``."""
+        return loss.reshape(*self.lead_shape, self.query.shape[1])
+
+
+# Inputs of the compiled op's schema: every field of InfonceArgs but lead_shape.
+OP_INPUT_COUNT = len(fields(InfonceArgs)) - 1
 
 
 def _tensor(name: str, value: object) -> torch.Tensor:
@@ -69,42 +98,30 @@ def _temperature(value: object) -> float:
     return tau
 
 
-def canonicalize(
-    query: torch.Tensor,
-    positive: torch.Tensor,
-    bank: torch.Tensor,
-    temperature: float,
-    query_labels: torch.Tensor | None = None,
-    bank_labels: torch.Tensor | None = None,
-    negative_index: torch.Tensor | None = None,
-    *,
-    check_index: bool = True,
-) -> Canonical:
-    """Validates the public arguments and brings them to the kernels' layout.
+def canonicalize(given: InfonceArgs, *, check_index: bool = True) -> InfonceArgs:
+    """Validates the caller's arguments and brings them to the kernels' layout.
 
     Args:
-        query: ``[..., B, D]``.
-        positive: ``[..., B, D]``, same shape as ``query``.
-        bank: ``[..., K, D]`` with ``query``'s leading dims, or ``[K, D]`` shared by all of them
-            (``N`` rows instead of ``K`` with ``negative_index``).
-        temperature: Softmax temperature, > 0.
-        query_labels: ``[B]`` integer labels, or None.
-        bank_labels: ``[K]`` (or ``[N]``) integer labels, or None; give both label tensors or neither.
-        negative_index: ``[..., B, K]`` integer rows of the bank, or None.
+        given: The arguments as passed to ``membank_infonce``:
+            query ``[..., B, D]``; positive ``[..., B, D]``, same shape as query; bank ``[..., K, D]`` with
+            query's leading dims, or ``[K, D]`` shared by all of them (``N`` rows instead of ``K`` with
+            negative_index); temperature > 0; query_labels ``[B]`` and bank_labels ``[K]`` (or ``[N]``)
+            integer labels, both or neither; negative_index ``[..., B, K]`` integer rows of the bank.
         check_index: Range-check ``negative_index`` here (two host reads: a device synchronisation on
             accelerators). False when the kernel that runs checks it on the device.
 
     Returns:
-        The :class:`Canonical` inputs.
+        The canonical :class:`InfonceArgs`.
 
     Raises:
         TypeError: An argument is not a tensor or has an unsupported or mismatched dtype.
         ValueError: A shape, device or value is wrong; the message names the argument and the fix.
     """
-    query = _tensor("query", query)
-    positive = _tensor("positive", positive)
-    bank = _tensor("bank", bank)
-    tau = _temperature(temperature)
+    query = _tensor("query", given.query)
+    positive = _tensor("positive", given.positive)
+    bank = _tensor("bank", given.bank)
+    tau = _temperature(given.temperature)
+    query_labels, bank_labels, negative_index = given.query_labels, given.bank_labels, given.negative_index
     if query.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"membank_infonce: query has dtype {query.dtype}; use float32, bfloat16, float16 or float64"
@@ -184,7 +201,7 @@ def canonicalize(
 
     bank = bank.detach()
     bank = bank.contiguous() if bank.dim() == 2 else bank.reshape(layers, rows, dim).contiguous()
-    return Canonical(
+    return InfonceArgs(
         query=query.reshape(layers, batch, dim).contiguous(),
         positive=positive.reshape(layers, batch, dim).contiguous(),
         bank=bank,

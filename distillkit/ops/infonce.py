@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from distillkit.ops import _loader, selfcheck
-from distillkit.ops._validate import canonicalize
-from distillkit.ops.reference import _ReferenceFunction
+from distillkit.ops._validate import InfonceArgs, canonicalize
+from distillkit.ops.reference import reference_loss
 
 # Device types whose kernel range-checks negative_index itself (no host synchronisation needed).
 _KERNEL_CHECKS_INDEX = {"cuda"}
@@ -65,19 +65,7 @@ def membank_infonce(
     """
     device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     kernel = use_kernel(device)
-    c = canonicalize(
-        query,
-        positive,
-        bank,
-        temperature,
-        query_labels,
-        bank_labels,
-        negative_index,
-        check_index=not (kernel and device.type in _KERNEL_CHECKS_INDEX),
-    )
-    args = (c.query, c.positive, c.bank, c.temperature, c.query_labels, c.bank_labels, c.negative_index)
-    if kernel:
-        loss = selfcheck.kernel_forward(*args)[0]
-    else:
-        loss = _ReferenceFunction.apply(*args)
-    return loss.reshape(*c.lead_shape, c.query.shape[1])
+    given = InfonceArgs(query, positive, bank, temperature, query_labels, bank_labels, negative_index)
+    args = canonicalize(given, check_index=not (kernel and device.type in _KERNEL_CHECKS_INDEX))
+    loss = selfcheck.kernel_forward(args)[0] if kernel else reference_loss(args)
+    return args.caller_shape(loss)

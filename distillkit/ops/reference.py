@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from distillkit.ops._backward import infonce_backward
-from distillkit.ops._validate import canonicalize
+from distillkit.ops._backward import input_gradients, save_for_backward
+from distillkit.ops._validate import InfonceArgs, canonicalize
 
 # Elements of the per-chunk score (and gathered-key) temporaries the reference allows itself.
 _CHUNK_ELEMENTS = 1 << 22
@@ -30,29 +30,16 @@ def _gather_keys(bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return bank[layer, index]
 
 
-def reference_forward(
-    query: torch.Tensor,
-    positive: torch.Tensor,
-    bank: torch.Tensor,
-    temperature: float,
-    query_labels: torch.Tensor | None = None,
-    bank_labels: torch.Tensor | None = None,
-    negative_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward pass on canonical inputs, chunked over the bank (or over ``negative_index``'s K).
+def reference_forward(args: InfonceArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward pass on canonical arguments, chunked over the bank (or over ``negative_index``'s K).
 
     Args:
-        query: ``[L, B, D]``.
-        positive: ``[L, B, D]``.
-        bank: ``[L, K, D]`` or shared ``[K, D]`` (``N`` rows with ``negative_index``).
-        temperature: > 0.
-        query_labels: ``[B]`` int64 or None.
-        bank_labels: ``[K]`` / ``[N]`` int64 or None.
-        negative_index: ``[L, B, K]`` int64 or None.
+        args: Canonical :class:`InfonceArgs`.
 
     Returns:
         ``(loss [L, B], lse [L, B], wsum [L, B, D])`` in float32 (float64 for float64 inputs).
     """
+    query, positive, bank, temperature, query_labels, bank_labels, negative_index = args.op_inputs()
     acc = _acc_dtype(query.dtype)
     with torch.no_grad():
         q = query.to(acc)
@@ -95,20 +82,42 @@ def reference_forward(
 
 
 class _ReferenceFunction(torch.autograd.Function):
+    """The reference forward with the op's backward; inputs are :meth:`InfonceArgs.op_inputs`."""
+
     @staticmethod
-    def forward(ctx, query, positive, bank, temperature, query_labels, bank_labels, negative_index):
-        loss, _lse, wsum = reference_forward(
-            query, positive, bank, temperature, query_labels, bank_labels, negative_index
-        )
-        ctx.save_for_backward(query, positive, loss, wsum)
-        ctx.temperature = temperature
+    def forward(ctx, *inputs):
+        args = InfonceArgs(*inputs)
+        loss, _lse, wsum = reference_forward(args)
+        save_for_backward(ctx, args, loss, wsum)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        query, positive, loss, wsum = ctx.saved_tensors
-        grad_query, grad_positive = infonce_backward(grad_loss, query, positive, loss, wsum, ctx.temperature)
-        return grad_query, grad_positive, None, None, None, None, None
+        return input_gradients(ctx, grad_loss)
+
+
+def reference_loss(args: InfonceArgs) -> torch.Tensor:
+    """``[L, B]`` loss of canonical arguments by the chunked reference; gradients reach query and positive."""
+    return _ReferenceFunction.apply(*args.op_inputs())
+
+
+def naive_loss(args: InfonceArgs) -> torch.Tensor:
+    """``[L, B]`` loss of canonical arguments from the full logits, differentiated by autograd."""
+    q, bank = args.query, args.bank
+    s_pos = (q * args.positive).sum(-1, keepdim=True)  # [L, B, 1]
+    if args.negative_index is None:
+        s_neg = q @ bank.transpose(-1, -2)  # [L, B, K]
+        if args.query_labels is not None:
+            s_neg = s_neg.masked_fill(args.query_labels[:, None] == args.bank_labels[None, :], float("-inf"))
+    else:
+        keys = _gather_keys(bank, args.negative_index)  # [L, B, K, D]
+        s_neg = (keys @ q.unsqueeze(-1)).squeeze(-1)
+        if args.query_labels is not None:
+            same = args.bank_labels[args.negative_index] == args.query_labels[:, None]
+            s_neg = s_neg.masked_fill(same, float("-inf"))
+    logits = torch.cat([s_pos, s_neg], dim=-1) / args.temperature
+    loss = torch.logsumexp(logits, dim=-1) - logits[..., 0]
+    return loss.to(_acc_dtype(q.dtype))
 
 
 def reference_membank_infonce(
@@ -116,30 +125,18 @@ def reference_membank_infonce(
     positive: torch.Tensor,
     bank: torch.Tensor,
     temperature: float,
-    *,
-    query_labels: torch.Tensor | None = None,
-    bank_labels: torch.Tensor | None = None,
-    negative_index: torch.Tensor | None = None,
+    **options: torch.Tensor | None,
 ) -> torch.Tensor:
     """Memory-bank InfoNCE in pure PyTorch, chunked over the bank; same contract as ``membank_infonce``.
 
-    Args:
-        query: ``[..., B, D]``.
-        positive: ``[..., B, D]``.
-        bank: ``[..., K, D]`` or shared ``[K, D]`` (``N`` rows with ``negative_index``); gets no gradient.
-        temperature: > 0.
-        query_labels: ``[B]`` int64; bank rows with the query's label are not negatives.
-        bank_labels: ``[K]`` (``[N]``) int64.
-        negative_index: ``[..., B, K]`` int64 per-query negatives.
+    Arguments (``query_labels``, ``bank_labels`` and ``negative_index`` by keyword), shapes, result and
+    errors as in :func:`distillkit.ops.membank_infonce`; the bank gets no gradient.
 
     Returns:
         ``[..., B]`` per-row loss, float32 (float64 for float64 inputs).
     """
-    c = canonicalize(query, positive, bank, temperature, query_labels, bank_labels, negative_index)
-    loss = _ReferenceFunction.apply(
-        c.query, c.positive, c.bank, c.temperature, c.query_labels, c.bank_labels, c.negative_index
-    )
-    return loss.reshape(*c.lead_shape, c.query.shape[1])
+    args = canonicalize(InfonceArgs(query, positive, bank, temperature, **options))
+    return args.caller_shape(reference_loss(args))
 
 
 def naive_membank_infonce(
@@ -147,32 +144,16 @@ def naive_membank_infonce(
     positive: torch.Tensor,
     bank: torch.Tensor,
     temperature: float,
-    *,
-    query_labels: torch.Tensor | None = None,
-    bank_labels: torch.Tensor | None = None,
-    negative_index: torch.Tensor | None = None,
+    **options: torch.Tensor | None,
 ) -> torch.Tensor:
     """Memory-bank InfoNCE written the obvious way: full logits, ``logsumexp``, autograd.
 
     Computes in the inputs' dtype. With ``negative_index`` it gathers ``[..., B, K, D]`` keys and uses a
-    batched matmul (the usual CRD implementation). Arguments and result as in ``membank_infonce``.
+    batched matmul (the usual CRD implementation). Arguments (``query_labels``, ``bank_labels`` and
+    ``negative_index`` by keyword) and result as in :func:`distillkit.ops.membank_infonce`.
 
     Returns:
         ``[..., B]`` per-row loss, float32 (float64 for float64 inputs).
     """
-    c = canonicalize(query, positive, bank, temperature, query_labels, bank_labels, negative_index)
-    q, bank = c.query, c.bank
-    s_pos = (q * c.positive).sum(-1, keepdim=True)  # [L, B, 1]
-    if c.negative_index is None:
-        s_neg = q @ bank.transpose(-1, -2)  # [L, B, K]
-        if c.query_labels is not None:
-            s_neg = s_neg.masked_fill(c.query_labels[:, None] == c.bank_labels[None, :], float("-inf"))
-    else:
-        keys = _gather_keys(bank, c.negative_index)  # [L, B, K, D]
-        s_neg = (keys @ q.unsqueeze(-1)).squeeze(-1)
-        if c.query_labels is not None:
-            same = c.bank_labels[c.negative_index] == c.query_labels[:, None]
-            s_neg = s_neg.masked_fill(same, float("-inf"))
-    logits = torch.cat([s_pos, s_neg], dim=-1) / c.temperature
-    loss = torch.logsumexp(logits, dim=-1) - logits[..., 0]
-    return loss.to(_acc_dtype(q.dtype)).reshape(*c.lead_shape, q.shape[1])
+    args = canonicalize(InfonceArgs(query, positive, bank, temperature, **options))
+    return args.caller_shape(naive_loss(args))

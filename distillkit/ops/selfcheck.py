@@ -24,20 +24,21 @@ from dataclasses import dataclass
 import torch
 
 from distillkit.errors import ConfigError
+from distillkit.ops._validate import InfonceArgs
 from distillkit.ops.reference import reference_forward
 
 ENV = "DISTILLKIT_CUDA_KERNEL"
 MODES = ("check", "trust", "off")
 CHECKED_DEVICE_TYPES: set[str] = {"cuda"}
 
-Forward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Forward = Callable[[InfonceArgs], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _compiled_forward(*args):
-    return torch.ops.distillkit.membank_infonce_fwd(*args)
+def _compiled_forward(args: InfonceArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.distillkit.membank_infonce_fwd(*args.op_inputs())
 
 
-# The kernel under check (canonical arguments in, (loss, lse, wsum) out); the op calls it too.
+# The kernel under check (canonical InfonceArgs in, (loss, lse, wsum) out); the op calls it too.
 kernel_forward: Forward = _compiled_forward
 
 
@@ -153,7 +154,7 @@ def reset() -> None:
         _results.clear()
 
 
-def _case_inputs(case, device: torch.device, seed: int):
+def _case_inputs(case, device: torch.device, seed: int) -> InfonceArgs:
     layers, batch, rows, dim, dtype_name, labels, index_cols = case
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(seed)
@@ -169,13 +170,13 @@ def _case_inputs(case, device: torch.device, seed: int):
         bl = torch.randint(0, 4, (rows,), generator=g).to(device)
     if index_cols:
         ni = torch.randint(0, rows, (layers, batch, index_cols), generator=g).to(device)
-    return query, positive, bank, 0.1, ql, bl, ni
+    return InfonceArgs(query, positive, bank, 0.1, ql, bl, ni, lead_shape=(layers,))
 
 
-def _compare(forward: Forward, args, tolerance: tuple[float, float]) -> tuple[float, str]:
+def _compare(forward: Forward, args: InfonceArgs, tolerance: tuple[float, float]) -> tuple[float, str]:
     """Worst error ratio of ``forward`` against the reference on ``args``, and the output it is in."""
-    got = forward(*args)
-    want = reference_forward(*args)
+    got = forward(args)
+    want = reference_forward(args)
     worst, where = 0.0, ""
     for name, g, w, tol in zip(
         ("loss", "lse", "wsum"), got, want, (tolerance[0], tolerance[0], tolerance[1]), strict=True

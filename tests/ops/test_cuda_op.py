@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distillkit.ops import _loader, membank_infonce, selfcheck
+from distillkit.ops._validate import InfonceArgs
 from distillkit.ops.reference import reference_forward
 
 _loader.load()
@@ -348,7 +349,7 @@ def test_bank_with_more_than_2_31_elements(path):
     bank = torch.empty(keys, dim, dtype=torch.bfloat16, device="cuda").uniform_(-0.03, 0.03)
     bank[-1] = q[0, 0]  # the last row matters: it is the largest score of query 0
     loss, lse, wsum = FWD(q, p, bank, 0.1, None, None, None)
-    ref = reference_forward(q, p, bank, 0.1)
+    ref = reference_forward(InfonceArgs(q, p, bank, 0.1))
     torch.testing.assert_close(loss, ref[0], atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(wsum, ref[2], atol=2e-3, rtol=2e-2)
 

@@ -19,16 +19,16 @@ from tests.ops.helpers import float64_truth
 HAS_CPU_KERNEL = _loader.compiled_available()
 
 
-def _off_by_one_percent(*args):
-    loss, lse, wsum = torch.ops.distillkit.membank_infonce_fwd(*args)
+def _off_by_one_percent(args):
+    loss, lse, wsum = torch.ops.distillkit.membank_infonce_fwd(*args.op_inputs())
     return loss * 1.01, lse, wsum
 
 
-def _raises(*args):
+def _raises(args):
     raise RuntimeError("no kernel image is available for execution on the device")
 
 
-def _must_not_run(*args):
+def _must_not_run(args):
     raise AssertionError("the kernel ran although the policy excludes it")
 
 
@@ -69,9 +69,9 @@ def test_disagreeing_kernel_warns_once_and_reference_is_used(checked_cpu):
 def test_agreeing_kernel_passes_and_is_used(checked_cpu):
     calls = []
 
-    def counting(*args):
+    def counting(args):
         calls.append(1)
-        return torch.ops.distillkit.membank_infonce_fwd(*args)
+        return torch.ops.distillkit.membank_infonce_fwd(*args.op_inputs())
 
     checked_cpu.setattr(selfcheck, "kernel_forward", counting)
     q, p, bank = _inputs(1)
@@ -125,8 +125,8 @@ def test_bad_policy_is_a_config_error(monkeypatch, value):
 def test_check_compares_all_three_outputs(checked_cpu):
     """A kernel wrong only in wsum (what the backward uses) fails the check too."""
 
-    def bad_wsum(*args):
-        loss, lse, wsum = reference_forward(*args)
+    def bad_wsum(args):
+        loss, lse, wsum = reference_forward(args)
         return loss, lse, wsum + 1e-3
 
     result = selfcheck.run_check(torch.device("cpu"), bad_wsum)
