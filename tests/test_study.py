@@ -149,9 +149,12 @@ def test_parallel_jobs_give_the_same_results(tmp_path, capsys):
     sequential = run_study(path, jobs=1)
     capsys.readouterr()
     path = _write_study(tmp_path, seeds=[0, 1], metric=every, output_dir=str(tmp_path / "parallel"))
+    queued = tmp_path / "parallel" / "kd+l2" / "seed-0"  # what an interrupted study leaves of a queued run
+    queued.mkdir(parents=True)
+    (queued / "study.log").write_text("", encoding="utf-8")
     parallel = run_study(path, jobs=2)
     printed = capsys.readouterr().out
-    assert "2 at a time" in printed
+    assert "2 at a time" in printed and "runs again" not in printed
     assert (tmp_path / "parallel" / "kd+l2" / "seed-1" / "study.log").is_file()
     for metric in every:
         assert _per_seed(parallel, metric) == _per_seed(sequential, metric)

@@ -88,13 +88,15 @@ def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> st
 def retire_stale_runs(runs: dict[str, DistillConfig], threads: int) -> None:
     """Moves aside every run whose recorded identity differs from its config now (to ``<run>.stale``).
 
-    Only the runs whose config (or thread count) changed are redone; a run directory without a record is
-    treated as stale, since nothing says what it ran.
+    Only the runs whose config (or thread count) changed are redone; a run directory with results but without
+    a record is treated as stale, since nothing says what it ran.
     """
     for run_id, config in runs.items():
         out = Path(config.output_dir)
-        if not out.exists():
-            continue
+        if not (
+            (out / "summary.json").exists() or (out / "checkpoints").exists() or (out / RUN_RECORD).exists()
+        ):
+            continue  # nothing there to keep
         identity = run_identity(config, threads)
         record = out / RUN_RECORD
         old = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
@@ -244,8 +246,7 @@ def _run_parallel(
         futures = {}
         for run_id, config in queue:
             quiet = config.model_copy(update={"train": config.train.model_copy(update={"progress": False})})
-            log = Path(config.output_dir) / "study.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
+            log = Path(config.output_dir) / "study.log"  # the run makes its directory when it starts
             futures[pool.submit(_execute, quiet, threads, log)] = run_id
         remaining = set(futures)
         while remaining:
