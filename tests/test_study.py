@@ -189,6 +189,8 @@ def test_study_file_errors(tmp_path):
 
 def test_a_study_narrowed_to_some_variants_and_seeds(tmp_path):
     path = _write_study(tmp_path, seeds=3)
+    _, runs = load_study(path)
+    assert list(runs)[:3] == ["none/seed-0", "kd+l2/seed-0", "none/seed-1"]  # seed by seed
     study, runs = load_study(path, variants=["kd+l2"], seeds=[2, 0], output_dir=str(tmp_path / "elsewhere"))
     assert list(runs) == ["kd+l2/seed-0", "kd+l2/seed-2"]
     assert runs["kd+l2/seed-2"].output_dir == str(tmp_path / "elsewhere" / "kd+l2" / "seed-2")

@@ -104,7 +104,8 @@ def load_study(
         output_dir: Write runs and results here instead of the study's ``output_dir``.
 
     Returns:
-        The study and ``{run_id: config}`` in run order (``variant/seed-N``).
+        The study and ``{run_id: config}`` (``variant/seed-N``) in run order: every variant of the first seed,
+        then of the next.
 
     Raises:
         ConfigError: For a missing file or an invalid field of the study, the base or any variant, or a metric
@@ -135,8 +136,8 @@ def load_study(
         raise ConfigError(f"base config '{base_path}' must be a mapping")
     base = apply_overrides(base, [*study.overrides, *overrides])
     runs: dict[str, DistillConfig] = {}
-    for name, objective in study.variants.items():
-        for seed in study.seed_list:
+    for seed in study.seed_list:  # seed by seed: a study stopped early has every variant on its first seeds
+        for name, objective in study.variants.items():
             run_id = f"{name}/seed-{seed}"
             data = {**base, "objective": objective, "output_dir": str(Path(study.output_dir) / run_id)}
             data["train"] = {**(data.get("train") or {}), "seed": seed}
