@@ -123,6 +123,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         variants=args.variants,
         seeds=args.seeds,
         output_dir=args.output_dir,
+        report_only=args.report,
     )
     return 0
 
@@ -183,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--variants", type=_names, metavar="A,B", help="run only these variants")
     study.add_argument("--seeds", type=_seeds, metavar="0,1", help="run only these seeds")
     study.add_argument("--output-dir", metavar="DIR", help="write runs and results here (not output_dir)")
+    study.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: compare the runs finished so far (partial results)",
+    )
     study.set_defaults(handler=_cmd_study)
 
     cache = add("cache-teacher", help="run a teacher once over the data and cache its outputs")

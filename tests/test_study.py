@@ -103,6 +103,15 @@ def test_study_compares_to_the_baseline_and_skips_finished_runs(tmp_path, capsys
     assert capsys.readouterr().out.count("finished earlier, skipped") == 4
     assert (out / "none" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
 
+    # --report compares what has finished and runs nothing
+    (out / "kd+l2" / "seed-1" / "summary.json").unlink()
+    rows = run_study(path, report_only=True)
+    assert [r["runs"] for r in rows] == [2, 1] and rows[1]["delta"]["accuracy"].seeds == (0,)
+    assert "Partial: 3 of 4 runs finished" in (out / "results.md").read_text(encoding="utf-8")
+    assert not (out / "kd+l2" / "seed-1" / "summary.json").exists()
+    with pytest.raises(ConfigError, match="no run of the study .* has finished yet"):
+        run_study(path, report_only=True, output_dir=str(tmp_path / "empty"))
+
 
 def test_a_changed_variant_reruns_only_its_own_runs(tmp_path, capsys):
     path = _write_study(tmp_path)

@@ -108,8 +108,17 @@ def write_results(
     summaries: dict[str, dict[str, Any]],
     task: Any,
     metrics: list[str],
+    missing: int = 0,
 ) -> list[str]:
     """Writes ``results.{md,csv,json,png}`` into the study's output directory.
+
+    Args:
+        study: The study.
+        rows: :func:`summarise` rows.
+        summaries: The finished runs' summaries.
+        task: The runs' task class.
+        metrics: The compared metrics.
+        missing: Runs of the study not finished (a partial report says so at the top).
 
     Returns:
         The lines of ``results.md`` (also what ``distillkit study`` prints at the end).
@@ -120,6 +129,9 @@ def write_results(
     first = next(iter(summaries.values()))
     teacher = task.run_metrics(first, "teacher")
     lines = comparison_table(study, rows, metrics)
+    if missing:
+        total = len(summaries) + missing
+        lines = [f"**Partial: {len(summaries)} of {total} runs finished.**", "", *lines]
     lines += [
         "",
         f"Δ = variant − `{study.baseline}`, paired by seed (same initialisation and data order); 95% "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distillkit.config import DistillConfig
+from distillkit.errors import ConfigError
 from distillkit.study.report import RESULT_FILES, summarise, write_results
 from distillkit.study.spec import StudyConfig, changed_fields, fingerprint, load_study, run_identity
 
@@ -166,6 +167,7 @@ def run_study(
     variants: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     output_dir: str | None = None,
+    report_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs every variant x seed (skipping finished runs), then writes and prints the comparison.
 
@@ -179,15 +181,20 @@ def run_study(
         variants: Run only these variants.
         seeds: Run only these seeds.
         output_dir: Instead of the study's ``output_dir``.
+        report_only: Run nothing: compare the runs finished so far (``--report``), e.g. while a long study
+            runs elsewhere.
 
     Returns:
         One row per variant (see :func:`~distillkit.study.report.summarise`).
 
-    """
-    from distillkit.tasks import TASKS
+    Raises:
+        ConfigError: With ``report_only``, when no run has finished yet.
 
+    """
     study, runs = load_study(study_path, overrides, variants=variants, seeds=seeds, output_dir=output_dir)
     threads = study.threads_per_run
+    if report_only:
+        return _report(study, runs, finished_runs(runs, threads), None)
     jobs = jobs or _default_jobs(threads)
     retire_stale_runs(runs, threads)
     pending = {k: c for k, c in runs.items() if not (Path(c.output_dir) / "summary.json").exists()}
@@ -210,18 +217,49 @@ def run_study(
                 _execute(pending[run_id], threads, None)
         else:
             _run_parallel(pending, threads, jobs, teacher_needs_tuning=cache is None)
-    summaries = {
-        run_id: json.loads((Path(c.output_dir) / "summary.json").read_text(encoding="utf-8"))
-        for run_id, c in runs.items()
-    }
+    elapsed = time.perf_counter() - started
+    done = f"{len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time" if pending else None
+    return _report(study, runs, finished_runs(runs, threads), done)
+
+
+def finished_runs(runs: dict[str, DistillConfig], threads: int) -> dict[str, dict[str, Any]]:
+    """``{run_id: summary}`` of the runs that finished with the config (and threads) they have now."""
+    found = {}
+    for run_id, config in runs.items():
+        out = Path(config.output_dir)
+        record = out / RUN_RECORD
+        if not ((out / "summary.json").is_file() and record.is_file()):
+            continue
+        if json.loads(record.read_text(encoding="utf-8")).get("fingerprint") != fingerprint(
+            run_identity(config, threads)
+        ):
+            print(f"[study] {run_id}: ran with another config; left out")
+            continue
+        found[run_id] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    return found
+
+
+def _report(
+    study: StudyConfig,
+    runs: dict[str, DistillConfig],
+    summaries: dict[str, dict[str, Any]],
+    done: str | None,
+) -> list[dict[str, Any]]:
+    """Writes and prints the comparison of the finished runs."""
+    from distillkit.tasks import TASKS
+
+    if not summaries:
+        raise ConfigError(
+            f"no run of the study in {study.output_dir} has finished yet; run it without --report"
+        )
     task = TASKS[next(iter(runs.values())).task]
     metrics = study.metric_names(task.metric)
     rows = summarise(study, summaries, task, metrics)
-    lines = write_results(study, rows, summaries, task, metrics)
-    elapsed = time.perf_counter() - started
+    missing = len(runs) - len(summaries)
+    lines = write_results(study, rows, summaries, task, metrics, missing=missing)
     print("\n".join(["", *lines, ""]))
-    if pending:
-        print(f"[study] {len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time")
+    if done:
+        print(f"[study] {done}")
     out = Path(study.output_dir)
     print("[study] results: " + ", ".join(str(out / name) for name in RESULT_FILES))
     return rows
