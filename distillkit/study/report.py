@@ -92,7 +92,7 @@ def comparison_table(study: StudyConfig, rows: list[dict[str, Any]], metrics: li
 def noise_floor(study: StudyConfig, rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     """Sentences on how much the baseline alone moves across seeds."""
     base = next((r for r in rows if r["variant"] == study.baseline), None)
-    if base is None:
+    if base is None or base["runs"] < 2:
         return []
     parts = []
     for metric in metrics:
