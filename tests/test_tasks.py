@@ -1,6 +1,7 @@
 """The tasks end to end on tiny models built from configs: causal LM, masked LM, representation."""
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -241,3 +242,23 @@ def test_causal_lm_runs_the_frozen_teacher_at_the_first_evaluation_only(tmp_path
     first = task.evaluate(model, batches, EvalContext(teacher=teacher))
     assert task.evaluate(model, batches, EvalContext(teacher=teacher)) == first
     assert teacher.calls == len(batches) and model.calls == 2 * len(batches)
+
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_causal_lm_distils_with_every_divergence(tmp_path, divergence):
+    """A causal-LM config with `kd` in each divergence runs, and the divergence falls while training."""
+    term = {"loss": "kd", "divergence": divergence, "temperature": 1.0}
+    raw = text_config(tmp_path, "causal_lm", llama(4, 32), [term], steps=16, log_every=1, batch_size=8)
+    raw["train"]["lr"] = 3e-3
+    summary = distill(config_from_dict(raw))
+    assert math.isfinite(summary["student"]["eval"]["perplexity"])
+    logged = [
+        record["kd"]
+        for record in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if record.get("split") == "train"
+    ]
+    assert len(logged) == 16 and all(math.isfinite(v) for v in logged)
+    assert sum(logged[-4:]) < sum(logged[:4])
