@@ -20,58 +20,11 @@
 #include <string>
 #include <type_traits>
 
+#include "cpu/blas_gemm.h"
 #include "cpu/fused_linear_divergence_kernel.h"
 
 namespace distillkit {
 namespace {
-
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
-
-template <typename acc_t>
-void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
-               int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
-  if constexpr (std::is_same_v<acc_t, float>) {
-    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-  } else {
-    dgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-  }
-}
-
-// Column-major gemm through at::mm on tensors viewing the buffers, for a torch without a Fortran BLAS.
-template <typename acc_t>
-void aten_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
-               int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  auto view = [&](const acc_t* ptr, int64_t rows, int64_t cols, int64_t ld) {
-    return at::from_blob(const_cast<acc_t*>(ptr), {cols, rows}, {ld, 1}, opts);
-  };
-  at::Tensor at_ = trans_a ? view(a, k, m, lda).t() : view(a, m, k, lda);
-  at::Tensor bt = trans_b ? view(b, n, k, ldb).t() : view(b, k, n, ldb);
-  at::Tensor ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
-  at::Tensor prod = at::mm(bt, at_);
-  if (beta == acc_t(0)) {
-    ct.copy_(prod.mul_(alpha));
-  } else {
-    ct.mul_(beta).add_(prod, alpha);
-  }
-}
-
-template <typename acc_t>
-cpu::fld::GemmFn<acc_t> pick_gemm() {
-  const char* env = std::getenv("DISTILLKIT_CPU_GEMM");
-  const bool force_aten = env != nullptr && std::string(env) == "aten";
-  const bool have_blas = std::is_same_v<acc_t, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
-  return have_blas && !force_aten ? &blas_gemm<acc_t> : &aten_gemm<acc_t>;
-}
 
 cpu::fld::Divergence parse_divergence(const std::string& name) {
   if (name == "forward_kl") return cpu::fld::Divergence::kForwardKL;
@@ -170,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
     p.labels = lb.has_value() ? lb->data_ptr<int64_t>() : nullptr;
     p.grad_hidden = grad_hidden.data_ptr<acc_t>();
     p.grad_weight = grad_weight.data_ptr<acc_t>();
-    const double value = cpu::fld::run<acc_t>(p, rows, parts, pick_gemm<acc_t>(), par);
+    const double value = cpu::fld::run<acc_t>(p, rows, parts, cpu_gemm::pick_gemm<acc_t>(), par);
     loss.fill_(value);
   };
   if (acc == at::kDouble) {

@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "membank_infonce_args.h"
+
 namespace distillkit {
 namespace cpu {
 
@@ -37,7 +39,8 @@ using GemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
                         const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c,
                         int64_t ldc);
 
-// One call's inputs and outputs. Queries and positives are already in the accumulation type.
+// The typed view of one call's MembankInfonceArgs that the kernel works on (sizes, bank, labels, index and
+// outputs from the arguments). Queries and positives are already in the accumulation type.
 template <typename in_t, typename acc_t>
 struct Problem {
   int64_t L = 0;                  // layers (flattened leading dims)
@@ -56,6 +59,29 @@ struct Problem {
   acc_t* loss = nullptr;                     // [L, B]
   acc_t* lse = nullptr;                      // [L, B]
   acc_t* wsum = nullptr;                     // [L, B, D]
+
+  // The view of `args` (whose dtype is in_t's, contiguous) with `query` and `positive` its inputs converted
+  // to acc_t ([L, B, D] contiguous).
+  static Problem of(const MembankInfonceArgs& args, const acc_t* query, const acc_t* positive) {
+    Problem p;
+    p.L = args.L;
+    p.B = args.B;
+    p.D = args.D;
+    p.bank_rows = args.N;
+    p.bank_layer_stride = args.bank_stride_l;
+    p.num_neg = args.K;
+    p.inv_tau = static_cast<acc_t>(1.0 / args.temperature);
+    p.query = query;
+    p.positive = positive;
+    p.bank = static_cast<const in_t*>(args.bank);
+    p.query_labels = args.query_labels;
+    p.bank_labels = args.bank_labels;
+    p.negative_index = args.negative_index;
+    p.loss = static_cast<acc_t*>(args.loss);
+    p.lse = static_cast<acc_t*>(args.lse);
+    p.wsum = static_cast<acc_t*>(args.wsum);
+    return p;
+  }
 };
 
 // How the dense path splits the work: items = L * chunks, each item a contiguous range of bank rows.

@@ -2,15 +2,9 @@
 //
 // The schema is defined once, by the CPU extension (csrc/cpu, TORCH_LIBRARY(distillkit, m)); this file
 // only adds the CUDA kernel (TORCH_LIBRARY_IMPL(distillkit, CUDA, m)). It adapts tensors to the torch-free
-// launcher in membank_infonce_kernels.cuh: checks, canonical layouts, output and workspace allocation on
-// the current device and stream, error checks.
-//
-// Canonical inputs (the Python wrapper produces them):
-//   query, positive  [L, B, D], same dtype (float32, float64, bfloat16, float16)
-//   bank             [L, K, D], or [K, D] shared by all L layers (read with layer stride 0, never copied)
-//   query_labels     [B] int64 and bank_labels [K] int64, both or neither
-//   negative_index   [L, B, K] int64 into the bank's rows (then the bank is [L, N, D] or [N, D])
-// Outputs: loss [L, B], lse [L, B], wsum [L, B, D] in float32 (float64 for float64 inputs).
+// launcher in membank_infonce_kernels.cuh: device checks, the shared checks, layouts and output allocation
+// of membank_infonce_binding.h (inputs and outputs are described there), workspace allocation on the current
+// device and stream, error checks.
 //
 // negative_index is range-checked on the device, never with a host synchronisation: a value outside the bank
 // is never read, the rows holding one get NaN outputs, and the kernel counts it in two words of mapped pinned
@@ -34,12 +28,11 @@
 #include <vector>
 
 #include "cuda/membank_infonce_kernels.cuh"
-#include "membank_infonce_checks.h"
+#include "membank_infonce_binding.h"
 
 namespace distillkit {
 namespace {
 
-using cuda::MembankDType;
 using cuda::MembankPath;
 
 MembankPath path_from_env() {
@@ -51,22 +44,6 @@ MembankPath path_from_env() {
   TORCH_CHECK(v.empty() || v == "auto", "DISTILLKIT_CUDA_PATH must be auto, generic or tensorcore, got '", v,
               "'");
   return MembankPath::kAuto;
-}
-
-MembankDType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return MembankDType::kFloat32;
-    case at::kDouble:
-      return MembankDType::kFloat64;
-    case at::kBFloat16:
-      return MembankDType::kBFloat16;
-    case at::kHalf:
-      return MembankDType::kFloat16;
-    default:
-      TORCH_CHECK(false, "membank_infonce_fwd: unsupported dtype ", t,
-                  "; use float32, float64, bfloat16 or float16");
-  }
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -117,10 +94,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
     const at::Tensor& query, const at::Tensor& positive, const at::Tensor& bank, double temperature,
     const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& bank_labels,
     const std::optional<at::Tensor>& negative_index) {
-  check_membank_infonce_args(query, positive, bank, temperature, query_labels, bank_labels, negative_index);
-  const int64_t L = query.size(0), B = query.size(1), D = query.size(2);
-  const bool shared = bank.dim() == 2;
-  const int64_t rows = bank.size(-2);
   const at::Device device = query.device();
   TORCH_CHECK(device.is_cuda() && positive.device() == device && bank.device() == device,
               "membank_infonce_fwd: query, positive and bank must be on the same CUDA device");
@@ -136,56 +109,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
                       " negative_index value(s) outside the bank's rows (e.g. ", bad[1],
                       "); the query rows holding them got NaN loss");
   }
-  const at::ScalarType acc_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // Inner (feature) dims must be contiguous; contiguous() is a no-op for the canonical inputs.
-  const at::Tensor q = query.contiguous();
-  const at::Tensor pos = positive.contiguous();
-  const at::Tensor bk = bank.contiguous();
-  at::Tensor ql, bl, ni;
-  if (query_labels.has_value()) {
-    ql = query_labels->contiguous();
-    bl = bank_labels->contiguous();
-  }
-  if (negative_index.has_value()) ni = negative_index->contiguous();
-
-  const auto opts = query.options().dtype(acc_dtype);
-  at::Tensor loss = at::empty({L, B}, opts);
-  at::Tensor lse = at::empty({L, B}, opts);
-  at::Tensor wsum = at::empty({L, B, D}, opts);
-  if (L * B == 0) return {loss, lse, wsum};
+  const MembankInfonceCall call =
+      membank_infonce_call(query, positive, bank, temperature, query_labels, bank_labels, negative_index);
+  if (call.empty()) return {call.loss, call.lse, call.wsum};
 
   cuda::MembankInfonceParams p;
-  p.dtype = to_dtype(query.scalar_type());
-  p.L = L;
-  p.B = B;
-  p.D = D;
-  p.N = rows;
-  p.K = negative_index.has_value() ? ni.size(2) : rows;
-  p.query = q.data_ptr();
-  p.query_stride_l = B * D;
-  p.query_stride_b = D;
-  p.positive = pos.data_ptr();
-  p.positive_stride_l = B * D;
-  p.positive_stride_b = D;
-  p.bank = bk.data_ptr();
-  p.bank_stride_l = shared ? 0 : rows * D;
-  p.bank_stride_n = D;
-  if (query_labels.has_value()) {
-    p.query_labels = ql.data_ptr<int64_t>();
-    p.bank_labels = bl.data_ptr<int64_t>();
-  }
-  if (negative_index.has_value()) {
-    p.negative_index = ni.data_ptr<int64_t>();
-    p.index_stride_l = B * p.K;
-    p.index_stride_b = p.K;
-    p.index_error = index_error_words(device.index()).device;
-  }
-  p.temperature = temperature;
+  static_cast<MembankInfonceArgs&>(p) = call.args;
+  if (negative_index.has_value()) p.index_error = index_error_words(device.index()).device;
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
   p.path = path_from_env();
-  p.loss = loss.data_ptr();
-  p.lse = lse.data_ptr();
-  p.wsum = wsum.data_ptr();
 
   cuda::MembankInfoncePlan plan;
   check_cuda(cuda::membank_infonce_plan(p, device.index(), &plan), "planning");
@@ -194,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
       at::empty({static_cast<int64_t>(plan.workspace_bytes)}, query.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_cuda(cuda::membank_infonce_forward(p, plan, workspace.data_ptr(), stream), "kernel launch");
-  return {loss, lse, wsum};
+  return {call.loss, call.lse, call.wsum};
 }
 
 }  // namespace

@@ -67,11 +67,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "membank_infonce_args.h"
+
 namespace distillkit {
 namespace cuda {
 
-/// Element type of query, positive and bank (all three share it).
-enum class MembankDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+using distillkit::MembankDType;
 
 /// Which partial kernel to use; kAuto picks the tensor-core path when it applies.
 enum class MembankPath : int { kAuto = 0, kGeneric = 1, kTensorCore = 2 };
@@ -85,39 +86,15 @@ constexpr int kMaxSplits = 64;
 /// Layers per tensor-core launch (grid z); more layers are covered by several launches.
 constexpr int64_t kMaxLayersPerLaunch = DISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH;
 
-/// Raw inputs and outputs of one forward call. Strides are in elements; the feature dim D is contiguous.
-struct MembankInfonceParams {
-  MembankDType dtype = MembankDType::kFloat32;
-  int64_t L = 0;  ///< leading (layer) dimension
-  int64_t B = 0;  ///< query rows per layer
-  int64_t K = 0;  ///< negatives per query row (bank rows, or index columns with negative_index)
-  int64_t D = 0;  ///< feature dimension
-  int64_t N = 0;  ///< bank rows (== K without negative_index)
-
-  const void* query = nullptr;  ///< [L, B, D]
-  int64_t query_stride_l = 0, query_stride_b = 0;
-  const void* positive = nullptr;  ///< [L, B, D]
-  int64_t positive_stride_l = 0, positive_stride_b = 0;
-  const void* bank = nullptr;  ///< [L, N, D], or [N, D] shared by all layers (bank_stride_l = 0)
-  int64_t bank_stride_l = 0, bank_stride_n = 0;
-
-  const int64_t* query_labels = nullptr;  ///< [B] or null; given together with bank_labels
-  const int64_t* bank_labels = nullptr;   ///< [N] or null
-  const int64_t* negative_index = nullptr;  ///< [L, B, K] rows of the bank, values in [0, N), or null
-  int64_t index_stride_l = 0, index_stride_b = 0;
-
+/// One forward call: the op's arguments (membank_infonce_args.h) and the CUDA launch options.
+struct MembankInfonceParams : MembankInfonceArgs {
   /// Two words the kernel updates atomically when negative_index holds a value outside [0, N): [0] counts
   /// such values, [1] holds one of them. May be null (then nothing is recorded; the rows are still NaN).
   /// The binding passes mapped pinned host memory, so the host reads it without a device synchronisation.
   unsigned long long* index_error = nullptr;
 
-  double temperature = 1.0;
   bool allow_tf32 = false;  ///< fp32 inputs may use tf32 tensor cores
   MembankPath path = MembankPath::kAuto;
-
-  void* loss = nullptr;  ///< [L, B] contiguous, float32 (float64 for fp64 inputs)
-  void* lse = nullptr;   ///< [L, B] contiguous, same dtype as loss
-  void* wsum = nullptr;  ///< [L, B, D] contiguous, same dtype as loss
 };
 
 /// Launch decisions for one call; fill with membank_infonce_plan and pass unchanged to the launcher.
