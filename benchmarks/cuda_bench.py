@@ -35,7 +35,6 @@ import math
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,6 +45,7 @@ try:
 except ImportError:  # run from a checkout that is not installed: use the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distillkit.benchmarking import markdown_table, time_steps  # noqa: E402
 from distillkit.ops import _loader, membank_infonce, naive_membank_infonce  # noqa: E402
 
 # Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s), for reference next to the measured ones.
@@ -168,7 +168,8 @@ def time_ms(
     """Median wall time of ``fn`` in milliseconds.
 
     On CUDA each run sits between two events; ``flush`` (if given) is zeroed before each run, outside the
-    events, so every run starts with a cold L2 cache. On the CPU a host clock is used.
+    events, so every run starts with a cold L2 cache. On the CPU the harness's host clock is used
+    (:func:`distillkit.benchmarking.time_steps`).
 
     Args:
         fn: The work to time.
@@ -180,28 +181,22 @@ def time_ms(
     Returns:
         The median time in milliseconds.
     """
+    if device.type != "cuda":
+        return time_steps({"fn": fn}, runs, warmup=warmup)["fn"].median * 1e3
     for _ in range(warmup):
         fn()
     _sync(device)
-    times: list[float] = []
-    if device.type == "cuda":
-        pairs = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)
-        ]
-        for start, end in pairs:
-            if flush is not None:
-                flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in pairs]
-    else:
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    pairs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)
+    ]
+    for start, end in pairs:
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in pairs)
 
 
 def _time_mm(n: int, device: torch.device, warmup: int, runs: int) -> float:
@@ -462,10 +457,10 @@ def build_table(results: list[Result], peaks: Peaks, layers: int) -> tuple[list[
         ``(table_lines, notes)``: the markdown table and the lines on memory growth with ``K``.
     """
     header = (
-        "| case | B | K | D | variant | median ms | kernel ms | TFLOP/s | x vs naive | x vs naive_compiled "
-        "| floor ms | ratio to floor | extra MiB | B·K·4 MiB | rel err | targets |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+        "case", "B", "K", "D", "variant", "median ms", "kernel ms", "TFLOP/s", "x vs naive",
+        "x vs naive_compiled", "floor ms", "ratio to floor", "extra MiB", "B·K·4 MiB", "rel err", "targets",
+    )  # fmt: skip
+    cells: list[tuple[object, ...]] = []
     by_case: dict[str, dict[str, Result]] = {}
     for r in results:
         by_case.setdefault(r.case.name, {})[r.variant] = r
@@ -498,13 +493,27 @@ def build_table(results: list[Result], peaks: Peaks, layers: int) -> tuple[list[
                 if r.extra_bytes is not None:
                     checks.append(f"mem {_verdict(r.extra_bytes <= memory_budget(case, layers))}")
                 targets = ", ".join(checks)
-            lines.append(
-                f"| {name} | {case.batch} | {case.bank} | {case.dim} | {variant} "
-                f"| {_fmt(ms, '.3f') if ok else r.status} | {_fmt(r.kernel_ms, '.3f')} "
-                f"| {_fmt(tflops, '.3g')} | {_fmt(x_naive, '.2f')} "
-                f"| {_fmt(x_ncomp, '.2f')} | {floor_ms:.4f} | {_fmt(ratio, '.2f')} | {_fmt(extra, '.1f')} "
-                f"| {bk_mib:.1f} | {_fmt(r.rel_err, '.1e')} | {targets} |"
+            cells.append(
+                (
+                    name,
+                    case.batch,
+                    case.bank,
+                    case.dim,
+                    variant,
+                    _fmt(ms, ".3f") if ok else r.status,
+                    _fmt(r.kernel_ms, ".3f"),
+                    _fmt(tflops, ".3g"),
+                    _fmt(x_naive, ".2f"),
+                    _fmt(x_ncomp, ".2f"),
+                    f"{floor_ms:.4f}",
+                    _fmt(ratio, ".2f"),
+                    _fmt(extra, ".1f"),
+                    f"{bk_mib:.1f}",
+                    _fmt(r.rel_err, ".1e"),
+                    targets,
+                )
             )
+    lines = markdown_table(header, cells).splitlines()
     return lines, memory_growth_notes(results)
 
 
@@ -625,15 +634,24 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"naive_compiled backend {args.compile_backend}, L2 flushed before each timed run on CUDA"
     )
     report.append("")
-    report.append("| case | flops | bytes | FLOP floor ms | byte floor ms | floor ms | bound |")
-    report.append("|---|---|---|---|---|---|---|")
+    floors = []
     for case in cases:
         fl, by = case_flops(case, args.layers), case_bytes(case, args.layers)
         f_ms, b_ms = fl / peaks.flops * 1e3, by / peaks.bytes_per_s * 1e3
-        report.append(
-            f"| {case.name} | {fl:.3g} | {by:.3g} | {f_ms:.4f} | {b_ms:.4f} | {max(f_ms, b_ms):.4f} "
-            f"| {'compute' if f_ms >= b_ms else 'memory'} |"
+        bound = "compute" if f_ms >= b_ms else "memory"
+        floors.append(
+            (
+                case.name,
+                f"{fl:.3g}",
+                f"{by:.3g}",
+                f"{f_ms:.4f}",
+                f"{b_ms:.4f}",
+                f"{max(f_ms, b_ms):.4f}",
+                bound,
+            )
         )
+    header = ("case", "flops", "bytes", "FLOP floor ms", "byte floor ms", "floor ms", "bound")
+    report += markdown_table(header, floors).splitlines()
     report.append("")
 
     flush = None

@@ -14,15 +14,14 @@ range of bank sizes (see :mod:`distillkit.opbench`).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from distillkit.benchmarking import Row, format_rows, time_steps
 from distillkit.hookspecs import BenchCase
 from distillkit.terms import LossTerm, ModelDims, TapRequest, Taps
 
@@ -199,50 +198,29 @@ def time_case(
     dtype: torch.dtype = torch.float32,
     repeat: int = 5,
     warmup: int = 1,
-) -> dict[str, Any]:
-    """Times forward+backward of one case.
+) -> Row:
+    """Times forward+backward of one case (:func:`distillkit.benchmarking.time_steps`).
 
     Returns:
         A table row: case, loss, median and min milliseconds, and peak CUDA memory when on a GPU.
     """
     step = make_step(case, shapes, device, dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
     for _ in range(warmup):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if sync is not None:
+        sync()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    row: dict[str, Any] = {
+    timing = time_steps({case.name: step}, repeat, warmup=0, sync=sync)[case.name]
+    row: Row = {
         "case": case.name,
         "loss": case.loss,
-        "median_ms": statistics.median(times),
-        "min_ms": min(times),
+        "median_ms": timing.median * 1e3,
+        "min_ms": timing.min * 1e3,
     }
-    if device.startswith("cuda"):
+    if sync is not None:
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Formats rows (dicts with the same keys) as a markdown table."""
-    if not rows:
-        return "(no rows)"
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -390,5 +368,5 @@ def run_bench_cli(args: argparse.Namespace) -> int:
             )
         print(f"  {case.name}: {rows[-1]['median_ms']:.1f} ms", file=sys.stderr, flush=True)
     print(f"\nforward+backward on synthetic taps, {shapes}, device={args.device}, dtype={args.dtype}\n")
-    print(format_table(rows))
+    print(format_rows(rows))
     return 0

@@ -19,14 +19,10 @@ with the variants' flops per CPU-second (``time.process_time``, all threads): on
 neighbours take cores away and multi-threaded BLAS calls stall at their barriers, that efficiency stays
 stable while wall-clock rates do not.
 
-Peak extra memory (CPU): each (case, variant) runs in a fresh Python process that builds the inputs,
-warms the variant up on a tiny case (so one-off allocations such as thread pools and BLAS buffers are not
-counted), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads the resident set
-(``VmRSS``), runs one forward + backward and reads the peak (``VmHWM``). The difference is the peak memory
-the pass added on top of its inputs (where the mark cannot be reset, ``ru_maxrss`` growth is used). Large
-tensors are allocated with ``mmap`` and given back on free, so resident memory follows what is live; the
-measure is coarse (pages, not bytes) but exact enough to compare hundreds of MiB with a few. Inputs live on
-the CPU.
+Peak extra memory (CPU): each (case, variant) runs in a fresh Python process
+(:func:`distillkit.benchmarking.peak_extra_memory`) that builds the inputs, warms the variant up on a tiny
+case (so one-off allocations such as thread pools and BLAS buffers are not counted) and reports the peak
+resident memory one forward + backward adds on top of its inputs. Inputs live on the CPU.
 """
 
 from __future__ import annotations
@@ -34,16 +30,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from distillkit import benchmarking
+from distillkit.benchmarking import markdown_table, time_steps
 from distillkit.ops import membank_infonce, naive_membank_infonce, reference_membank_infonce
 
 VARIANTS: tuple[str, ...] = ("naive", "reference", "compiled", "gather_bmm")
@@ -172,70 +165,23 @@ def time_variants(
     inputs = make_inputs(case)
     steps: dict[str, Callable[[], None]] = {v: functools.partial(variant_step(v), inputs) for v in variants}
     steps.update(probes or {})
-    for step in steps.values():  # warm-up
-        step()
-    wall: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return {
-        name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])} for name in steps
-    }
+    timings = time_steps(steps, repeats)
+    return {name: {"wall": t.median, "cpu": t.median_cpu} for name, t in timings.items()}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_extra_bytes_here(case: Case, variant: str) -> int:
-    """In this process: peak resident memory (bytes) one forward + backward adds to inputs and warm-up."""
+def memory_step(fields: dict, variant: str) -> Callable[[], None]:
+    """What :func:`peak_extra_memory` measures: ``variant`` on Case(**fields), warmed up on a tiny case."""
+    case = Case(**fields)
     tiny = Case("warm-up", batch=4, dim=case.dim, negatives=64, rows=256 if case.indexed else None)
     variant_step(variant)(make_inputs(tiny))
-    inputs = make_inputs(case)
-    if _reset_peak_rss():  # Linux: peak since the reset minus what is resident now
-        before = _status_kib("VmRSS")
-        variant_step(variant)(inputs)
-        return (_status_kib("VmHWM") - before) * 1024
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak so far: may hide small passes
-    variant_step(variant)(inputs)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    return functools.partial(variant_step(variant), make_inputs(case))
 
 
 def peak_extra_memory(case: Case, variant: str, timeout: float = 600.0) -> int:
     """Peak extra resident memory (bytes) of one forward + backward, in a fresh process (same threads)."""
-    code = (
-        "import json, sys, torch\n"
-        "from distillkit.opbench import Case, _peak_extra_bytes_here\n"
-        "torch.set_num_threads(int(sys.argv[3]))\n"
-        "case = Case(**json.loads(sys.argv[1]))\n"
-        "print(_peak_extra_bytes_here(case, sys.argv[2]))\n"
+    return benchmarking.peak_extra_memory(
+        "distillkit.opbench:memory_step", asdict(case), variant, timeout=timeout
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(case)), variant, str(torch.get_num_threads())],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=True,
-    )
-    return int(out.stdout.strip().splitlines()[-1])
 
 
 def sgemm_probe(
@@ -267,18 +213,6 @@ def sgemm_probe(
             torch.set_num_threads(saved)
 
     return run, 2 * m * k * n * calls
-
-
-def sgemm_gflops(m: int, k: int, n: int, repeats: int = 5, threads: int | None = None) -> float:
-    """GFLOP/s (wall) of float32 ``torch.mm`` of ``[m, k] @ [k, n]``, median of ``repeats``."""
-    run, flops = sgemm_probe(m, k, n, threads=threads)
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return flops / statistics.median(times) / 1e9
 
 
 def sgemm_probes(case: Case) -> dict[str, tuple[Callable[[], None], int]]:
@@ -347,19 +281,26 @@ def format_table(rows: Sequence[dict]) -> str:
     def fmt(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
         return "-" if value is None else format(value * scale, spec) + unit
 
-    lines = [
-        "| case | variant | fwd+bwd ms | speedup | GFLOP/s | of sgemm, same shape | GFLOP per CPU-s "
-        "| of 1-core sgemm | peak extra MiB | memory vs baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['gflops']:.1f} "
-            f"| {fmt(r['sgemm_frac'], '.0f', 100, '%')} | {r['core_gflops']:.1f} "
-            f"| {fmt(r['core_frac'], '.0f', 100, '%')} "
-            f"| {fmt(r['peak_mib'], '.1f')} | {fmt(r['mem_frac'], '.2f', 100, '%')} |"
+    header = (
+        "case", "variant", "fwd+bwd ms", "speedup", "GFLOP/s", "of sgemm, same shape", "GFLOP per CPU-s",
+        "of 1-core sgemm", "peak extra MiB", "memory vs baseline",
+    )  # fmt: skip
+    cells = [
+        (
+            r["case"],
+            r["variant"],
+            f"{r['ms']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['gflops']:.1f}",
+            fmt(r["sgemm_frac"], ".0f", 100, "%"),
+            f"{r['core_gflops']:.1f}",
+            fmt(r["core_frac"], ".0f", 100, "%"),
+            fmt(r["peak_mib"], ".1f"),
+            fmt(r["mem_frac"], ".2f", 100, "%"),
         )
-    return "\n".join(lines)
+        for r in rows
+    ]
+    return markdown_table(header, cells, right=range(2, len(header)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from distillkit.benchmarking import markdown_table
 from distillkit.config import DistillConfig
 from distillkit.loop import autocast_factory
 from distillkit.models import quiet_loading
@@ -130,15 +131,15 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
 def format_step_table(result: dict[str, Any], config_name: str) -> str:
     """A markdown table of the phases: median milliseconds and share of the step."""
     step = result["step"]
+    cells = [
+        (name, f"{seconds * 1e3:.1f}", f"{seconds / step:.1%}") for name, seconds in result["phases"].items()
+    ]
     lines = [
         f"training step of {config_name} (batch {result['batch']}, median of {result['repeats']} steps, "
         f"{torch.get_num_threads()} threads): {step * 1e3:.1f} ms",
         "",
-        "| phase | ms | share of step |",
-        "|---|---:|---:|",
+        markdown_table(("phase", "ms", "share of step"), cells, right=(1, 2)),
     ]
-    for name, seconds in result["phases"].items():
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / step:.1%} |")
     overhead = result["phases"]["objective"] + result["phases"]["bookkeeping"]
     lines.append(f"\nobjective (without the InfoNCE op) + bookkeeping: {overhead / step:.1%} of the step")
     return "\n".join(lines)

@@ -16,15 +16,13 @@ built and one warm-up step has run (gradients reset to None, as after ``zero_gra
 from __future__ import annotations
 
 import functools
-import json
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+
+from distillkit import benchmarking
+from distillkit.benchmarking import markdown_table, time_steps
 
 VARIANTS = ("naive", "chunked", "chunked_compiled", "fused")
 CHUNK_ROWS = 256
@@ -96,47 +94,23 @@ def variant_step(case: VocabCase, variant: str) -> Callable[[dict[str, torch.Ten
 def time_variants(case: VocabCase, variants: Sequence[str], repeats: int = 3) -> dict[str, float]:
     """Median wall seconds of forward + backward per variant, variants interleaved round by round."""
     inputs = make_inputs(case)
-    steps = {v: variant_step(case, v) for v in variants}
-    for step in steps.values():  # warm-up (and compilation)
-        step(inputs)
-    wall: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step(inputs)
-            wall[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in wall.items()}
+    steps = {v: functools.partial(variant_step(case, v), inputs) for v in variants}
+    return {name: timing.median for name, timing in time_steps(steps, repeats).items()}
 
 
-def _peak_extra_bytes_here(case: VocabCase, variant: str) -> int:
-    from distillkit.opbench import _reset_peak_rss, _status_kib
-
-    inputs = make_inputs(case)
-    step = variant_step(case, variant)
-    step(inputs)
-    if not _reset_peak_rss():
-        raise RuntimeError("peak memory needs Linux /proc/self/clear_refs")
-    before = _status_kib("VmRSS")
-    step(inputs)
-    return (_status_kib("VmHWM") - before) * 1024
+def memory_step(fields: dict, variant: str) -> Callable[[], None]:
+    """What :func:`peak_extra_memory` measures: ``variant`` on VocabCase(**fields), after one warm-up step."""
+    case = VocabCase(**fields)
+    step = functools.partial(variant_step(case, variant), make_inputs(case))
+    step()
+    return step
 
 
 def peak_extra_memory(case: VocabCase, variant: str, timeout: float = 900.0) -> int:
     """Peak extra resident bytes of one forward + backward of ``variant``, in a fresh process."""
-    code = (
-        "import json, sys, torch\n"
-        "from distillkit.vocabbench import VocabCase, _peak_extra_bytes_here\n"
-        "torch.set_num_threads(int(sys.argv[3]))\n"
-        "print(_peak_extra_bytes_here(VocabCase(**json.loads(sys.argv[1])), sys.argv[2]))\n"
+    return benchmarking.peak_extra_memory(
+        "distillkit.vocabbench:memory_step", asdict(case), variant, timeout=timeout
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(case)), variant, str(torch.get_num_threads())],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=True,
-    )
-    return int(out.stdout.strip().splitlines()[-1])
 
 
 def measure(case: VocabCase, repeats: int = 3, memory: bool = True) -> list[dict]:
@@ -160,16 +134,19 @@ def measure(case: VocabCase, repeats: int = 3, memory: bool = True) -> list[dict
 
 def format_table(rows: Sequence[dict]) -> str:
     """Markdown table of :func:`measure` rows."""
-    lines = [
-        "| case | variant | fwd+bwd ms | speedup vs naive | peak extra MiB | memory vs naive |",
-        "|---|---|---:|---:|---:|---:|",
+    header = ("case", "variant", "fwd+bwd ms", "speedup vs naive", "peak extra MiB", "memory vs naive")
+    cells = [
+        (
+            r["case"],
+            r["variant"],
+            f"{r['ms']:.0f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['peak_mib']:.1f}" if "peak_mib" in r else "-",
+            f"{100 * r['memory_vs_naive']:.2f}%" if "memory_vs_naive" in r else "-",
+        )
+        for r in rows
     ]
-    for r in rows:
-        peak = f"{r['peak_mib']:.1f}" if "peak_mib" in r else "-"
-        ratio = f"{100 * r['memory_vs_naive']:.2f}%" if "memory_vs_naive" in r else "-"
-        cells = [r["case"], r["variant"], f"{r['ms']:.0f}", f"{r['speedup']:.2f}x", peak, ratio]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(header, cells, right=range(2, len(header)))
 
 
 def run_vocab_table(case: VocabCase, repeats: int = 3, memory: bool = True) -> int:
