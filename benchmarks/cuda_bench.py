@@ -46,6 +46,7 @@ except ImportError:  # run from a checkout that is not installed: use the reposi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distillkit.benchmarking import markdown_table, time_steps  # noqa: E402
+from distillkit.opbench import Case  # noqa: E402
 from distillkit.ops import _loader, membank_infonce, naive_membank_infonce  # noqa: E402
 
 # Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s), for reference next to the measured ones.
@@ -54,37 +55,10 @@ DATASHEET: dict[str, tuple[float, float]] = {
     "H200": (989e12, 4.8e12),
 }
 VARIANTS = ("compiled", "naive", "naive_compiled")
-TEMPERATURE = 0.07
 MIB = float(1 << 20)
 # Targets for the ``compiled`` rows.
 TARGET_VS_NAIVE = 3.0
 TARGET_VS_FLOOR = 1.5
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One benchmark shape.
-
-    Attributes:
-        name: Short label used in the table and by ``--cases``.
-        batch: Query rows ``B``.
-        bank: Negatives per query ``K`` (bank rows, or index columns with ``negative_index``).
-        dim: Feature dimension ``D``.
-        labels: Pass ``query_labels``/``bank_labels``.
-        rows: Bank rows ``N`` for ``negative_index``; 0 means no index (dense bank of ``K`` rows).
-    """
-
-    name: str
-    batch: int
-    bank: int
-    dim: int
-    labels: bool = False
-    rows: int = 0
-
-    @property
-    def indexed(self) -> bool:
-        """Whether this case uses ``negative_index``."""
-        return self.rows > 0
 
 
 @dataclasses.dataclass
@@ -125,7 +99,10 @@ class Peaks:
 
 
 def default_cases(quick: bool) -> list[Case]:
-    """Returns the benchmark shapes.
+    """Returns the benchmark shapes (the op benchmarks' :class:`distillkit.opbench.Case`).
+
+    This script runs every case in bf16 with a per-layer bank and ``--layers`` leading dim; the cases'
+    ``dtype`` and ``layers`` (the CPU table's settings) are left at their defaults and not read here.
 
     Args:
         quick: Tiny shapes for a CPU smoke run instead of the GPU shapes.
@@ -135,21 +112,21 @@ def default_cases(quick: bool) -> list[Case]:
     """
     if quick:
         return [
-            Case("d16-k64", 8, 64, 16),
-            Case("d16-k256", 8, 256, 16),
-            Case("d16-k64-labels", 8, 64, 16, labels=True),
-            Case("d16-k32-index", 4, 32, 16, rows=100),
-            Case("d16-k32-index-labels", 4, 32, 16, labels=True, rows=100),
+            Case("d16-k64", batch=8, dim=16, negatives=64),
+            Case("d16-k256", batch=8, dim=16, negatives=256),
+            Case("d16-k64-labels", batch=8, dim=16, negatives=64, labels=True),
+            Case("d16-k32-index", batch=4, dim=16, negatives=32, rows=100),
+            Case("d16-k32-index-labels", batch=4, dim=16, negatives=32, labels=True, rows=100),
         ]
     return [
-        Case("d768-k64k", 256, 65536, 768),
-        Case("d768-k1m", 256, 1 << 20, 768),
-        Case("d128-k64k", 256, 65536, 128),
-        Case("d128-k1m", 256, 1 << 20, 128),
-        Case("d768-k64k-labels", 256, 65536, 768, labels=True),
-        Case("d128-k64k-labels", 256, 65536, 128, labels=True),
-        Case("d128-k16k-index", 64, 16384, 128, rows=50000),
-        Case("d128-k16k-index-labels", 64, 16384, 128, labels=True, rows=50000),
+        Case("d768-k64k", batch=256, dim=768, negatives=65536),
+        Case("d768-k1m", batch=256, dim=768, negatives=1 << 20),
+        Case("d128-k64k", batch=256, dim=128, negatives=65536),
+        Case("d128-k1m", batch=256, dim=128, negatives=1 << 20),
+        Case("d768-k64k-labels", batch=256, dim=768, negatives=65536, labels=True),
+        Case("d128-k64k-labels", batch=256, dim=128, negatives=65536, labels=True),
+        Case("d128-k16k-index", batch=64, dim=128, negatives=16384, rows=50000),
+        Case("d128-k16k-index-labels", batch=64, dim=128, negatives=16384, labels=True, rows=50000),
     ]
 
 
@@ -252,21 +229,21 @@ def make_inputs(case: Case, layers: int, device: torch.device, classes: int, see
         x = torch.randn(*shape, device=device, dtype=torch.float32, generator=gen)
         return torch.nn.functional.normalize(x, dim=-1).to(dt)
 
-    rows = case.rows if case.indexed else case.bank
+    rows = case.rows if case.indexed else case.negatives
     query = unit(layers, case.batch, case.dim).requires_grad_(True)
     positive = unit(layers, case.batch, case.dim).requires_grad_(True)
     inputs: dict[str, object] = {
         "query": query,
         "positive": positive,
         "bank": unit(layers, rows, case.dim),
-        "temperature": TEMPERATURE,
+        "temperature": case.temperature,
     }
     if case.labels:
         inputs["query_labels"] = torch.randint(0, classes, (case.batch,), device=device, generator=gen)
         inputs["bank_labels"] = torch.randint(0, classes, (rows,), device=device, generator=gen)
     if case.indexed:
         inputs["negative_index"] = torch.randint(
-            0, case.rows, (layers, case.batch, case.bank), device=device, generator=gen
+            0, case.rows, (layers, case.batch, case.negatives), device=device, generator=gen
         )
     return inputs
 
@@ -278,7 +255,7 @@ def input_bytes(inputs: dict[str, object]) -> int:
 
 def case_flops(case: Case, layers: int) -> float:
     """Useful forward+backward FLOPs of the fused op: ``4·L·B·K·D``."""
-    return 4.0 * layers * case.batch * case.bank * case.dim
+    return 4.0 * layers * case.batch * case.negatives * case.dim
 
 
 def case_bytes(case: Case, layers: int) -> float:
@@ -289,11 +266,11 @@ def case_bytes(case: Case, layers: int) -> float:
     """
     elem = 2
     if case.indexed:
-        bank_rows = min(case.rows, case.batch * case.bank)
-        index = layers * case.batch * case.bank * 8
+        bank_rows = min(case.rows, case.batch * case.negatives)
+        index = layers * case.batch * case.negatives * 8
         label_rows = case.rows
     else:
-        bank_rows, index, label_rows = case.bank, 0, case.bank
+        bank_rows, index, label_rows = case.negatives, 0, case.negatives
     bank = layers * bank_rows * case.dim * elem
     labels = (label_rows + case.batch) * 8 if case.labels else 0
     vectors = 4 * layers * case.batch * case.dim * elem + layers * case.batch * 4
@@ -470,7 +447,7 @@ def build_table(results: list[Result], peaks: Peaks, layers: int) -> tuple[list[
         floor_ms = max(flops / peaks.flops, case_bytes(case, layers) / peaks.bytes_per_s) * 1e3
         naive_ms = variants["naive"].ms if "naive" in variants else None
         ncomp_ms = variants["naive_compiled"].ms if "naive_compiled" in variants else None
-        bk_mib = layers * case.batch * case.bank * 4 / MIB
+        bk_mib = layers * case.batch * case.negatives * 4 / MIB
         for variant in VARIANTS:
             r = variants.get(variant)
             if r is None:
@@ -497,7 +474,7 @@ def build_table(results: list[Result], peaks: Peaks, layers: int) -> tuple[list[
                 (
                     name,
                     case.batch,
-                    case.bank,
+                    case.negatives,
                     case.dim,
                     variant,
                     _fmt(ms, ".3f") if ok else r.status,
@@ -529,16 +506,16 @@ def memory_growth_notes(results: list[Result]) -> list[str]:
             groups.setdefault(key, []).append(r)
     notes = []
     for (variant, batch, dim, labels, rows), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r.case.bank)
+        rs = sorted(rs, key=lambda r: r.case.negatives)
         lo, hi = rs[0], rs[-1]
-        if hi.case.bank == lo.case.bank or lo.extra_bytes is None or hi.extra_bytes is None:
+        if hi.case.negatives == lo.case.negatives or lo.extra_bytes is None or hi.extra_bytes is None:
             continue
-        k_growth = hi.case.bank / lo.case.bank
+        k_growth = hi.case.negatives / lo.case.negatives
         growth = hi.extra_bytes / max(lo.extra_bytes, 1)
         verdict = f" {_verdict(growth < 2.0)}" if variant == "compiled" else ""
         notes.append(
             f"- {variant} B={batch} D={dim} labels={labels} N={rows or '-'}: extra memory x{growth:.2f} "
-            f"from K={lo.case.bank} to K={hi.case.bank} (K x{k_growth:g}){verdict}"
+            f"from K={lo.case.negatives} to K={hi.case.negatives} (K x{k_growth:g}){verdict}"
         )
     return notes
 
@@ -629,8 +606,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     for sheet, (f, b) in DATASHEET.items():
         report.append(f"datasheet {sheet}: {f / 1e12:.0f} TFLOP/s dense bf16, {b / 1e12:.2f} TB/s")
+    taus = ", ".join(dict.fromkeys(f"{case.temperature:g}" for case in cases))
     report.append(
-        f"dtype bf16, L={args.layers}, τ={TEMPERATURE}, warm-up {args.warmup}, median of {args.runs} runs, "
+        f"dtype bf16, L={args.layers}, τ={taus}, warm-up {args.warmup}, median of {args.runs} runs, "
         f"naive_compiled backend {args.compile_backend}, L2 flushed before each timed run on CUDA"
     )
     report.append("")

@@ -61,6 +61,8 @@ class Case:
         layers: L, leading dim batched in one call (the bank is shared, ``[K, D]``).
         dtype: Input dtype name.
         temperature: τ.
+        labels: Pass ``query_labels`` ``[B]`` and ``bank_labels`` ``[K or N]`` (negatives of the query's
+            class are left out).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Case:
     layers: int = 1
     dtype: str = "float32"
     temperature: float = 0.07
+    labels: bool = False
 
     @property
     def indexed(self) -> bool:
@@ -96,7 +99,7 @@ TARGET_CASES: tuple[Case, ...] = (
 )
 
 
-def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor | float]:
+def make_inputs(case: Case, seed: int = 0, classes: int = 1000) -> dict[str, torch.Tensor | float]:
     """Synthetic inputs for ``case``: unit-norm query/positive/bank rows.
 
     Returns:
@@ -118,6 +121,9 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor | float]:
         "bank": unit(case.rows if case.indexed else case.negatives, case.dim),
         "temperature": case.temperature,
     }
+    if case.labels:
+        inputs["query_labels"] = torch.randint(0, classes, (case.batch,), generator=g)
+        inputs["bank_labels"] = torch.randint(0, classes, (inputs["bank"].shape[0],), generator=g)
     if case.indexed:
         inputs["negative_index"] = torch.randint(
             0, case.rows, (*lead, case.batch, case.negatives), generator=g
@@ -135,7 +141,7 @@ def variant_step(variant: str) -> Callable[[dict], None]:
     }[variant]
 
     def step(inputs: dict) -> None:
-        kw = {k: v for k, v in inputs.items() if k in ("negative_index",)}
+        kw = {k: v for k, v in inputs.items() if k in ("query_labels", "bank_labels", "negative_index")}
         loss = fn(inputs["query"], inputs["positive"], inputs["bank"], inputs["temperature"], **kw)
         loss.sum().backward()
         inputs["query"].grad = None

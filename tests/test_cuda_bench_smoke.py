@@ -81,14 +81,17 @@ def test_unknown_case_and_variant_are_rejected(bench):
 
 
 def test_floors_and_memory_checks(bench):
-    case = bench.Case("x", 256, 65536, 768)
+    case = bench.Case("x", batch=256, dim=768, negatives=65536)
     assert bench.case_flops(case, 1) == 4.0 * 256 * 65536 * 768
     assert bench.case_bytes(case, 1) >= 65536 * 768 * 2  # the bank at least once
-    indexed = bench.Case("i", 64, 16384, 128, rows=50000)
+    indexed = bench.Case("i", batch=64, dim=128, negatives=16384, rows=50000)
     assert bench.case_bytes(indexed, 1) >= 50000 * 128 * 2 + 64 * 16384 * 8
 
     peaks = bench.Peaks(flops=800e12, bytes_per_s=3e12)
-    small, large = bench.Case("a", 256, 65536, 128), bench.Case("b", 256, 1 << 20, 128)
+    small, large = (
+        bench.Case("a", batch=256, dim=128, negatives=65536),
+        bench.Case("b", batch=256, dim=128, negatives=1 << 20),
+    )
     results = [
         bench.Result(small, "compiled", ms=1.0, extra_bytes=40 << 20),
         bench.Result(small, "naive", ms=4.0, extra_bytes=200 << 20),

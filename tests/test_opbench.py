@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distillkit.opbench import Case, format_table, make_inputs, measure, peak_extra_memory, variant_step
+from distillkit.ops import membank_infonce, naive_membank_infonce
 
 
 def test_make_inputs_shapes():
@@ -39,3 +40,17 @@ def test_peak_memory_sees_the_naive_logits():
     fused = peak_extra_memory(case, "compiled")
     assert naive > 8 * 2**20
     assert fused < naive / 4
+
+
+def test_labels_case_passes_labels_to_every_variant():
+    case = Case("labels", batch=5, dim=6, negatives=40, labels=True)
+    inputs = make_inputs(case, classes=3)
+    assert inputs["query_labels"].shape == (5,) and inputs["bank_labels"].shape == (40,)
+    assert int(inputs["bank_labels"].max()) < 3
+    for variant in case.variants():
+        variant_step(variant)(inputs)  # forward + backward with the labels
+    args = (inputs["query"], inputs["positive"], inputs["bank"], inputs["temperature"])
+    labels = {"query_labels": inputs["query_labels"], "bank_labels": inputs["bank_labels"]}
+    with_labels = naive_membank_infonce(*args, **labels)
+    assert not torch.allclose(with_labels, naive_membank_infonce(*args))  # same-class negatives left out
+    torch.testing.assert_close(membank_infonce(*args, **labels), with_labels)
