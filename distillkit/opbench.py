@@ -1,7 +1,7 @@
 """Measurements of the memory-bank InfoNCE op: time, peak extra memory, and the machine's sgemm rate.
 
-Used by the pytest-benchmark suite (``benchmarks/``) and by ``distillkit bench``; ``python -m
-distillkit.opbench`` prints the table in ``benchmarks/RESULTS.md``.
+Used by ``distillkit bench --op`` and by ``benchmarks/`` (``benchmarks/cpu_bench.py`` prints the table in
+``benchmarks/RESULTS.md``; the pytest-benchmark suite times the same steps).
 
 Variants (all run forward + backward of ``loss.sum()`` with gradients to query and positive):
 
@@ -27,9 +27,7 @@ resident memory one forward + backward adds on top of its inputs. Inputs live on
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -88,15 +86,6 @@ class Case:
     def variants(self) -> tuple[str, ...]:
         """The variants that make sense for this case (baseline first)."""
         return ("gather_bmm", "reference", "compiled") if self.indexed else ("naive", "reference", "compiled")
-
-
-# The cases the targets in benchmarks/RESULTS.md are stated for.
-TARGET_CASES: tuple[Case, ...] = (
-    Case("dense B256 D128 K64k", batch=256, dim=128, negatives=65536),
-    Case("dense B128 D768 K64k", batch=128, dim=768, negatives=65536),
-    Case("dense B256 D128 K256k", batch=256, dim=128, negatives=262144),
-    Case("index B64 D128 K16k N50k", batch=64, dim=128, negatives=16384, rows=50000),
-)
 
 
 def make_inputs(case: Case, seed: int = 0, classes: int = 1000) -> dict[str, torch.Tensor | float]:
@@ -237,7 +226,7 @@ def sgemm_probes(case: Case) -> dict[str, tuple[Callable[[], None], int]]:
     }
 
 
-def measure(cases: Iterable[Case] = TARGET_CASES, repeats: int = 5, memory: bool = True) -> list[dict]:
+def measure(cases: Iterable[Case], repeats: int = 5, memory: bool = True) -> list[dict]:
     """Measures every case and variant.
 
     Returns:
@@ -307,24 +296,3 @@ def format_table(rows: Sequence[dict]) -> str:
         for r in rows
     ]
     return markdown_table(header, cells, right=range(2, len(header)))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Prints the benchmark table for the target cases (``python -m distillkit.opbench``)."""
-    parser = argparse.ArgumentParser(prog="python -m distillkit.opbench", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median is shown)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
-    parser.add_argument("--case", action="append", help="only cases whose name contains this text")
-    parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cases = [c for c in TARGET_CASES if not args.case or any(s in c.name for s in args.case)]
-    rows = measure(cases, repeats=args.repeats, memory=not args.no_memory)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

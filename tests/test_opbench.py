@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from distillkit.opbench import Case, format_table, make_inputs, measure, peak_extra_memory, variant_step
@@ -54,3 +57,20 @@ def test_labels_case_passes_labels_to_every_variant():
     with_labels = naive_membank_infonce(*args, **labels)
     assert not torch.allclose(with_labels, naive_membank_infonce(*args))  # same-class negatives left out
     torch.testing.assert_close(membank_infonce(*args, **labels), with_labels)
+
+
+def test_cpu_bench_script_filters_the_target_cases(monkeypatch, capsys):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_bench.py"
+    spec = importlib.util.spec_from_file_location("cpu_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert {case.name for case in module.TARGET_CASES} >= {"dense B256 D128 K64k", "index B64 D128 K16k N50k"}
+    tiny = (
+        Case("dense tiny", batch=2, dim=4, negatives=32),
+        Case("index tiny", batch=2, dim=4, negatives=8, rows=20),
+    )
+    monkeypatch.setattr(module, "TARGET_CASES", tiny)
+    assert module.main(["--repeats", "1", "--no-memory", "--case", "index"]) == 0
+    out = capsys.readouterr().out
+    assert "| index tiny | gather_bmm |" in out and "| index tiny | compiled |" in out
+    assert "dense tiny" not in out
