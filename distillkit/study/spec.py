@@ -167,24 +167,24 @@ def _select(
     """The study narrowed to some of its variants and seeds (``--variants``, ``--seeds``), or moved."""
     update: dict[str, Any] = {}
     if variants is not None:
-        unknown = [v for v in variants if v not in study.variants]
-        if unknown:
-            raise ConfigError(
-                f"study '{path}' has no variant {', '.join(map(repr, unknown))}; "
-                f"its variants: {', '.join(study.variants)}"
-            )
-        update["variants"] = {v: study.variants[v] for v in study.variants if v in variants}
+        kept = _subset(path, "variant", variants, list(study.variants), repr)
+        update["variants"] = {v: study.variants[v] for v in kept}
     if seeds is not None:
-        unknown = [s for s in seeds if s not in study.seed_list]
-        if unknown:
-            raise ConfigError(
-                f"study '{path}' has no seed {', '.join(map(str, unknown))}; its seeds: "
-                f"{', '.join(map(str, study.seed_list))}"
-            )
-        update["seeds"] = [s for s in study.seed_list if s in seeds]
+        update["seeds"] = _subset(path, "seed", seeds, study.seed_list, str)
     if output_dir is not None:
         update["output_dir"] = output_dir
     return study.model_copy(update=update)
+
+
+def _subset(path: Path, kind: str, chosen: Sequence[Any], available: list[Any], show: Any) -> list[Any]:
+    """The chosen items in the study's order; an item the study lacks is a ConfigError listing what it has."""
+    unknown = [item for item in chosen if item not in available]
+    if unknown:
+        raise ConfigError(
+            f"study '{path}' has no {kind} {', '.join(map(show, unknown))}; "
+            f"its {kind}s: {', '.join(map(str, available))}"
+        )
+    return [item for item in available if item in chosen]
 
 
 _NOT_IDENTITY = {"output_dir": None, "teacher": {"cache": None}, "train": {"progress": None}}
