@@ -8,6 +8,7 @@ import yaml
 
 from distillkit.errors import ConfigError
 from distillkit.study import load_study, paired_difference, run_study
+from distillkit.study.spec import identity_changes, run_identity
 from tests.distill_fixtures import bert, tiny_config
 
 
@@ -207,3 +208,19 @@ def test_a_study_narrowed_to_some_variants_and_seeds(tmp_path):
         load_study(path, variants=["kd"])
     with pytest.raises(ConfigError, match="has no seed 7; its seeds: 0, 1, 2"):
         load_study(path, seeds=[7])
+
+
+def test_a_field_added_by_a_later_version_keeps_finished_runs_at_its_default(tmp_path):
+    """A record written before a config field existed matches while the field holds its default."""
+    _, runs = load_study(_write_study(tmp_path))
+    current = run_identity(next(iter(runs.values())), 1)
+    recorded = json.loads(json.dumps(current))
+    del recorded["config"]["train"]["fused_logits"]
+    del recorded["config"]["data"]
+    assert identity_changes(recorded, current) == ["config.data"]  # a whole section is not a field
+    del current["config"]["data"]
+    assert identity_changes(recorded, current) == []
+    current["config"]["train"]["fused_logits"] = "never"
+    assert identity_changes(recorded, current) == ["config.train.fused_logits"]
+    recorded["config"]["train"]["lr"] = 1.0
+    assert identity_changes(recorded, current) == ["config.train.fused_logits", "config.train.lr"]

@@ -17,7 +17,7 @@ from typing import Any
 from distillkit.config import DistillConfig
 from distillkit.errors import ConfigError
 from distillkit.study.report import RESULT_FILES, summarise, write_results
-from distillkit.study.spec import StudyConfig, changed_fields, fingerprint, load_study, run_identity
+from distillkit.study.spec import StudyConfig, fingerprint, identity_changes, load_study, run_identity
 
 RUN_RECORD = "study-run.json"
 """Written into every run directory: the identity (config and threads) the run was started with."""
@@ -98,21 +98,24 @@ def retire_stale_runs(runs: dict[str, DistillConfig], threads: int) -> None:
             (out / "summary.json").exists() or (out / "checkpoints").exists() or (out / RUN_RECORD).exists()
         ):
             continue  # nothing there to keep
-        identity = run_identity(config, threads)
-        record = out / RUN_RECORD
-        old = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
-        if old is not None and old.get("fingerprint") == fingerprint(identity):
+        changes = recorded_changes(out, config, threads)
+        if changes == []:
             continue
-        why = (
-            "no record of what it ran"
-            if old is None
-            else "changed " + ", ".join(changed_fields(old.get("identity"), identity)[:6])
-        )
+        why = "no record of what it ran" if changes is None else "changed " + ", ".join(changes[:6])
         stale = out.with_name(out.name + ".stale")
         if stale.exists():
             shutil.rmtree(stale)
         out.rename(stale)
         print(f"[study] {run_id}: {why}; runs again (the old run is kept in {stale})")
+
+
+def recorded_changes(out: Path, config: DistillConfig, threads: int) -> list[str] | None:
+    """What differs between the run recorded in ``out`` and ``config`` now: ``[]`` nothing, None no record."""
+    record = out / RUN_RECORD
+    if not record.is_file():
+        return None
+    recorded = json.loads(record.read_text(encoding="utf-8")).get("identity") or {}
+    return identity_changes(recorded, run_identity(config, threads))
 
 
 def _start_run(config: DistillConfig, threads: int) -> bool:
@@ -227,13 +230,13 @@ def finished_runs(runs: dict[str, DistillConfig], threads: int) -> dict[str, dic
     found = {}
     for run_id, config in runs.items():
         out = Path(config.output_dir)
-        record = out / RUN_RECORD
-        if not ((out / "summary.json").is_file() and record.is_file()):
+        if not (out / "summary.json").is_file():
             continue
-        if json.loads(record.read_text(encoding="utf-8")).get("fingerprint") != fingerprint(
-            run_identity(config, threads)
-        ):
-            print(f"[study] {run_id}: ran with another config; left out")
+        changes = recorded_changes(out, config, threads)
+        if changes is None:
+            continue
+        if changes:
+            print(f"[study] {run_id}: ran with another config ({', '.join(changes[:3])}); left out")
             continue
         found[run_id] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return found

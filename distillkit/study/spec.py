@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -207,6 +207,52 @@ def run_identity(config: DistillConfig, threads: int) -> dict[str, Any]:
 def fingerprint(identity: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able value."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted paths where a run's recorded identity differs from its identity now.
+
+    A config field the record lacks (one a later distillkit version added) is unchanged while it holds its
+    default, so upgrading distillkit does not redo a finished study.
+    """
+    return [
+        path
+        for path in changed_fields(recorded, current)
+        if not _added_at_default(recorded, current, path.split("."))
+    ]
+
+
+def _added_at_default(recorded: dict[str, Any], current: dict[str, Any], path: list[str]) -> bool:
+    """Whether config field ``path`` (``config.train.x``) is absent from ``recorded`` and at its default."""
+    if path[0] != "config":
+        return False
+    old, new, model = recorded.get("config"), current.get("config"), DistillConfig
+    for key in path[1:]:
+        if not isinstance(old, dict) or not isinstance(new, dict) or key not in new:
+            return False
+        if key not in old:
+            field = model.model_fields.get(key)
+            if field is None or field.is_required():
+                return False
+            default = field.get_default(call_default_factory=True)
+            default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+            return new[key] == default
+        model = _submodel(model, key)
+        if model is None:
+            return False
+        old, new = old[key], new[key]
+    return False
+
+
+def _submodel(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The pydantic model of field ``key`` of ``model`` (through ``X | None``), or None."""
+    field = model.model_fields.get(key)
+    if field is None:
+        return None
+    for candidate in (field.annotation, *get_args(field.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
