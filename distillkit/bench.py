@@ -259,6 +259,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CONFIG.yaml",
         help="time the phases of one training step of a distill config (teacher, student, objective, ...)",
     )
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="with --step: override a config field"
+    )
+    parser.add_argument(
+        "--compare-logits",
+        action="store_true",
+        help="with --step: time and measure the step with materialised logits and with the output layers "
+        "(train.fused_logits never vs always), each in a fresh process",
+    )
 
 
 def run_op_table(
@@ -327,10 +336,18 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if args.step:
         from distillkit.config import load_config
-        from distillkit.stepbench import format_step_table, time_training_step
+        from distillkit.stepbench import (
+            compare_logit_paths,
+            format_logit_paths,
+            format_step_table,
+            time_training_step,
+        )
 
-        result = time_training_step(load_config(args.step), repeats=args.repeat)
-        print(format_step_table(result, args.step))
+        config = load_config(args.step, args.set or ())
+        if args.compare_logits:
+            print(format_logit_paths(compare_logit_paths(config, repeats=args.repeat), args.step))
+            return 0
+        print(format_step_table(time_training_step(config, repeats=args.repeat), args.step))
         return 0
     if args.op == "vocab":
         from distillkit.vocabbench import VocabCase, run_vocab_table

@@ -211,6 +211,10 @@ class TrainConfig(_Strict):
         progress: Show a tqdm progress bar.
         tensorboard: Also write TensorBoard scalars when ``tensorboard`` is installed.
         eval_batch_size: Examples per evaluation batch (default: ``batch_size``).
+        fused_logits: Compute the logit-reading terms (``kd``, ``ce``) from the models' output layers with
+            the fused linear-divergence op, never building ``[tokens, vocab]`` logits for training: ``auto``
+            where every logit-reading term can and each model's logits are its last hidden state times its
+            output embedding (causal LMs), ``always`` (refuse the run where not), ``never``.
 
     """
 
@@ -231,6 +235,7 @@ class TrainConfig(_Strict):
     progress: bool = True
     tensorboard: bool = True
     eval_batch_size: int | None = Field(default=None, ge=1)
+    fused_logits: Literal["auto", "always", "never"] = "auto"
 
 
 class DistillConfig(_Strict):

@@ -46,6 +46,7 @@ from distillkit.data import TaskData
 from distillkit.errors import ConfigError, DistillkitError
 from distillkit.models import freeze
 from distillkit.objective import DistillationObjective, ObjectiveOutput
+from distillkit.output_layer import choose_output_layer
 from distillkit.runlog import RunLog
 from distillkit.taps import Taps, collect_taps
 from distillkit.tasks.base import Batch, EvalContext
@@ -256,7 +257,6 @@ class _Run:
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self.autocast = autocast_factory(train.precision, self.device)
-        self.teacher_requests = objective.teacher_requests()
         if teachers is None:
             teachers = {objective.default_teacher: teacher} if teacher is not None else {}
         self.sources: dict[str, nn.Module | TeacherCache] = {}
@@ -270,6 +270,10 @@ class _Run:
         self.teacher = teacher  # evaluation compares the student with it
         live = {n: s for n, s in self.sources.items() if isinstance(s, nn.Module)}
         objective.prepare_models(student, live, announce=self.main)
+        if len(data.train):
+            sample = collator([data.train[i] for i in range(min(2, len(data.train)))])
+            choose_output_layer(train.fused_logits, objective, student, self.sources, sample, self.main)
+        self.teacher_requests = objective.teacher_requests()
         self.sampler = DistributedSampler(
             data.train,
             num_replicas=accelerator.num_processes,

@@ -183,6 +183,7 @@ class DistillationObjective(nn.Module):
                     f"objective term '{label}' mixes teachers {names}, but it "
                     f"reads {reads.describe()} of the teacher; only logits can be mixed: give it one teacher"
                 )
+        self.output_layer = False
         used = list(dict.fromkeys(n for t in teachers for n in t.names))
         self.default_teacher = used[0] if len(used) == 1 else DEFAULT_TEACHER
         for label, term in self.terms.items():
@@ -308,7 +309,11 @@ class DistillationObjective(nn.Module):
         for term in self.terms.values():
             reads_student, reads_teacher = term.tap_requests()
             student, teacher = student | reads_student, teacher | reads_teacher
-        return student, teacher
+        return self._as_run(student), self._as_run(teacher)
+
+    def _as_run(self, request: TapRequest) -> TapRequest:
+        """``request`` as the models are asked for it: the output layer in place of logits once switched."""
+        return request.logits_as_output_layer() if self.output_layer else request
 
     def teacher_requests(self) -> dict[str, TapRequest]:
         """Teacher name -> the union of what the terms reading it request.
@@ -320,7 +325,52 @@ class DistillationObjective(nn.Module):
             reads = term.tap_requests()[1]
             for name in self.term_teachers[label].names:
                 requests[name] = requests.get(name, NOTHING) | reads
-        return requests
+        return {name: self._as_run(request) for name, request in requests.items()}
+
+    def logit_readers(self) -> dict[str, Any]:
+        """Who reads logits: ``{"terms": labels, "student": bool, "teachers": names}``."""
+        terms, student, teachers = [], False, []
+        for label, term in self.terms.items():
+            reads_student, reads_teacher = term.tap_requests()
+            if reads_student.logits or reads_teacher.logits:
+                terms.append(label)
+            student = student or reads_student.logits
+            if reads_teacher.logits:
+                teachers += [n for n in self.term_teachers[label].names if n not in teachers]
+        return {"terms": terms, "student": student, "teachers": teachers}
+
+    def output_layer_blocker(self) -> str | None:
+        """Why the terms cannot read the models' output layers in place of logits, or None when they can.
+
+        They can when some term reads logits and every such term declares ``reads_output_layer`` and reads
+        one teacher (mixed teachers' logits need the logits).
+        """
+        readers = self.logit_readers()["terms"]
+        if not readers:
+            return "no objective term reads logits"
+        for label in readers:
+            term = self.terms[label]
+            if not term.reads_output_layer:
+                return (
+                    f"objective term '{label}' (loss '{term.name}') reads logits and cannot read the "
+                    "output layer"
+                )
+            if len(self.term_teachers[label].names) > 1:
+                return f"objective term '{label}' mixes several teachers' logits"
+        return None
+
+    def read_output_layer(self, enabled: bool = True) -> None:
+        """Has the models asked for their output layers in place of logits (:mod:`distillkit.output_layer`).
+
+        Raises:
+            ValueError: When enabling it although :meth:`output_layer_blocker` gives a reason.
+
+        """
+        if enabled:
+            reason = self.output_layer_blocker()
+            if reason is not None:
+                raise ValueError(f"the objective cannot read the output layers: {reason}")
+        self.output_layer = enabled
 
     def teacher_layers(self, name: str) -> tuple[int, ...] | None:
         """The hidden-state layers of teacher ``name`` the terms map, or None when some term may read any.

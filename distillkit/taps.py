@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from distillkit.errors import ConfigError, close_matches
+from distillkit.output_layer import run_to_output_layer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 """Batch keys handed to a model's forward; every other key (labels, ids, masks) stays with the loss terms."""
@@ -40,6 +41,9 @@ class TapRequest:
         modules: Dotted paths of submodules whose outputs are recorded (``Taps.modules[path]``), e.g.
             ``bert.encoder.layer.3.attention.self.query``.
         labels: The batch's labels (``Taps.labels``); a task without labels refuses such a term.
+        output_layer: The output layer's input and weight (``Taps.output_hidden``, ``Taps.output_weight``)
+            in place of the logits they multiply to; the loop asks for it instead of ``logits`` when every
+            term reading logits can work from them (see :mod:`distillkit.output_layer`).
 
     """
 
@@ -48,6 +52,7 @@ class TapRequest:
     logits: bool = False
     modules: tuple[str, ...] = ()
     labels: bool = False
+    output_layer: bool = False
 
     def __or__(self, other: TapRequest) -> TapRequest:
         return TapRequest(
@@ -56,18 +61,25 @@ class TapRequest:
             logits=self.logits or other.logits,
             modules=tuple(dict.fromkeys(self.modules + other.modules)),
             labels=self.labels or other.labels,
+            output_layer=self.output_layer or other.output_layer,
         )
 
     @property
     def needs_forward(self) -> bool:
         """Whether the model has to run at all (labels alone come from the batch)."""
-        return self.hidden_states or self.attentions or self.logits or bool(self.modules)
+        return self.hidden_states or self.attentions or self.logits or self.output_layer or bool(self.modules)
+
+    def logits_as_output_layer(self) -> TapRequest:
+        """This request with ``logits`` replaced by ``output_layer`` (unchanged when it reads no logits)."""
+        if not self.logits:
+            return self
+        return replace(self, logits=False, output_layer=True)
 
     def describe(self) -> str:
         """Lists what is read, for messages: ``hidden states, logits``."""
         parts = [
             name.replace("_", " ")
-            for name in ("hidden_states", "attentions", "logits")
+            for name in ("hidden_states", "attentions", "logits", "output_layer")
             if getattr(self, name)
         ]
         parts += [f"module '{path}'" for path in self.modules]
@@ -98,6 +110,10 @@ class Taps:
         loss_mask: ``[B, T]`` bool, the positions the task's token-level loss counts (labels != -100), or
             None for sequence-level tasks.
         extras: Every other tensor of the batch, by key (nothing the data provides is dropped).
+        output_hidden: ``[B, T, D]`` the input of the model's output layer (its last hidden state after the
+            final norm), when the output layer was asked for in place of logits; else None.
+        output_weight: ``[V, D]`` the output layer's weight (``logits = output_hidden @ output_weight.T``),
+            with ``output_hidden``; else None.
 
     """
 
@@ -110,6 +126,8 @@ class Taps:
     modules: dict[str, torch.Tensor] = field(default_factory=dict)
     loss_mask: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_hidden: torch.Tensor | None = None
+    output_weight: torch.Tensor | None = None
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, torch.Tensor] | None, **outputs: Any) -> Taps:
@@ -118,7 +136,8 @@ class Taps:
         Args:
             batch: The batch dict; ``attention_mask``, ``labels``, ``example_ids`` and ``loss_mask`` go to
                 their fields, every other non-input key to ``extras``.
-            **outputs: ``hidden_states``, ``logits``, ``attentions``, ``modules``.
+            **outputs: ``hidden_states``, ``logits``, ``attentions``, ``modules``, ``output_hidden``,
+                ``output_weight``.
 
         Returns:
             The taps.
@@ -163,7 +182,12 @@ class Taps:
         if self.attention_mask is not None:
             return self.attention_mask.float()
         reference = next(
-            (t for t in (*self.hidden_states, self.logits) if t is not None and t.dim() >= 2), None
+            (
+                t
+                for t in (*self.hidden_states, self.logits, self.output_hidden)
+                if t is not None and t.dim() >= 2
+            ),
+            None,
         )
         if reference is None:
             raise ValueError("these taps hold no token-level tensor to take the sequence shape from")
@@ -186,6 +210,8 @@ class Taps:
         values["attentions"] = tuple(a.detach() for a in self.attentions)
         values["logits"] = None if self.logits is None else self.logits.detach()
         values["modules"] = {k: v.detach() for k, v in self.modules.items()}
+        for name in ("output_hidden", "output_weight"):
+            values[name] = None if values[name] is None else values[name].detach()
         return Taps(**values)
 
 
@@ -318,9 +344,15 @@ def collect_taps(model: nn.Module, batch: Mapping[str, torch.Tensor], request: T
         inputs["output_hidden_states"] = True
     if request.attentions:
         inputs["output_attentions"] = True
+    head: dict[str, torch.Tensor] = {}
     with record_modules(model, request.modules) as recorded:
-        output = model(**inputs)
-    taps = _taps_from_output(output, batch, recorded)
+        if request.output_layer:
+            if request.logits:
+                raise ValueError("a model is asked for logits or for its output layer, not both")
+            output, head["output_hidden"], head["output_weight"] = run_to_output_layer(model, inputs)
+        else:
+            output = model(**inputs)
+    taps = _taps_from_output(output, batch, recorded, **head)
     if request.hidden_states and not taps.hidden_states:
         raise ValueError(f"{type(model).__name__} returned no hidden_states; a loss term needs them")
     if request.attentions and not taps.attentions:
@@ -332,7 +364,9 @@ def collect_taps(model: nn.Module, batch: Mapping[str, torch.Tensor], request: T
     return taps
 
 
-def _taps_from_output(output: Any, batch: Mapping[str, torch.Tensor] | None, modules: dict) -> Taps:
+def _taps_from_output(
+    output: Any, batch: Mapping[str, torch.Tensor] | None, modules: dict, **head: torch.Tensor
+) -> Taps:
     if isinstance(output, torch.Tensor):
         return Taps.from_batch(batch, logits=output, modules=dict(modules))
     attentions = getattr(output, "attentions", None)
@@ -342,4 +376,5 @@ def _taps_from_output(output: Any, batch: Mapping[str, torch.Tensor] | None, mod
         logits=getattr(output, "logits", None),
         attentions=tuple(a for a in (attentions or ()) if a is not None),
         modules=dict(modules),
+        **head,
     )

@@ -111,7 +111,10 @@ class LossTerm(nn.Module):
     (:class:`~distillkit.taps.TapRequest`), or per instance by overriding :meth:`tap_requests` when it
     depends on the parameters. Each model runs once per batch and is asked only for what some term reads;
     a model no term reads does not run. ``uses_teacher = False`` is shorthand for ``teacher_reads =
-    NOTHING``. :meth:`check_task` refuses a task the term cannot work on, before any model loads.
+    NOTHING``. A term reading logits that sets ``reads_output_layer = True`` also works from
+    ``Taps.output_hidden`` and ``Taps.output_weight`` when ``Taps.logits`` is None (the loop then never
+    builds the ``[B, T, V]`` logits; see :mod:`distillkit.output_layer`). :meth:`check_task` refuses a task
+    the term cannot work on, before any model loads.
 
     Args:
         params: The validated parameters.
@@ -122,6 +125,7 @@ class LossTerm(nn.Module):
     name: ClassVar[str] = ""
     Params: ClassVar[type[LossParams]] = LossParams
     uses_teacher: ClassVar[bool] = True
+    reads_output_layer: ClassVar[bool] = False
     student_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
     teacher_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
 

@@ -6,6 +6,7 @@ import torch
 
 from distillkit import hookimpl
 from distillkit.divergences import label_cross_entropy
+from distillkit.ops import fused_linear_divergence
 from distillkit.terms import LossTerm, TapRequest, Taps
 
 
@@ -14,13 +15,38 @@ class CrossEntropyLoss(LossTerm):
 
     name = "ce"
     uses_teacher = False
+    reads_output_layer = True
     student_reads = TapRequest(logits=True, labels=True)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss; ``teacher`` is not used."""
-        if student.logits is None or student.labels is None:
-            raise ValueError("ce needs the student's logits and labels in the batch")
+        if student.labels is None:
+            raise ValueError("ce needs labels in the batch")
+        if student.logits is None and student.output_hidden is not None:
+            return self._from_output_layer(student)
+        if student.logits is None:
+            raise ValueError("ce needs the student's logits (use a model with a task head)")
         return label_cross_entropy(student.logits, student.labels)
+
+    def _from_output_layer(self, student: Taps) -> torch.Tensor:
+        """The same loss from the student's output layer, never building the ``[B, T, V]`` logits.
+
+        The fused op computes a divergence too; with every row's divergence weight zero it only adds the
+        cross-entropy (its teacher side runs on the student's own detached rows).
+        """
+        hidden, weight = student.output_hidden, student.output_weight
+        rows = hidden.shape[:-1].numel()
+        flat = hidden.reshape(rows, -1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_divergence(
+                flat,
+                weight,
+                flat.detach(),
+                weight.detach(),
+                mask=torch.zeros(rows, dtype=torch.bool, device=hidden.device),
+                labels=student.labels.reshape(rows),
+                ce_weight=1.0,
+            )
 
 
 @hookimpl

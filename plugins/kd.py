@@ -13,6 +13,10 @@
 Counted positions: every example for ``[B, C]`` logits; for ``[B, T, V]`` logits the positions of
 ``student.position_mask()``: those the task's token labels count (next-token positions for a causal LM, masked
 positions for a masked LM), else every real token.
+
+When the loop gives the models' output layers in place of logits (``train.fused_logits``, see
+:mod:`distillkit.output_layer`), the same loss is computed by :func:`distillkit.ops.fused_linear_divergence`
+without building either ``[B, T, V]`` tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pydantic import Field, model_validator
 
 from distillkit import hookimpl
 from distillkit.divergences import divergence, label_cross_entropy
+from distillkit.ops import fused_linear_divergence
 from distillkit.terms import LossParams, LossTerm, TapRequest, Taps
 
 
@@ -73,6 +78,7 @@ class KDLoss(LossTerm):
 
     name = "kd"
     Params = KDParams
+    reads_output_layer = True
     teacher_reads = TapRequest(logits=True)
 
     def tap_requests(self) -> tuple[TapRequest, TapRequest]:
@@ -90,6 +96,8 @@ class KDLoss(LossTerm):
             Scalar float32 loss.
 
         """
+        if student.logits is None and student.output_hidden is not None:
+            return self._from_output_layers(student, teacher)
         if student.logits is None or teacher.logits is None:
             raise ValueError("kd needs logits from both models (use models with a task head)")
         if student.logits.shape != teacher.logits.shape:
@@ -115,6 +123,32 @@ class KDLoss(LossTerm):
                     raise ValueError("kd with ce_weight > 0 needs labels in the batch")
                 loss = loss + params.ce_weight * label_cross_entropy(student.logits, student.labels)
         return loss
+
+    def _from_output_layers(self, student: Taps, teacher: Taps) -> torch.Tensor:
+        """The same loss from both models' output layers, never building the ``[B, T, V]`` logits."""
+        if teacher.output_hidden is None or teacher.output_weight is None:
+            raise ValueError("kd reads the student's output layer, so it needs the teacher's too")
+        params = self.params
+        rows = student.output_hidden.shape[:-1].numel()
+        labels = None
+        if params.ce_weight > 0:
+            if student.labels is None:
+                raise ValueError("kd with ce_weight > 0 needs labels in the batch")
+            labels = student.labels.reshape(rows)
+        with torch.autocast(student.output_hidden.device.type, enabled=False):
+            return fused_linear_divergence(
+                student.output_hidden.reshape(rows, -1),
+                student.output_weight,
+                teacher.output_hidden.reshape(rows, -1),
+                teacher.output_weight,
+                divergence=params.divergence,
+                temperature=params.temperature,
+                beta=params.beta,
+                alpha=params.alpha,
+                mask=student.position_mask().reshape(rows).to(student.output_hidden.device) > 0,
+                labels=labels,
+                ce_weight=params.ce_weight,
+            )
 
 
 @hookimpl

@@ -1,11 +1,12 @@
 """``distillkit bench --step``: every phase of a real config's training step is timed."""
 
+import pytest
 import yaml
 
 from distillkit import cli
 from distillkit.config import config_from_dict
 from distillkit.stepbench import PHASES, time_training_step
-from tests.distill_fixtures import tiny_config
+from tests.distill_fixtures import llama, text_config, tiny_config
 
 CODIR = {"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 16}}
 
@@ -26,3 +27,19 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert cli.main(["bench", "--step", str(config), "--repeat", "2"]) == 0
     out = capsys.readouterr().out
     assert "| teacher forward |" in out and "objective (without the InfoNCE op) + bookkeeping" in out
+
+
+def test_the_two_logit_paths_compare_in_fresh_processes(tmp_path, capsys):
+    """A causal-LM step with materialised logits and with the output layers: the same first losses."""
+    raw = text_config(tmp_path, "causal_lm", llama(2, 32), [{"loss": "kd", "ce_weight": 0.5}], batch_size=4)
+    config = tmp_path / "lm.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert cli.main(["bench", "--step", str(config), "--repeat", "1", "--compare-logits"]) == 0
+    out = capsys.readouterr().out
+    rows = [
+        line for line in out.splitlines() if line.startswith("| materialised") or line.startswith("| output")
+    ]
+    assert len(rows) == 2
+    losses = [float(row.split("|")[4].split()[1]) for row in rows]  # "kd 3.712345"
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] > 0.1
+    assert "less peak memory per step" in out
