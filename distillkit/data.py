@@ -191,6 +191,17 @@ def _label_names(train: Dataset, evaluation: Dataset, cfg: DataConfig) -> list[s
     return names
 
 
+def _encode_rows(dataset: Dataset, encode: Any) -> Dataset:
+    """``dataset`` mapped through ``encode(rows, ids)`` in batches (only the encoded columns are kept)."""
+    return dataset.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        load_from_cache_file=False,
+    )
+
+
 def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
     """Loads, validates and tokenises the task data.
 
@@ -222,13 +233,7 @@ def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
         return dict(encoded)
 
     def tokenise(dataset: Dataset) -> Dataset:
-        return dataset.map(
-            encode,
-            batched=True,
-            with_indices=True,
-            remove_columns=dataset.column_names,
-            load_from_cache_file=False,
-        )
+        return _encode_rows(dataset, encode)
 
     return TaskData(train=tokenise(train), eval=tokenise(evaluation), label_names=names)
 
@@ -286,15 +291,7 @@ def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
         )
 
     def tokenise(dataset: Dataset, which: str) -> Dataset:
-        if packing:
-            return pack(dataset, which)
-        return dataset.map(
-            encode,
-            batched=True,
-            with_indices=True,
-            remove_columns=dataset.column_names,
-            load_from_cache_file=False,
-        )
+        return pack(dataset, which) if packing else _encode_rows(dataset, encode)
 
     return TaskData(train=tokenise(train, "training"), eval=tokenise(evaluation, "evaluation"))
 

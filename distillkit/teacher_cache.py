@@ -122,18 +122,24 @@ class CacheContents:
         return "; ".join(parts) or "nothing"
 
 
-def expected_meta(
-    *, task: str, teacher: nn.Module, tokenizer: Any, data: Mapping[str, Any], precision: str
-) -> dict[str, Any]:
-    """The settings a cache must have been written with to serve a run (compared key by key)."""
-    data = {k: v for k, v in dict(data).items() if k != "max_eval_examples"}
+def expected_meta(config: Any, teacher: nn.Module, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    """The settings a cache must have been written with to serve a run of ``config`` (compared key by key).
+
+    Args:
+        config: The :class:`~distillkit.config.DistillConfig` (its task, data and precision count).
+        teacher: The teacher model (its weights' fingerprint counts).
+        tokenizer: The tokenizer (its settings count).
+        device: Where the run computes (the precision ``auto`` resolves to depends on it).
+
+    """
+    data = {k: v for k, v in config.data.model_dump().items() if k != "max_eval_examples"}
     return {
         "format": FORMAT,
-        "task": task,
+        "task": config.task,
         "teacher": model_fingerprint(teacher),
         "tokenizer": tokenizer_settings(tokenizer),
         "data": data,
-        "precision": precision,
+        "precision": resolved_precision(config.train.precision, device),
     }
 
 
@@ -657,13 +663,7 @@ def cache_teacher(
     splits = {"train": DataLoader(data.train, batch_size=batch_size, collate_fn=collator)}
     if with_eval:
         splits["eval"] = DataLoader(data.eval, batch_size=batch_size, collate_fn=collator)
-    meta = expected_meta(
-        task=config.task,
-        teacher=teacher,
-        tokenizer=tokenizer,
-        data=config.data.model_dump(),
-        precision=resolved_precision(config.train.precision, accelerator.device),
-    )
+    meta = expected_meta(config, teacher, tokenizer, accelerator.device)
     stats = {"directory": str(directory)}
     if accelerator.is_main_process:
         stats.update(

@@ -27,6 +27,7 @@ __all__ = [
     "Taps",
     "TaskInfo",
     "masked_mean",
+    "student_projections",
 ]
 
 
@@ -259,3 +260,32 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def student_projections(
+    loss: str, projection: str, pairs: LayerPairs, dims: ModelDims
+) -> nn.ModuleList | None:
+    """Learned maps of student hidden states to the teacher's width, one per layer pair (TinyBERT's ``W_h``).
+
+    Args:
+        loss: The loss name, for the error message.
+        projection: ``auto`` (a map when the hidden sizes differ), ``always`` or ``never``.
+        pairs: The term's ``(student, teacher)`` layer pairs.
+        dims: The models' sizes.
+
+    Returns:
+        One ``Linear(H_s, H_t)`` per pair, or None when no map is used.
+
+    Raises:
+        ConfigError: For ``never`` with different hidden sizes.
+
+    """
+    differ = dims.student_hidden != dims.teacher_hidden
+    if projection == "never" and differ:
+        raise ConfigError(
+            f"loss '{loss}' with projection: never needs equal hidden sizes (student {dims.student_hidden}, "
+            f"teacher {dims.teacher_hidden}); use projection: auto"
+        )
+    if projection == "always" or (projection == "auto" and differ):
+        return nn.ModuleList(nn.Linear(dims.student_hidden, dims.teacher_hidden) for _ in pairs)
+    return None

@@ -44,7 +44,7 @@ from distillkit.models import (
 from distillkit.objective import DistillationObjective
 from distillkit.taps import NOTHING, TapRequest, Taps
 from distillkit.tasks import EvalContext, ReportContext, Task, make_task
-from distillkit.teacher_cache import TeacherCache, expected_meta, resolved_precision
+from distillkit.teacher_cache import TeacherCache, expected_meta
 from distillkit.terms import LossTerm, ModelDims
 
 __all__ = ["NonFiniteLossError", "distill", "fit", "make_accelerator", "run_distill"]
@@ -245,13 +245,7 @@ def teacher_sources(
             sources[name] = model
             continue
         cache = TeacherCache(spec.cache)
-        meta = expected_meta(
-            task=config.task,
-            teacher=model,
-            tokenizer=tokenizer,
-            data=config.data.model_dump(),
-            precision=resolved_precision(config.train.precision, accelerator.device),
-        )
+        meta = expected_meta(config, model, tokenizer, accelerator.device)
         who = "teacher" if name == "teacher" else f"teacher '{name}'"
         cache.check(
             meta, requests.get(name, NOTHING), objective.teacher_layers(name), top_k=spec.cache_top_k, who=who

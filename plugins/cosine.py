@@ -16,12 +16,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import nn
 
 from distillkit import hookimpl
-from distillkit.errors import ConfigError
 from distillkit.mapping import LayerMapSpec
-from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
 
 
 class CosineParams(LossParams):
@@ -35,21 +33,6 @@ class CosineParams(LossParams):
 
     layers: LayerMapSpec = "last"
     projection: Literal["auto", "always", "never"] = "auto"
-
-
-def student_projections(
-    name: str, projection: str, pairs: list[tuple[int, int]], dims: ModelDims
-) -> nn.ModuleList | None:
-    """One ``Linear(H_s, H_t)`` per pair when asked for or when the widths differ, else None."""
-    differ = dims.student_hidden != dims.teacher_hidden
-    if projection == "never" and differ:
-        raise ConfigError(
-            f"loss '{name}' with projection: never needs equal hidden sizes (student {dims.student_hidden}, "
-            f"teacher {dims.teacher_hidden}); use projection: auto"
-        )
-    if projection == "always" or (projection == "auto" and differ):
-        return nn.ModuleList(nn.Linear(dims.student_hidden, dims.teacher_hidden) for _ in pairs)
-    return None
 
 
 def safe_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -8,11 +8,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import nn
 
 from distillkit import hookimpl
 from distillkit.mapping import LayerMapSpec
-from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
 
 
 class L2Params(LossParams):
@@ -39,19 +38,7 @@ class L2HiddenLoss(LossTerm):
     def __init__(self, params: L2Params, dims: ModelDims) -> None:
         super().__init__(params, dims)
         self.pairs = self.layer_pairs(params.layers)
-        project = params.projection == "always" or (
-            params.projection == "auto" and dims.student_hidden != dims.teacher_hidden
-        )
-        if not project and dims.student_hidden != dims.teacher_hidden:
-            raise ValueError(
-                f"l2 with projection: never needs equal hidden sizes (student {dims.student_hidden}, teacher "
-                f"{dims.teacher_hidden}); use projection: auto"
-            )
-        self.projections = (
-            nn.ModuleList(nn.Linear(dims.student_hidden, dims.teacher_hidden) for _ in self.pairs)
-            if project
-            else None
-        )
+        self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.

@@ -17,12 +17,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import nn
 
 from distillkit import hookimpl
-from distillkit.errors import ConfigError
 from distillkit.mapping import LayerMapSpec
-from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
 
 
 class PKDParams(LossParams):
@@ -58,18 +56,7 @@ class PatientKDLoss(LossTerm):
     def __init__(self, params: PKDParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
         self.pairs = self.layer_pairs(params.layers)
-        differ = dims.student_hidden != dims.teacher_hidden
-        if params.projection == "never" and differ:
-            raise ConfigError(
-                f"loss 'pkd' with projection: never needs equal hidden sizes (student {dims.student_hidden}, "
-                f"teacher {dims.teacher_hidden}); use projection: auto"
-            )
-        project = params.projection == "always" or (params.projection == "auto" and differ)
-        self.projections = (
-            nn.ModuleList(nn.Linear(dims.student_hidden, dims.teacher_hidden) for _ in self.pairs)
-            if project
-            else None
-        )
+        self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.

@@ -56,9 +56,7 @@ def _teacher_and_data(tmp_path, **data):
 
 def _write(tmp_path, cfg, tokenizer, dataset, teacher, request=EVERYTHING, layers=None, batch_size=5):
     collator = Collator(tokenizer)
-    meta = expected_meta(
-        task=cfg.task, teacher=teacher, tokenizer=tokenizer, data=cfg.data.model_dump(), precision="fp32"
-    )
+    meta = expected_meta(cfg, teacher, tokenizer, torch.device("cpu"))
     loader = DataLoader(dataset.train, batch_size=batch_size, collate_fn=collator)
     stats = write_cache(
         tmp_path / "cache", teacher, {"train": loader}, request, layers=layers, top_k=None, meta=meta
