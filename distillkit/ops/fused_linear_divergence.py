@@ -149,16 +149,12 @@ def _validate(hs, ws, ht, wt, divergence, temperature, beta, alpha, mask, labels
             f"fused_linear_divergence: the vocabularies differ: student_weight has V = {ws.shape[0]} rows"
             f" and teacher_weight V = {wt.shape[0]}; distillation over tokens needs a shared vocabulary"
         )
-    if ws.shape[1] != hs.shape[1]:
-        raise ValueError(
-            f"fused_linear_divergence: student_weight is {list(ws.shape)} but student_hidden has "
-            f"Ds = {hs.shape[1]} features; the weight must be [V, {hs.shape[1]}]"
-        )
-    if wt.shape[1] != ht.shape[1]:
-        raise ValueError(
-            f"fused_linear_divergence: teacher_weight is {list(wt.shape)} but teacher_hidden has "
-            f"Dt = {ht.shape[1]} features; the weight must be [V, {ht.shape[1]}]"
-        )
+    for side, hidden, weight, size in (("student", hs, ws, "Ds"), ("teacher", ht, wt, "Dt")):
+        if weight.shape[1] != hidden.shape[1]:
+            raise ValueError(
+                f"fused_linear_divergence: {side}_weight is {list(weight.shape)} but {side}_hidden has "
+                f"{size} = {hidden.shape[1]} features; the weight must be [V, {hidden.shape[1]}]"
+            )
     if ht.shape[0] != hs.shape[0]:
         raise ValueError(
             f"fused_linear_divergence: student_hidden has N = {hs.shape[0]} rows but teacher_hidden "
