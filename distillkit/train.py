@@ -74,6 +74,35 @@ class _LabelCrossEntropy(LossTerm):
         return label_cross_entropy(student.logits, student.labels)
 
 
+FINETUNE_RECORD = "finetune.json"
+"""Written last into a fine-tuned teacher's directory: its presence means the fine-tuning finished."""
+
+
+def finetuned_teacher_dir(config: DistillConfig, label_names: Sequence[str]) -> Path:
+    """Where the teacher fine-tuned for ``config`` is cached (whether or not it is there yet).
+
+    The key covers what the fine-tuning sees: the teacher spec, the data (not the size of the evaluation
+    subset), the label names and the precision.
+
+    Args:
+        config: A run config with ``teacher.finetune`` set.
+        label_names: The task's label names (:attr:`~distillkit.data.TaskData.label_names`).
+
+    Returns:
+        ``<teacher.finetune.cache_dir>/<teacher name>-<key>``; it holds ``finetune.json`` once done.
+
+    """
+    spec = config.teacher
+    if spec.finetune is None:
+        raise ValueError("finetuned_teacher_dir needs a config with teacher.finetune set")
+    data_key = config.data.model_dump(exclude={"max_eval_examples"})
+    key = _fingerprint(
+        spec.model_dump(exclude=CACHE_FIELDS), data_key, list(label_names), config.train.precision
+    )
+    name = Path((spec.path or "config").rstrip("/")).name.replace(":", "_")
+    return Path(spec.finetune.cache_dir) / f"{name}-{key}"
+
+
 def prepare_teacher(
     config: DistillConfig, data: TaskData, collator: Any, tokenizer: Any, accelerator: Accelerator, task: Task
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -96,15 +125,9 @@ def prepare_teacher(
     set_seed(config.data.split_seed)  # a teacher built from `config` is the same in every run and seed
     if tune is None:
         return freeze(load_model(spec, data.num_labels, "teacher", config.task)), {"source": "as given"}
-    # The cache key covers what the fine-tuning sees (not the size of the evaluation subset).
-    data_key = config.data.model_dump(exclude={"max_eval_examples"})
-    key = _fingerprint(
-        spec.model_dump(exclude=CACHE_FIELDS), data_key, data.label_names, config.train.precision
-    )
     eval_key = _fingerprint(config.data.model_dump())
-    name = Path((spec.path or "config").rstrip("/")).name.replace(":", "_")
-    cache = Path(tune.cache_dir) / f"{name}-{key}"
-    done = cache / "finetune.json"
+    cache = finetuned_teacher_dir(config, data.label_names)
+    done = cache / FINETUNE_RECORD
     if done.exists():
         teacher = load_model(
             spec.model_copy(update={"path": str(cache)}), data.num_labels, "teacher", config.task

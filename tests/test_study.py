@@ -224,3 +224,24 @@ def test_a_field_added_by_a_later_version_keeps_finished_runs_at_its_default(tmp
     assert identity_changes(recorded, current) == ["config.train.fused_logits"]
     recorded["config"]["train"]["lr"] = 1.0
     assert identity_changes(recorded, current) == ["config.train.fused_logits", "config.train.lr"]
+
+
+def test_a_live_study_runs_one_run_alone_only_while_the_teacher_is_not_fine_tuned(tmp_path):
+    from distillkit.study.runner import _first_to_tune_teacher
+
+    path = _write_study(tmp_path)
+    _, runs = load_study(path)
+    assert _first_to_tune_teacher(runs) == "none/seed-0"
+    cached = {
+        k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": "x"})})
+        for k, c in runs.items()
+    }
+    assert _first_to_tune_teacher(cached) is None  # runs reading the study's teacher cache load no teacher
+    run_study(path, teacher_cache=False, jobs=1, variants=["none"], seeds=[0])  # fine-tunes the teacher
+    _, runs = load_study(path)
+    assert _first_to_tune_teacher(runs) is None
+    changed = {
+        k: c.model_copy(update={"data": c.data.model_copy(update={"max_length": c.data.max_length - 1})})
+        for k, c in runs.items()
+    }
+    assert _first_to_tune_teacher(changed) == "none/seed-0"  # another data setting tunes another teacher

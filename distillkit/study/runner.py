@@ -219,7 +219,7 @@ def run_study(
                 print(f"[study {index}/{len(order)}] {run_id}: {doing}")
                 _execute(pending[run_id], threads, None)
         else:
-            _run_parallel(pending, threads, jobs, teacher_needs_tuning=cache is None)
+            _run_parallel(pending, threads, jobs, tunes_teacher=_first_to_tune_teacher(pending))
     elapsed = time.perf_counter() - started
     done = f"{len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time" if pending else None
     return _report(study, runs, finished_runs(runs, threads), done)
@@ -272,15 +272,45 @@ def _resumes(config: DistillConfig) -> bool:
     return (Path(config.output_dir) / "checkpoints").is_dir()
 
 
+def _first_to_tune_teacher(pending: dict[str, DistillConfig]) -> str | None:
+    """The first pending run whose fine-tuned teacher is not cached yet (None when every one is).
+
+    Runs that read the study's teacher cache load no teacher, so only live runs can need one.
+    """
+    from distillkit.models import load_tokenizer
+    from distillkit.tasks import make_task
+    from distillkit.train import FINETUNE_RECORD, finetuned_teacher_dir
+
+    live = {k: c for k, c in pending.items() if c.teacher.finetune is not None and not c.teacher.cache}
+    if not live:
+        return None
+    first = next(iter(live.values()))
+    label_names = make_task(first).load_data(load_tokenizer(first.teacher)).label_names
+    for run_id, config in live.items():
+        if not (finetuned_teacher_dir(config, label_names) / FINETUNE_RECORD).is_file():
+            return run_id
+    return None
+
+
 def _run_parallel(
-    pending: dict[str, DistillConfig], threads: int, jobs: int, teacher_needs_tuning: bool
+    pending: dict[str, DistillConfig], threads: int, jobs: int, tunes_teacher: str | None
 ) -> None:
-    """Runs in ``jobs`` spawned processes, each run's output in ``<run>/study.log``."""
+    """Runs in ``jobs`` spawned processes, each run's output in ``<run>/study.log``.
+
+    Args:
+        pending: The runs to do, by run id.
+        threads: Threads per run.
+        jobs: Runs at once.
+        tunes_teacher: A run to do alone first, because it fine-tunes (and caches) the teacher the others
+            then load; None when the fine-tuned teacher is cached already.
+
+    """
     queue = list(pending.items())
-    if teacher_needs_tuning and any(c.teacher.finetune for c in pending.values()):
-        run_id, config = queue.pop(0)  # fine-tunes (and caches) the teacher before the others share it
-        print(f"[study 1/{len(pending)}] {run_id}: running alone first (it fine-tunes the shared teacher)")
-        _execute(config, threads, None)
+    if tunes_teacher is not None:
+        queue.remove((tunes_teacher, pending[tunes_teacher]))
+        why = "it fine-tunes the shared teacher"
+        print(f"[study 1/{len(pending)}] {tunes_teacher}: running alone first ({why})")
+        _execute(pending[tunes_teacher], threads, None)
     total, done = len(pending), len(pending) - len(queue)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
