@@ -148,8 +148,8 @@ def choose_output_layer(
     if mode == "never":
         return False
     reason = objective.output_layer_blocker()
+    readers = objective.logit_readers()
     if reason is None:
-        readers = objective.logit_readers()
         models: list[tuple[str, Any]] = [("the student", student)] if readers["student"] else []
         models += [(f"teacher '{name}'", teachers.get(name)) for name in readers["teachers"]]
         for role, model in models:
@@ -169,7 +169,7 @@ def choose_output_layer(
         return False
     objective.read_output_layer(True)
     if announce:
-        terms = ", ".join(objective.logit_readers()["terms"])
+        terms = ", ".join(readers["terms"])
         print(
             f"distillkit: {terms} read(s) the models' output layers through the fused linear-divergence op: "
             "no [tokens, vocab] logits are built for training (train.fused_logits: never turns this off)"
