@@ -8,6 +8,8 @@
   ``ru_maxrss`` growth is used (it may hide a pass smaller than an earlier peak). Large tensors are
   ``mmap``-allocated and given back on free, so resident memory follows what is live: coarse (pages), but
   exact enough to compare hundreds of MiB with a few.
+- :func:`cpu_profile` is ``torch.profiler.profile`` on the CPU without the profiler library's own
+  start/stop lines on stderr.
 - :func:`markdown_table` renders cells; :func:`format_rows` renders rows, the one row shape of the
   benchmarks (a dict per measurement, column name to value).
 """
@@ -15,12 +17,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +38,7 @@ Row = dict[str, Any]
 __all__ = [
     "Row",
     "Timing",
+    "cpu_profile",
     "format_rows",
     "markdown_table",
     "peak_extra_memory",
@@ -164,6 +171,41 @@ def peak_extra_memory(setup: str, *args: Any, timeout: float = 600.0) -> int:
         check=True,
     )
     return int(out.stdout.strip().splitlines()[-1])
+
+
+_PROFILER_CHATTER = re.compile(r"\w+\.cpp:\d+\] profiler_(start|stop)\s*$")
+"""A line the profiler library (kineto) writes to the process's stderr at every start and stop."""
+
+
+@contextmanager
+def cpu_profile() -> Iterator[torch.profiler.profile]:
+    """``torch.profiler.profile`` of CPU activity, minus the profiler library's start/stop lines.
+
+    The library writes them straight to file descriptor 2, once per profiled region: a benchmark that profiles
+    every step would print two lines per step. While profiling, stderr goes to a temporary file; afterwards
+    every line of it but those is written to stderr, so nothing else is lost.
+
+    Yields:
+        The running profiler (read ``key_averages()`` after the block).
+
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                yield profile
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not _PROFILER_CHATTER.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], right: Iterable[int] = ()) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from distillkit.benchmarking import markdown_table, peak_rss_growth
+from distillkit.benchmarking import cpu_profile, markdown_table, peak_rss_growth
 from distillkit.config import DistillConfig
 from distillkit.loop import autocast_factory
 from distillkit.models import quiet_loading
@@ -115,7 +115,7 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
                 teacher_taps = collect_taps(teacher, batch, teacher_request)
             with phase("student forward"):
                 student_taps = collect_taps(student, batch, student_request)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            with cpu_profile() as profile:
                 with phase("objective"):
                     out = objective(student_taps, teacher_taps, batch)
         with phase("backward"):

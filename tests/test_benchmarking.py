@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
 
 from distillkit.benchmarking import (
+    cpu_profile,
     format_rows,
     markdown_table,
     peak_extra_memory,
@@ -90,3 +92,14 @@ def test_format_rows_takes_the_union_of_keys_and_rounds_floats():
         "| y | 0.0123 | E |",
     ]
     assert format_rows([]) == "(no rows)"
+
+
+def test_cpu_profile_drops_only_the_profiler_libraries_start_stop_lines(capfd):
+    with cpu_profile() as profile:
+        torch.ones(8).add_(1)
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a warning of the code under test\n")
+    err = capfd.readouterr().err
+    assert "a warning of the code under test" in err
+    assert "profiler_start" not in err and "profiler_stop" not in err
+    assert any("add_" in event.key for event in profile.key_averages())
