@@ -71,7 +71,7 @@ def test_matches_reference(kind, batch, tokens, heads):
     loss = term(Taps(attentions=student, attention_mask=mask), Taps(attentions=teacher, attention_mask=mask))
     expected = reference(student, teacher, mask, term.pairs, kind, mean_heads=False)
     assert loss.dtype == torch.float32
-    assert float(loss) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["mse", "kl"])
@@ -86,7 +86,7 @@ def test_different_head_counts_with_heads_mean(kind):
     )
     loss = term(Taps(attentions=student, attention_mask=mask), Taps(attentions=teacher, attention_mask=mask))
     expected = reference(student, teacher, mask, [(1, 3), (2, 2)], kind, mean_heads=True)
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_different_head_counts_are_refused_without_heads_mean():

@@ -51,7 +51,7 @@ def test_matches_reference(batch, tokens, student_hidden, teacher_hidden, layers
         Taps(hidden_states=student, attention_mask=mask), Taps(hidden_states=teacher, attention_mask=mask)
     )
     expected = reference(student, teacher, mask, term.pairs, term.projections)
-    assert float(loss) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_default_is_the_last_layer_and_reads_hidden_states_only():
@@ -118,4 +118,4 @@ def test_half_precision_is_finite_and_close(dtype):
     )
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(h.grad).all() for h in half[1:])
-    assert float(loss) == pytest.approx(reference(student, teacher, mask, term.pairs), abs=0.05)
+    assert loss.item() == pytest.approx(reference(student, teacher, mask, term.pairs), abs=0.05)

@@ -61,7 +61,7 @@ def test_collect_taps_gives_attention_rows_summing_to_one_over_real_keys():
             assert float(probs.detach().masked_select(~real_keys.expand_as(probs)).abs().max()) < 1e-6
         assert len(taps.modules) == 3 and all(v.shape == (3, 7, width) for v in taps.modules.values())
     out = objective(taps_s, taps_t)
-    assert all(math.isfinite(float(v)) and float(v) > 0 for v in out.terms.values())
+    assert all(math.isfinite(v.item()) and v.item() > 0 for v in out.terms.values())
 
 
 def test_representation_run_trains_a_narrower_student(tmp_path):

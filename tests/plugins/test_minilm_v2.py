@@ -70,7 +70,7 @@ def test_matches_reference(batch, tokens, student_width, teacher_width, heads):
     teacher = taps_for(term, "teacher", batch, tokens, teacher_width, mask, generator)
     loss = term(student, teacher)
     assert loss.dtype == torch.float32
-    assert float(loss) == pytest.approx(reference(term, student, teacher, mask, heads), rel=1e-5, abs=1e-7)
+    assert loss.item() == pytest.approx(reference(term, student, teacher, mask, heads), rel=1e-5, abs=1e-7)
 
 
 def test_paths_default_and_templates():

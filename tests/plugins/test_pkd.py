@@ -42,7 +42,7 @@ def test_matches_reference(batch, tokens, student_hidden, teacher_hidden, layers
     loss = term(
         Taps(hidden_states=student, attention_mask=mask), Taps(hidden_states=teacher, attention_mask=mask)
     )
-    assert float(loss) == pytest.approx(
+    assert loss.item() == pytest.approx(
         reference(student, teacher, term.pairs, term.projections), rel=1e-5, abs=1e-7
     )
 
@@ -100,4 +100,4 @@ def test_half_precision_is_finite_and_close(dtype):
     loss = term(Taps(hidden_states=half), Taps(hidden_states=tuple(h.to(dtype) for h in teacher)))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(h.grad).all() for h in half[1:])
-    assert float(loss) == pytest.approx(reference(student, teacher, term.pairs), abs=0.25)
+    assert loss.item() == pytest.approx(reference(student, teacher, term.pairs), abs=0.25)
