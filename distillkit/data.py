@@ -202,6 +202,24 @@ def _encode_rows(dataset: Dataset, encode: Any) -> Dataset:
     )
 
 
+def _checked_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, list[str]]:
+    """The train and eval splits of labelled data, their columns checked, and the label names."""
+    train, evaluation = _split(cfg)
+    _check_columns(train, cfg, "training")
+    _check_columns(evaluation, cfg, "evaluation")
+    return train, evaluation, _label_names(train, evaluation, cfg)
+
+
+def load_label_names(cfg: DataConfig) -> list[str]:
+    """The label names :func:`load_task_data` gives for ``cfg``, without loading a tokenizer or tokenising.
+
+    Raises:
+        ConfigError: As :func:`load_task_data` does for the data and its labels.
+
+    """
+    return _checked_splits(cfg)[2]
+
+
 def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
     """Loads, validates and tokenises the task data.
 
@@ -219,10 +237,7 @@ def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
     import datasets
 
     datasets.disable_progress_bars()  # the tqdm bar of the training loop is the one that matters
-    train, evaluation = _split(cfg)
-    _check_columns(train, cfg, "training")
-    _check_columns(evaluation, cfg, "evaluation")
-    names = _label_names(train, evaluation, cfg)
+    train, evaluation, names = _checked_splits(cfg)
     index = {name: i for i, name in enumerate(names)}
 
     def encode(rows: dict[str, list], ids: list[int]) -> dict[str, list]:

@@ -277,17 +277,17 @@ def _first_to_tune_teacher(pending: dict[str, DistillConfig]) -> str | None:
 
     Runs that read the study's teacher cache load no teacher, so only live runs can need one.
     """
-    from distillkit.models import load_tokenizer
-    from distillkit.tasks import make_task
+    from distillkit.data import load_label_names
     from distillkit.train import FINETUNE_RECORD, finetuned_teacher_dir
 
-    live = {k: c for k, c in pending.items() if c.teacher.finetune is not None and not c.teacher.cache}
-    if not live:
-        return None
-    first = next(iter(live.values()))
-    label_names = make_task(first).load_data(load_tokenizer(first.teacher)).label_names
-    for run_id, config in live.items():
-        if not (finetuned_teacher_dir(config, label_names) / FINETUNE_RECORD).is_file():
+    label_names: dict[str, list[str]] = {}  # by data config: the runs of a study mostly share one
+    for run_id, config in pending.items():
+        if config.teacher.finetune is None or config.teacher.cache:
+            continue
+        data_key = config.data.model_dump_json()
+        if data_key not in label_names:
+            label_names[data_key] = load_label_names(config.data)
+        if not (finetuned_teacher_dir(config, label_names[data_key]) / FINETUNE_RECORD).is_file():
             return run_id
     return None
 
@@ -305,9 +305,8 @@ def _run_parallel(
             then load; None when the fine-tuned teacher is cached already.
 
     """
-    queue = list(pending.items())
+    queue = [(run_id, config) for run_id, config in pending.items() if run_id != tunes_teacher]
     if tunes_teacher is not None:
-        queue.remove((tunes_teacher, pending[tunes_teacher]))
         why = "it fine-tunes the shared teacher"
         print(f"[study 1/{len(pending)}] {tunes_teacher}: running alone first ({why})")
         _execute(pending[tunes_teacher], threads, None)
