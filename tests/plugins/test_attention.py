@@ -187,7 +187,7 @@ def test_half_precision_is_finite_and_close(dtype, kind):
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(a.grad).all() for a in half)
     expected = reference(student, teacher, mask, term.pairs, kind, mean_heads=False)
-    assert float(loss.detach()) == pytest.approx(expected, rel=0.1)
+    assert loss.item() == pytest.approx(expected, rel=0.1)
 
 
 def test_no_attention_mask_means_every_token_is_real():
