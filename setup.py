@@ -79,8 +79,7 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["distillkit", "distillkit.*"]) + ["distillkit_plugins"],
-    package_dir={"distillkit_plugins": "plugins"},
+    packages=find_packages(include=["distillkit", "distillkit.*", "distillkit_plugins"]),
     install_requires=[
         "torch>=2.4",
         "pluggy>=1.3",

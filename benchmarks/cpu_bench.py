@@ -2,7 +2,8 @@
 
 Times forward + backward of the naive, chunked-reference and compiled forms (gather+bmm instead of naive for
 ``negative_index``), the machine's sgemm rate and each variant's peak extra memory; the method is in
-:mod:`distillkit.opbench`. ``distillkit bench --op`` runs the same measurement over a range of bank sizes.
+:mod:`distillkit.bench.infonce`. ``distillkit bench --op`` runs
+the same measurement over a range of bank sizes.
 
 Usage (the CPU extension built in place first)::
 
@@ -25,7 +26,7 @@ try:
 except ImportError:  # run from a checkout that is not installed: use the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distillkit.opbench import Case, format_table, measure  # noqa: E402
+from distillkit.bench.infonce import Case, format_table, measure  # noqa: E402
 
 # The cases the targets in benchmarks/RESULTS.md are stated for.
 TARGET_CASES: tuple[Case, ...] = (

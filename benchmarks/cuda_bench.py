@@ -45,8 +45,8 @@ try:
 except ImportError:  # run from a checkout that is not installed: use the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distillkit.benchmarking import markdown_table, time_steps  # noqa: E402
-from distillkit.opbench import Case  # noqa: E402
+from distillkit.bench.harness import markdown_table, time_steps  # noqa: E402
+from distillkit.bench.infonce import Case  # noqa: E402
 from distillkit.ops import _loader, membank_infonce, naive_membank_infonce  # noqa: E402
 
 # Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s), for reference next to the measured ones.
@@ -99,7 +99,7 @@ class Peaks:
 
 
 def default_cases(quick: bool) -> list[Case]:
-    """Returns the benchmark shapes (the op benchmarks' :class:`distillkit.opbench.Case`).
+    """Returns the benchmark shapes (the op benchmarks' :class:`distillkit.bench.infonce.Case`).
 
     This script runs every case in bf16 with a per-layer bank and ``--layers`` leading dim; the cases'
     ``dtype`` and ``layers`` (the CPU table's settings) are left at their defaults and not read here.
@@ -146,7 +146,7 @@ def time_ms(
 
     On CUDA each run sits between two events; ``flush`` (if given) is zeroed before each run, outside the
     events, so every run starts with a cold L2 cache. On the CPU the harness's host clock is used
-    (:func:`distillkit.benchmarking.time_steps`).
+    (:func:`distillkit.bench.harness.time_steps`).
 
     Args:
         fn: The work to time.

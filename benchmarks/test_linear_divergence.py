@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from distillkit.vocabbench import VARIANTS, VocabCase, make_inputs, variant_step
+from distillkit.bench.vocab import VARIANTS, VocabCase, make_inputs, variant_step
 
 SHAPE = [int(x) for x in os.environ.get("DISTILLKIT_VOCAB_SHAPE", "2048,49152,576,576").split(",")]
 CASE = VocabCase(*SHAPE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from cpu_bench import TARGET_CASES  # benchmarks/ is on sys.path while pytest collects its files
 
-from distillkit.opbench import make_inputs, variant_step
+from distillkit.bench.infonce import make_inputs, variant_step
 
 
 def _params():

@@ -7,10 +7,10 @@ The names most users need::
 """
 
 from distillkit.hookspecs import BenchCase, hookimpl
-from distillkit.mapping import LayerMapSpec
-from distillkit.objective import DistillationObjective, ObjectiveOutput, build_term
-from distillkit.taps import TapRequest, Taps
-from distillkit.terms import LossParams, LossTerm, ModelDims, TaskInfo
+from distillkit.objective.mapping import LayerMapSpec
+from distillkit.objective.objective import DistillationObjective, ObjectiveOutput, build_term
+from distillkit.objective.taps import TapRequest, Taps
+from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TaskInfo
 
 __version__ = "0.1.0"
 

@@ -106,7 +106,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from distillkit.train import run_distill
+    from distillkit.run.train import run_distill
 
     run_distill(args.config, overrides=args.set or [], resume=args.resume)
     return 0
@@ -138,7 +138,7 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from distillkit.bench import run_bench_cli
+    from distillkit.bench.cli import run_bench_cli
 
     return run_bench_cli(args)
 
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add("bench", help="benchmark loss terms and the InfoNCE op")
     try:
-        from distillkit.bench import add_bench_arguments
+        from distillkit.bench.cli import add_bench_arguments
 
         add_bench_arguments(bench)
     except ImportError:

@@ -44,7 +44,7 @@ def distillkit_register_losses(register: Callable[[type], None]) -> None:
     """Registers loss classes.
 
     Args:
-        register: Call it once per loss class (a subclass of :class:`distillkit.terms.LossTerm` with a
+        register: Call it once per loss class (a subclass of :class:`distillkit.LossTerm` with a
             ``name``).
 
     """

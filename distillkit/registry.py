@@ -14,7 +14,7 @@ class LossInfo:
 
     Attributes:
         name: The name configs use (``loss: <name>``).
-        cls: The :class:`distillkit.terms.LossTerm` subclass.
+        cls: The :class:`distillkit.objective.terms.LossTerm` subclass.
         plugin: The plugin that registered it.
 
     """
@@ -29,7 +29,7 @@ _registration_errors: dict[str, str] = {}
 
 
 def _collect() -> dict[str, LossInfo]:
-    from distillkit.terms import LossTerm
+    from distillkit.objective.terms import LossTerm
 
     pm = load_plugins()
     infos = {info.name: info for info in plugin_infos()}

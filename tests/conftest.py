@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from distillkit.terms import ModelDims
+from distillkit.objective.terms import ModelDims
 
 
 def tiny_bert(layers: int, hidden: int, num_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:

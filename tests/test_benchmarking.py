@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from distillkit.benchmarking import (
+from distillkit.bench.harness import (
     cpu_profile,
     format_rows,
     markdown_table,

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from distillkit.checkpoint import (
+from distillkit.objective.objective import DistillationObjective
+from distillkit.objective.terms import ModelDims
+from distillkit.run.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -12,8 +14,6 @@ from distillkit.checkpoint import (
     optimizer_to_flat,
     save_checkpoint,
 )
-from distillkit.objective import DistillationObjective
-from distillkit.terms import ModelDims
 
 
 def _objective():

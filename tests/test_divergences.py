@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distillkit.divergences import DIVERGENCES, check_divergence, divergence, divergence_and_grad
+from distillkit.ops.divergences import DIVERGENCES, check_divergence, divergence, divergence_and_grad
 
 
 def reference(p_logits, q_logits, kind, beta=0.5, alpha=0.1):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from distillkit.evaluate import classification_metrics
-from distillkit.runlog import RunLog, read_jsonl
+from distillkit.run.runlog import RunLog, read_jsonl
+from distillkit.tasks.evaluate_classification import classification_metrics
 
 
 def test_accuracy_and_macro_f1():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distillkit.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from distillkit.run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.distill_fixtures import tiny_config
 
 STEPS = 60
@@ -92,7 +92,7 @@ def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_loadable(tmp_p
     parts = {"student": model, "objective": objective, "optimizer": optimizer, "scheduler": scheduler}
     first = save_checkpoint(tmp_path, 1, **parts)
 
-    import distillkit.checkpoint as checkpoint
+    import distillkit.run.checkpoint as checkpoint
 
     def crash(*args, **kwargs):
         raise OSError("disk vanished")

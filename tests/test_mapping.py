@@ -1,7 +1,7 @@
 import pytest
 
 from distillkit.errors import LayerMapError
-from distillkit.mapping import resolve_layer_map
+from distillkit.objective.mapping import resolve_layer_map
 
 
 def test_uniform_spreads_and_ends_at_last_layer():

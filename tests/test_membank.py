@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distillkit.membank import IndexBank, QueueBank, all_reduce_mean
+from distillkit_plugins.codir_banks import IndexBank, QueueBank, all_reduce_mean
 
 
 def test_queue_is_fifo_and_wraps():

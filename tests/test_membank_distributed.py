@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distillkit.membank import IndexBank, QueueBank
+from distillkit_plugins.codir_banks import IndexBank, QueueBank
 
 WORLD = 2
 

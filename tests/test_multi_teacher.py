@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from distillkit import DistillationObjective, ModelDims, Taps
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
-from distillkit.objective import TermTeachers, mix_teacher_logits
-from distillkit.taps import TapRequest, collect_taps
+from distillkit.objective.objective import TermTeachers, mix_teacher_logits
+from distillkit.objective.taps import TapRequest, collect_taps
+from distillkit.run.train import distill
 from distillkit.teacher_cache import cache_teacher
-from distillkit.train import distill
 from tests.conftest import tiny_bert
 from tests.distill_fixtures import bert, tiny_config
 
@@ -155,7 +155,7 @@ def test_a_teacher_no_term_reads_is_not_loaded(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="teachers.wide.path"):  # its config is read to size the terms
         distill(config_from_dict(raw))
     raw["teachers"]["wide"] = {"config": bert(2, 48)}
-    import distillkit.train as train
+    import distillkit.run.train as train
 
     loaded = []
     original = train.prepare_teacher

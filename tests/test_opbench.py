@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from distillkit.opbench import Case, format_table, make_inputs, measure, peak_extra_memory, variant_step
+from distillkit.bench.infonce import Case, format_table, make_inputs, measure, peak_extra_memory, variant_step
 from distillkit.ops import membank_infonce, naive_membank_infonce
 
 

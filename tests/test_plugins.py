@@ -73,7 +73,7 @@ def test_third_party_plugin_is_discovered_through_its_entry_point(installed_exam
 
 
 def dims_equal():
-    from distillkit.terms import ModelDims
+    from distillkit.objective.terms import ModelDims
 
     return ModelDims(student_layers=2, teacher_layers=4, student_hidden=16, teacher_hidden=16)
 
@@ -160,18 +160,9 @@ def test_unknown_loss_lists_known_names_and_close_matches():
     assert known == sorted(known) and {"ce", "codir", "kd", "l2", "attention", "cosine"} <= set(known)
 
 
-def test_old_module_names_still_import_with_a_deprecation_warning():
+def test_the_old_alias_modules_are_gone():
     import importlib
-    import sys
 
-    from distillkit.plugin_manager import load_plugins
-    from distillkit.terms import LossTerm
-
-    for old, new_name, new_object in (
-        ("losses", "LossTerm", LossTerm),
-        ("plugins", "load_plugins", load_plugins),
-    ):
-        sys.modules.pop(f"distillkit.{old}", None)
-        with pytest.warns(DeprecationWarning, match=f"distillkit.{old} is now"):
-            module = importlib.import_module(f"distillkit.{old}")
-        assert getattr(module, new_name) is new_object
+    for old in ("losses", "plugins"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"distillkit.{old}")

@@ -7,9 +7,9 @@ import yaml
 
 from distillkit.config import load_config
 from distillkit.models import load_tokenizer
+from distillkit.run.train import build_objective
 from distillkit.study import load_study
 from distillkit.tasks import make_task
-from distillkit.train import build_objective
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from distillkit import cli
+from distillkit.bench.step import PHASES, time_training_step
 from distillkit.config import config_from_dict
-from distillkit.stepbench import PHASES, time_training_step
 from tests.distill_fixtures import llama, text_config, tiny_config
 
 CODIR = {"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 16}}

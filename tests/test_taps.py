@@ -6,9 +6,9 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from distillkit.errors import ConfigError
-from distillkit.objective import DistillationObjective
-from distillkit.taps import NOTHING, Taps, collect_taps, find_module
-from distillkit.terms import ModelDims, TapRequest
+from distillkit.objective.objective import DistillationObjective
+from distillkit.objective.taps import NOTHING, Taps, collect_taps, find_module
+from distillkit.objective.terms import ModelDims, TapRequest
 
 
 class TwoLayerNet(nn.Module):

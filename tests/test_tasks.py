@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
 from distillkit.models import load_tokenizer, student_from_teacher
+from distillkit.run.train import distill
 from distillkit.tasks.causal_lm import NextTokenCollator
 from distillkit.tasks.masked_lm import MaskingCollator
 from distillkit.tasks.representation import linear_probe
-from distillkit.train import distill
 from tests.distill_fixtures import bert, gpt2, llama, text_config, write_vocab
 
 LM_TERMS = [{"loss": "kd", "temperature": 2.0}, {"loss": "ce", "weight": 0.5}, {"loss": "l2", "weight": 0.1}]
@@ -95,7 +95,7 @@ def test_task_and_loss_mismatches_are_refused_before_models_load(tmp_path, monke
     def no_weights(*args, **kwargs):
         raise AssertionError("a model was loaded before the objective was checked")
 
-    monkeypatch.setattr("distillkit.train.prepare_teacher", no_weights)
+    monkeypatch.setattr("distillkit.run.train.prepare_teacher", no_weights)
     with pytest.raises(ConfigError, match=message):
         distill(config_from_dict(raw))
 

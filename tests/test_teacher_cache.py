@@ -13,7 +13,8 @@ from distillkit.config import config_from_dict
 from distillkit.data import Collator, load_task_data
 from distillkit.errors import ConfigError
 from distillkit.models import freeze, load_model, load_tokenizer
-from distillkit.taps import TapRequest, collect_taps
+from distillkit.objective.taps import TapRequest, collect_taps
+from distillkit.run.train import distill
 from distillkit.teacher_cache import (
     LOG_TAIL_FLOOR,
     TeacherCache,
@@ -22,7 +23,6 @@ from distillkit.teacher_cache import (
     expected_meta,
     write_cache,
 )
-from distillkit.train import distill
 from tests.distill_fixtures import bert, llama, text_config, tiny_config
 
 EVERYTHING = TapRequest(

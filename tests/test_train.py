@@ -13,10 +13,10 @@ from distillkit.config import config_from_dict
 from distillkit.data import Collator, load_task_data
 from distillkit.errors import ConfigError
 from distillkit.models import load_model, load_tokenizer, student_from_teacher
-from distillkit.objective import DistillationObjective
-from distillkit.runlog import read_jsonl
-from distillkit.terms import ModelDims
-from distillkit.train import NonFiniteLossError, distill, fit, make_accelerator
+from distillkit.objective.objective import DistillationObjective
+from distillkit.objective.terms import ModelDims
+from distillkit.run.runlog import read_jsonl
+from distillkit.run.train import NonFiniteLossError, distill, fit, make_accelerator
 from tests.distill_fixtures import tiny_config
 
 

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from distillkit.config import config_from_dict
-from distillkit.membank import IndexBank
-from distillkit.train import distill
+from distillkit.run.train import distill
+from distillkit_plugins.codir_banks import IndexBank
 from tests.distill_fixtures import tiny_config
 
 STEPS, ACCUM, BATCH = 2, 2, 4  # 16 examples seen, fewer than one epoch of the 43 training rows: no repeats

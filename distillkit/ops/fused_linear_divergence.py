@@ -14,8 +14,8 @@ import numbers
 
 import torch
 
-from distillkit.divergences import DIVERGENCES, check_divergence
 from distillkit.ops import _loader
+from distillkit.ops.divergences import DIVERGENCES, check_divergence
 from distillkit.ops.linear_divergence_chunked import chunked_linear_divergence
 
 OP_NAME = "distillkit::fused_linear_divergence_fwd"
@@ -225,7 +225,7 @@ def fused_linear_divergence(
 
     ``loss = T² · mean_{counted rows} D(p ‖ q) + ce_weight · mean_{rows with a label} CE(softmax(s), label)``
     with ``s = student_hidden @ student_weight.T``, ``q = softmax(s / T)``, ``p = softmax(teacher_hidden @
-    teacher_weight.T / T)`` and ``D`` one of :data:`distillkit.divergences.DIVERGENCES`. No tensor of
+    teacher_weight.T / T)`` and ``D`` one of :data:`distillkit.ops.divergences.DIVERGENCES`. No tensor of
     ``N × V`` elements is allocated (the CPU kernel keeps two ``[R, V]`` row-block buffers of about 32 MiB;
     the chunked path ``chunk × V`` temporaries). Gradients reach ``student_hidden`` and ``student_weight``
     only; they are computed in the forward pass, so the result may be backpropagated once.

@@ -4,7 +4,7 @@
 :func:`distillkit.ops.fused_linear_divergence`: it walks the rows in chunks, so at most ``chunk × V`` logits
 exist at a time, and computes the gradients with respect to the student's hidden states and output weight
 while it goes (the loss is terminal), using the closed-form logit gradients of
-:func:`distillkit.divergences.divergence_and_grad`. :func:`naive_linear_divergence` materialises both
+:func:`distillkit.ops.divergences.divergence_and_grad`. :func:`naive_linear_divergence` materialises both
 ``[N, V]`` logit tensors and lets autograd differentiate: the baseline of ``distillkit bench --op vocab``.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distillkit.divergences import divergence, divergence_and_grad
+from distillkit.ops.divergences import divergence, divergence_and_grad
 
 CHUNK_ELEMENTS = 1 << 21
 """Default logits per chunk (rows × V) of the chunked path: 8 MiB per float32 temporary."""
@@ -138,7 +138,7 @@ def chunked_linear_divergence(
         kd_weight: ``[N]`` weight of each row's divergence.
         ce_weight: ``[N]`` weight of each row's cross-entropy (temperature 1), or None.
         labels: ``[N]`` int64 in ``[0, V)`` or -100, or None.
-        divergence_name: One of :data:`distillkit.divergences.DIVERGENCES`.
+        divergence_name: One of :data:`distillkit.ops.divergences.DIVERGENCES`.
         temperature: ``T``.
         beta: JSD's mixing weight.
         alpha: The skew weight.
@@ -181,7 +181,7 @@ def naive_linear_divergence(
         student_weight: ``[V, Ds]``.
         teacher_hidden: ``[N, Dt]``.
         teacher_weight: ``[V, Dt]``.
-        divergence_name: One of :data:`distillkit.divergences.DIVERGENCES`.
+        divergence_name: One of :data:`distillkit.ops.divergences.DIVERGENCES`.
         temperature: ``T``.
         beta: JSD's mixing weight.
         alpha: The skew weight.

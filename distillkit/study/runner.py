@@ -43,10 +43,10 @@ def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> st
 
     """
     from distillkit.models import load_tokenizer
-    from distillkit.taps import NOTHING
+    from distillkit.objective.taps import NOTHING
+    from distillkit.run.train import build_objective
     from distillkit.tasks import make_task
     from distillkit.teacher_cache import TeacherCache, cache_teacher
-    from distillkit.train import build_objective
 
     first = next(iter(runs.values()))
     if first.task == "masked_lm" or first.teacher.cache or first.teachers:
@@ -132,7 +132,7 @@ def _execute(config: DistillConfig, threads: int, log: Path | None) -> dict[str,
     """Runs one study run with ``threads`` CPU threads; its output goes to ``log`` when given."""
     import torch
 
-    from distillkit.train import distill
+    from distillkit.run.train import distill
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -278,7 +278,7 @@ def _first_to_tune_teacher(pending: dict[str, DistillConfig]) -> str | None:
     Runs that read the study's teacher cache load no teacher, so only live runs can need one.
     """
     from distillkit.data import load_label_names
-    from distillkit.train import FINETUNE_RECORD, finetuned_teacher_dir
+    from distillkit.run.train import FINETUNE_RECORD, finetuned_teacher_dir
 
     label_names: dict[str, list[str]] = {}  # by data config: the runs of a study mostly share one
     for run_id, config in pending.items():

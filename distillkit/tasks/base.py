@@ -18,8 +18,8 @@ from torch import nn
 
 from distillkit.config import DistillConfig
 from distillkit.data import TaskData
-from distillkit.taps import MODEL_INPUTS
-from distillkit.terms import TaskInfo
+from distillkit.objective.taps import MODEL_INPUTS
+from distillkit.objective.terms import TaskInfo
 
 Autocast = Callable[[], Any]
 """A factory of the mixed-precision context: ``with autocast(): ...``."""
@@ -162,7 +162,7 @@ def on_device(batches: Iterable[Batch], accelerator: Any) -> Iterator[Batch]:
 
 
 def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
-    """The keys of ``batch`` a model's forward takes (:data:`distillkit.taps.MODEL_INPUTS`)."""
+    """The keys of ``batch`` a model's forward takes (:data:`distillkit.objective.taps.MODEL_INPUTS`)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from distillkit.data import Collator, TaskData, load_text_data
+from distillkit.objective.terms import TaskInfo
 from distillkit.tasks.base import ReportContext, time_forward
 from distillkit.tasks.tokens import TokenTask
-from distillkit.terms import TaskInfo
 
 
 class NextTokenCollator(Collator):

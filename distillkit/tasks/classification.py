@@ -9,9 +9,9 @@ from typing import Any
 from torch import nn
 
 from distillkit.data import Collator, TaskData, load_task_data
-from distillkit.evaluate import evaluate
+from distillkit.objective.terms import TaskInfo
 from distillkit.tasks.base import Batch, EvalContext, ReportContext, Task, time_forward
-from distillkit.terms import TaskInfo
+from distillkit.tasks.evaluate_classification import evaluate
 
 
 class SequenceClassification(Task):

@@ -15,8 +15,8 @@ import torch
 
 from distillkit.data import Collator, TaskData, load_text_data
 from distillkit.errors import ConfigError
+from distillkit.objective.terms import TaskInfo
 from distillkit.tasks.tokens import TokenTask
-from distillkit.terms import TaskInfo
 
 
 class MaskingCollator(Collator):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.data import Collator, TaskData, load_task_data, load_text_data
+from distillkit.objective.terms import TaskInfo, masked_mean
 from distillkit.tasks.base import (
     Autocast,
     Batch,
@@ -26,7 +27,6 @@ from distillkit.tasks.base import (
     model_inputs,
     on_device,
 )
-from distillkit.terms import TaskInfo, masked_mean
 
 
 @torch.no_grad()

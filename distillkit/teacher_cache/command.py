@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from distillkit.errors import ConfigError
-from distillkit.taps import NOTHING, TapRequest
+from distillkit.objective.taps import NOTHING, TapRequest
 from distillkit.teacher_cache.identity import expected_meta
 from distillkit.teacher_cache.writer import write_cache
 
@@ -40,10 +40,10 @@ def cache_teacher(
     """
     from torch.utils.data import DataLoader
 
-    from distillkit.loop import autocast_factory, make_accelerator
     from distillkit.models import load_tokenizer, quiet_loading
+    from distillkit.run.loop import autocast_factory, make_accelerator
+    from distillkit.run.train import build_objective, prepare_teacher
     from distillkit.tasks import make_task
-    from distillkit.train import build_objective, prepare_teacher
 
     specs = config.teacher_specs()
     if name not in specs:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from distillkit.errors import ConfigError
-from distillkit.taps import NOTHING, TapRequest, Taps
+from distillkit.objective.taps import NOTHING, TapRequest, Taps
 from distillkit.teacher_cache.identity import CacheContents
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from distillkit import Taps, build_term
+from distillkit.objective.terms import ModelDims
 from distillkit.ops import fused_linear_divergence
-from distillkit.terms import ModelDims
 
 MODULE = importlib.import_module("distillkit.ops.fused_linear_divergence")
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
@@ -298,8 +298,8 @@ def test_invalid_inputs_are_explained(change, error, message):
 
 
 def test_vocab_bench_variants_compute_the_same_loss():
+    from distillkit.bench.vocab import VocabCase, format_table, make_inputs, time_variants
     from distillkit.ops.linear_divergence_chunked import naive_linear_divergence
-    from distillkit.vocabbench import VocabCase, format_table, make_inputs, time_variants
 
     case = VocabCase(tokens=6, vocab=40, student_hidden=5, teacher_hidden=7, divergence="tvd")
     inputs = make_inputs(case)

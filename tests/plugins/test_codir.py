@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from distillkit import Taps, build_term
 from distillkit.errors import ConfigError
-from distillkit.terms import ModelDims, masked_mean
+from distillkit.objective.terms import ModelDims, masked_mean
 
 DIMS = ModelDims(student_layers=2, teacher_layers=4, student_hidden=12, teacher_hidden=20)
 

@@ -9,9 +9,9 @@ from transformers import BertConfig, BertModel
 
 from distillkit import DistillationObjective
 from distillkit.config import config_from_dict
-from distillkit.taps import collect_taps
-from distillkit.terms import ModelDims
-from distillkit.train import distill
+from distillkit.objective.taps import collect_taps
+from distillkit.objective.terms import ModelDims
+from distillkit.run.train import distill
 from tests.distill_fixtures import bert, text_config
 
 TERMS = [

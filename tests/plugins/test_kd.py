@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from distillkit import Taps, build_term
 from distillkit.errors import ConfigError
-from distillkit.terms import ModelDims
+from distillkit.objective.terms import ModelDims
 
 DIMS = ModelDims(student_layers=2, teacher_layers=4, student_hidden=8, teacher_hidden=8)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distillkit import Taps, build_term
-from distillkit.terms import ModelDims
+from distillkit.objective.terms import ModelDims
 
 
 def make_taps(layers, hidden, mask, seed):

@@ -8,8 +8,8 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 
 from distillkit import Taps, build_term
 from distillkit.errors import ConfigError
-from distillkit.taps import collect_taps
-from distillkit.terms import ModelDims
+from distillkit.objective.taps import collect_taps
+from distillkit.objective.terms import ModelDims
 
 RELATIONS = ("query", "key", "value")
 

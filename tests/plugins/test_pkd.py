@@ -5,7 +5,7 @@ import torch
 
 from distillkit import Taps, build_term
 from distillkit.errors import ConfigError
-from distillkit.terms import ModelDims
+from distillkit.objective.terms import ModelDims
 
 
 def states(layers, batch, tokens, hidden, generator, dtype=torch.float32):

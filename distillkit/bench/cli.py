@@ -8,7 +8,7 @@ the ``distillkit_register_bench_cases`` hook::
         register(BenchCase("codir-queue-64k", "codir", {"bank": {"kind": "queue", "size": 65536}}))
 
 ``--op`` instead compares the memory-bank InfoNCE implementations (naive, chunked reference, compiled) over a
-range of bank sizes (see :mod:`distillkit.opbench`).
+range of bank sizes (see :mod:`distillkit.bench.infonce`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from distillkit.benchmarking import Row, format_rows, time_steps
+from distillkit.bench.harness import Row, format_rows, time_steps
 from distillkit.hookspecs import BenchCase
-from distillkit.terms import LossTerm, ModelDims, TapRequest, Taps
+from distillkit.objective.terms import LossTerm, ModelDims, TapRequest, Taps
 
 __all__ = ["BenchCase", "BenchShapes", "collect_cases", "make_step", "time_case"]
 
@@ -173,7 +173,7 @@ def make_step(
     Returns:
         A function running forward, backward and ``after_step`` once.
     """
-    from distillkit.objective import build_term
+    from distillkit.objective.objective import build_term
 
     shapes = replace(shapes, **case.shapes)
     term: LossTerm = build_term(case.loss, shapes.dims(), **case.params).to(device)
@@ -199,7 +199,7 @@ def time_case(
     repeat: int = 5,
     warmup: int = 1,
 ) -> Row:
-    """Times forward+backward of one case (:func:`distillkit.benchmarking.time_steps`).
+    """Times forward+backward of one case (:func:`distillkit.bench.harness.time_steps`).
 
     Returns:
         A table row: case, loss, median and min milliseconds, and peak CUDA memory when on a GPU.
@@ -291,7 +291,7 @@ def run_op_table(
     Returns:
         The exit status.
     """
-    from distillkit.opbench import Case, format_table, measure
+    from distillkit.bench.infonce import Case, format_table, measure
 
     dtype_name = str(dtype).removeprefix("torch.")
     cases = [
@@ -335,13 +335,13 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     """Runs ``distillkit bench`` and prints a markdown table; returns the exit status."""
     dtype = getattr(torch, args.dtype)
     if args.step:
-        from distillkit.config import load_config
-        from distillkit.stepbench import (
+        from distillkit.bench.step import (
             compare_logit_paths,
             format_logit_paths,
             format_step_table,
             time_training_step,
         )
+        from distillkit.config import load_config
 
         config = load_config(args.step, args.set or ())
         if args.compare_logits:
@@ -350,7 +350,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         print(format_step_table(time_training_step(config, repeats=args.repeat), args.step))
         return 0
     if args.op == "vocab":
-        from distillkit.vocabbench import VocabCase, run_vocab_table
+        from distillkit.bench.vocab import VocabCase, run_vocab_table
 
         n, v, ds, dt = (int(x) for x in args.vocab_shape.split(","))
         case = VocabCase(n, v, ds, dt, divergence=args.divergence)

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from distillkit import hookimpl
 from distillkit.errors import ConfigError
-from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
 
 DEFAULT_TEMPLATE = "base_model.encoder.layer.{layer}.attention.self.{proj}"
 RELATIONS = ("query", "key", "value")

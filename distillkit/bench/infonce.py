@@ -20,7 +20,7 @@ neighbours take cores away and multi-threaded BLAS calls stall at their barriers
 stable while wall-clock rates do not.
 
 Peak extra memory (CPU): each (case, variant) runs in a fresh Python process
-(:func:`distillkit.benchmarking.peak_extra_memory`) that builds the inputs, warms the variant up on a tiny
+(:func:`distillkit.bench.harness.peak_extra_memory`) that builds the inputs, warms the variant up on a tiny
 case (so one-off allocations such as thread pools and BLAS buffers are not counted) and reports the peak
 resident memory one forward + backward adds on top of its inputs. Inputs live on the CPU.
 """
@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from distillkit import benchmarking
-from distillkit.benchmarking import markdown_table, time_steps
+from distillkit.bench import harness as benchmarking
+from distillkit.bench.harness import markdown_table, time_steps
 from distillkit.ops import membank_infonce, naive_membank_infonce, reference_membank_infonce
 
 VARIANTS: tuple[str, ...] = ("naive", "reference", "compiled", "gather_bmm")
@@ -175,7 +175,7 @@ def memory_step(fields: dict, variant: str) -> Callable[[], None]:
 def peak_extra_memory(case: Case, variant: str, timeout: float = 600.0) -> int:
     """Peak extra resident memory (bytes) of one forward + backward, in a fresh process (same threads)."""
     return benchmarking.peak_extra_memory(
-        "distillkit.opbench:memory_step", asdict(case), variant, timeout=timeout
+        "distillkit.bench.infonce:memory_step", asdict(case), variant, timeout=timeout
     )
 
 

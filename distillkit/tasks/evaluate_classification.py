@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit.taps import MODEL_INPUTS
+from distillkit.objective.taps import MODEL_INPUTS
 
 
 def classification_metrics(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from distillkit import hookimpl
-from distillkit.divergences import label_cross_entropy
+from distillkit.objective.terms import LossTerm, TapRequest, Taps
 from distillkit.ops import fused_linear_divergence
-from distillkit.terms import LossTerm, TapRequest, Taps
+from distillkit.ops.divergences import label_cross_entropy
 
 
 class CrossEntropyLoss(LossTerm):

@@ -1,7 +1,7 @@
 """``kd``: soft-target distillation with a choice of token-level divergence, plus optional hard-label CE.
 
 ``T² ×`` the mean over counted positions of ``D(p ‖ q)``, with ``p = softmax(teacher logits / T)`` and
-``q = softmax(student logits / T)``. ``D`` is one of (see :mod:`distillkit.divergences`):
+``q = softmax(student logits / T)``. ``D`` is one of (see :mod:`distillkit.ops.divergences`):
 
 - ``forward_kl`` — ``KL(p ‖ q)`` (Hinton, Vinyals & Dean 2015);
 - ``reverse_kl`` — ``KL(q ‖ p)`` (Gu et al. 2024, MiniLLM);
@@ -15,7 +15,8 @@ Counted positions: every example for ``[B, C]`` logits; for ``[B, T, V]`` logits
 positions for a masked LM), else every real token.
 
 When the loop gives the models' output layers in place of logits (``train.fused_logits``, see
-:mod:`distillkit.output_layer`), the same loss is computed by :func:`distillkit.ops.fused_linear_divergence`
+:mod:`distillkit.objective.output_layer`), the same loss is computed by
+:func:`distillkit.ops.fused_linear_divergence`
 without building either ``[B, T, V]`` tensor.
 """
 
@@ -28,9 +29,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from distillkit import hookimpl
-from distillkit.divergences import divergence, label_cross_entropy
+from distillkit.objective.terms import LossParams, LossTerm, TapRequest, Taps
 from distillkit.ops import fused_linear_divergence
-from distillkit.terms import LossParams, LossTerm, TapRequest, Taps
+from distillkit.ops.divergences import divergence, label_cross_entropy
 
 
 class KDParams(LossParams):

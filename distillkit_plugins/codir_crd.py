@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from distillkit.membank import IndexBank, all_reduce_mean
+from distillkit_plugins.codir_banks import IndexBank, all_reduce_mean
 
 EPS = 1e-7
 

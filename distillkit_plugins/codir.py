@@ -38,16 +38,24 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from distillkit_plugins.codir_crd import CRDMemory
 from pydantic import Field, model_validator
 from torch import nn
 
 from distillkit import BenchCase, hookimpl
 from distillkit.errors import ConfigError
-from distillkit.mapping import LayerMapSpec
-from distillkit.membank import IndexBank, QueueBank, all_gather_rows, rank_and_world
+from distillkit.objective.mapping import LayerMapSpec
+from distillkit.objective.terms import (
+    LossParams,
+    LossTerm,
+    ModelDims,
+    TapRequest,
+    Taps,
+    TaskInfo,
+    masked_mean,
+)
 from distillkit.ops import membank_infonce
-from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, TaskInfo, masked_mean
+from distillkit_plugins.codir_banks import IndexBank, QueueBank, all_gather_rows, rank_and_world
+from distillkit_plugins.codir_crd import CRDMemory
 
 
 class BankParams(LossParams):

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from distillkit import benchmarking
-from distillkit.benchmarking import markdown_table, time_steps
+from distillkit.bench import harness as benchmarking
+from distillkit.bench.harness import markdown_table, time_steps
 
 VARIANTS = ("naive", "chunked", "chunked_compiled", "fused")
 CHUNK_ROWS = 256
@@ -109,7 +109,7 @@ def memory_step(fields: dict, variant: str) -> Callable[[], None]:
 def peak_extra_memory(case: VocabCase, variant: str, timeout: float = 900.0) -> int:
     """Peak extra resident bytes of one forward + backward of ``variant``, in a fresh process."""
     return benchmarking.peak_extra_memory(
-        "distillkit.vocabbench:memory_step", asdict(case), variant, timeout=timeout
+        "distillkit.bench.vocab:memory_step", asdict(case), variant, timeout=timeout
     )
 
 

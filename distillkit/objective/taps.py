@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distillkit.errors import ConfigError, close_matches
-from distillkit.output_layer import run_to_output_layer
+from distillkit.objective.output_layer import run_to_output_layer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 """Batch keys handed to a model's forward; every other key (labels, ids, masks) stays with the loss terms."""
@@ -43,7 +43,7 @@ class TapRequest:
         labels: The batch's labels (``Taps.labels``); a task without labels refuses such a term.
         output_layer: The output layer's input and weight (``Taps.output_hidden``, ``Taps.output_weight``)
             in place of the logits they multiply to; the loop asks for it instead of ``logits`` when every
-            term reading logits can work from them (see :mod:`distillkit.output_layer`).
+            term reading logits can work from them (see :mod:`distillkit.objective.output_layer`).
 
     """
 

@@ -35,8 +35,7 @@ from torch import nn
 
 from distillkit.config import TermConfig, parse_term_configs
 from distillkit.errors import ConfigError, LossTermError
-from distillkit.registry import get_loss
-from distillkit.taps import (
+from distillkit.objective.taps import (
     NOTHING,
     TapRequest,
     Taps,
@@ -44,7 +43,8 @@ from distillkit.taps import (
     find_module,
     use_eager_attention,
 )
-from distillkit.terms import LossTerm, ModelDims, TaskInfo
+from distillkit.objective.terms import LossTerm, ModelDims, TaskInfo
+from distillkit.registry import get_loss
 
 DEFAULT_TEACHER = "teacher"
 """The name of the main teacher (``teacher:`` in a config); terms read it unless they name another."""
@@ -360,7 +360,7 @@ class DistillationObjective(nn.Module):
         return None
 
     def read_output_layer(self, enabled: bool = True) -> None:
-        """Has the models asked for their output layers in place of logits (:mod:`distillkit.output_layer`).
+        """Has the models asked for their output layers in place of logits (see :mod:`.output_layer`).
 
         Raises:
             ValueError: When enabling it although :meth:`output_layer_blocker` gives a reason.

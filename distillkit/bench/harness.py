@@ -142,7 +142,7 @@ def peak_rss_growth(step: Callable[[], object]) -> int:
 
 _CHILD = (
     "import importlib, json, sys, torch\n"
-    "from distillkit.benchmarking import peak_rss_growth\n"
+    "from distillkit.bench.harness import peak_rss_growth\n"
     "torch.set_num_threads(int(sys.argv[1]))\n"
     "module, name = sys.argv[2].split(':')\n"
     "step = getattr(importlib.import_module(module), name)(*json.loads(sys.argv[3]))\n"

@@ -4,7 +4,7 @@ A causal LM's logits are its last hidden state times its output embedding, ``log
 term that can work from those two factors (``kd`` and ``ce`` do, through
 :func:`distillkit.ops.fused_linear_divergence`) declares ``LossTerm.reads_output_layer``; when every term of
 the objective that reads logits does, the loop asks both models for
-:attr:`~distillkit.taps.TapRequest.output_layer` instead of ``logits``: each model runs without its head
+:attr:`~.taps.TapRequest.output_layer` instead of ``logits``: each model runs without its head
 (:func:`run_to_output_layer`), and no ``[B, T, V]`` tensor is ever built for training.
 
 ``train.fused_logits`` decides (:func:`choose_output_layer`): ``auto`` (the default) uses the output layer
@@ -90,7 +90,7 @@ def check_output_layer(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> s
         None when they are (within float32 rounding), else the reason it cannot be used.
 
     """
-    from distillkit.taps import MODEL_INPUTS
+    from distillkit.objective.taps import MODEL_INPUTS
 
     parts = output_layer_parts(model)
     if isinstance(parts, str):
@@ -132,7 +132,7 @@ def choose_output_layer(
 
     Args:
         mode: ``train.fused_logits``: ``auto``, ``always`` or ``never``.
-        objective: The :class:`~distillkit.objective.DistillationObjective`.
+        objective: The :class:`~distillkit.objective.objective.DistillationObjective`.
         student: The student.
         teachers: Teacher name -> live model, or anything else for a teacher read from a cache.
         batch: A training batch (its first example checks each model's output layer).

@@ -2,7 +2,7 @@
 
 :func:`distill` checks everything the user can get wrong (config fields, data columns, labels, loss
 parameters, task/loss combinations, layer maps against the model configs) before any model weights load,
-then hands over to :func:`distillkit.loop.fit`.
+then hands over to :func:`distillkit.run.loop.fit`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,7 @@ from torch import nn
 
 from distillkit.config import DistillConfig, load_config
 from distillkit.data import TaskData
-from distillkit.divergences import label_cross_entropy
 from distillkit.errors import ConfigError
-from distillkit.loop import (
-    FitResult,
-    NonFiniteLossError,
-    autocast_factory,
-    eval_loader,
-    fit,
-    make_accelerator,
-)
 from distillkit.models import (
     count_parameters,
     freeze,
@@ -41,11 +32,20 @@ from distillkit.models import (
     student_config,
     student_from_teacher,
 )
-from distillkit.objective import DistillationObjective
-from distillkit.taps import NOTHING, TapRequest, Taps
+from distillkit.objective.objective import DistillationObjective
+from distillkit.objective.taps import NOTHING, TapRequest, Taps
+from distillkit.objective.terms import LossTerm, ModelDims
+from distillkit.ops.divergences import label_cross_entropy
+from distillkit.run.loop import (
+    FitResult,
+    NonFiniteLossError,
+    autocast_factory,
+    eval_loader,
+    fit,
+    make_accelerator,
+)
 from distillkit.tasks import EvalContext, ReportContext, Task, make_task
 from distillkit.teacher_cache import TeacherCache, expected_meta
-from distillkit.terms import LossTerm, ModelDims
 
 __all__ = ["NonFiniteLossError", "distill", "fit", "make_accelerator", "run_distill"]
 

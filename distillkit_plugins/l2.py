@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 
 from distillkit import hookimpl
-from distillkit.mapping import LayerMapSpec
-from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
+from distillkit.objective.mapping import LayerMapSpec
+from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
 
 
 class L2Params(LossParams):

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from distillkit.benchmarking import cpu_profile, markdown_table, peak_rss_growth
+from distillkit.bench.harness import cpu_profile, markdown_table, peak_rss_growth
 from distillkit.config import DistillConfig
-from distillkit.loop import autocast_factory
 from distillkit.models import quiet_loading
-from distillkit.output_layer import choose_output_layer
-from distillkit.taps import collect_taps
+from distillkit.objective.output_layer import choose_output_layer
+from distillkit.objective.taps import collect_taps
+from distillkit.run.loop import autocast_factory
 
 PHASES = (
     "teacher forward",
@@ -58,7 +58,7 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
 
     The logit-reading terms read the models' output layers where ``train.fused_logits`` lets them, as in
     ``distillkit distill``. After the timed steps one more step measures the peak resident memory a step adds
-    (:func:`~distillkit.benchmarking.peak_rss_growth`).
+    (:func:`~distillkit.bench.harness.peak_rss_growth`).
 
     Args:
         config: A distill config.
@@ -72,8 +72,8 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
 
     """
     from distillkit.models import load_model, load_tokenizer
+    from distillkit.run.train import build_objective, build_student
     from distillkit.tasks import make_task
-    from distillkit.train import build_objective, build_student
 
     torch.manual_seed(config.train.seed)
     task = make_task(config)
@@ -174,7 +174,7 @@ def format_step_table(result: dict[str, Any], config_name: str) -> str:
 _CHILD = (
     "import json, sys, torch\n"
     "from distillkit.config import DistillConfig\n"
-    "from distillkit.stepbench import time_training_step\n"
+    "from distillkit.bench.step import time_training_step\n"
     "torch.set_num_threads(int(sys.argv[1]))\n"
     "config = DistillConfig.model_validate_json(sys.stdin.read())\n"
     "print(json.dumps(time_training_step(config, int(sys.argv[2]), int(sys.argv[3]))))\n"

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from distillkit.errors import ConfigError, close_matches
-from distillkit.mapping import LayerMapSpec, LayerPairs, resolve_layer_map
-from distillkit.taps import NOTHING, TapRequest, Taps
+from distillkit.objective.mapping import LayerMapSpec, LayerPairs, resolve_layer_map
+from distillkit.objective.taps import NOTHING, TapRequest, Taps
 
 __all__ = [
     "LossParams",
@@ -109,12 +109,12 @@ class LossTerm(nn.Module):
     them. State that changes after the optimizer step (memory banks) is updated in :meth:`after_step`.
 
     What a term reads of each model is declared in ``student_reads`` and ``teacher_reads``
-    (:class:`~distillkit.taps.TapRequest`), or per instance by overriding :meth:`tap_requests` when it
+    (:class:`~.taps.TapRequest`), or per instance by overriding :meth:`tap_requests` when it
     depends on the parameters. Each model runs once per batch and is asked only for what some term reads;
     a model no term reads does not run. ``uses_teacher = False`` is shorthand for ``teacher_reads =
     NOTHING``. A term reading logits that sets ``reads_output_layer = True`` also works from
     ``Taps.output_hidden`` and ``Taps.output_weight`` when ``Taps.logits`` is None (the loop then never
-    builds the ``[B, T, V]`` logits; see :mod:`distillkit.output_layer`). :meth:`check_task` refuses a task
+    builds the ``[B, T, V]`` logits; see :mod:`.output_layer`). :meth:`check_task` refuses a task
     the term cannot work on, before any model loads.
 
     Args:
@@ -175,7 +175,7 @@ class LossTerm(nn.Module):
         return rows
 
     def layer_pairs(self, spec: LayerMapSpec) -> LayerPairs:
-        """Resolves a layer-map spec against this term's models (see :mod:`distillkit.mapping`)."""
+        """Resolves a layer-map spec against this term's models (see :mod:`distillkit.objective.mapping`)."""
         return resolve_layer_map(spec, self.dims.student_layers, self.dims.teacher_layers)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:

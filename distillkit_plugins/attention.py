@@ -23,8 +23,8 @@ import torch
 
 from distillkit import hookimpl
 from distillkit.errors import ConfigError
-from distillkit.mapping import LayerMapSpec
-from distillkit.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit.objective.mapping import LayerMapSpec
+from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
 
 LOG_FLOOR = 1e-12
 """Student probabilities are clamped here inside the log (a row may underflow to 0 in half precision)."""

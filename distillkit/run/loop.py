@@ -3,7 +3,7 @@
 One optimizer step, in the order the code runs it (``_Run``'s phases):
 
 1. ``forward_backward``: for each of ``grad_accum`` micro-batches, each frozen teacher runs under ``no_grad``
-   (eval mode) and returns only what some term reads of it (:func:`distillkit.taps.collect_taps`; it does
+   (eval mode) and returns only what some term reads of it (``collect_taps``; it does
    not run when no term reads it), or its taps are read from its cache (``teacher.cache``); the student
    runs once the same way; the objective returns the weighted total and each term (each term on its own
    teacher's taps); the total is back-propagated. Loss values stay on the device and are read once.
@@ -40,15 +40,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from distillkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distillkit.config import TrainConfig
 from distillkit.data import TaskData
 from distillkit.errors import ConfigError, DistillkitError
 from distillkit.models import freeze
-from distillkit.objective import DistillationObjective, ObjectiveOutput
-from distillkit.output_layer import choose_output_layer
-from distillkit.runlog import RunLog
-from distillkit.taps import Taps, collect_taps
+from distillkit.objective.objective import DistillationObjective, ObjectiveOutput
+from distillkit.objective.output_layer import choose_output_layer
+from distillkit.objective.taps import Taps, collect_taps
+from distillkit.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distillkit.run.runlog import RunLog
 from distillkit.tasks.base import Batch, EvalContext
 from distillkit.teacher_cache import TeacherCache
 
@@ -490,7 +490,7 @@ def eval_loader(
 
 
 def _classification_evaluator(model, batches, context: EvalContext) -> dict[str, float]:
-    from distillkit.evaluate import evaluate
+    from distillkit.tasks.evaluate_classification import evaluate
 
     return evaluate(model, batches, model.config.num_labels, context.accelerator, context.autocast)
 
