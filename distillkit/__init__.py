@@ -1,23 +1,43 @@
 """distillkit: knowledge distillation for language models, every loss a plugin.
 
-The names most users need::
+This module is the public API: everything a loss plugin or a user script imports comes from here (and the
+fused ops from :mod:`distillkit.ops`). Nothing else is public.
 
-    from distillkit import DistillationObjective, ModelDims, build_term, hookimpl, LossTerm, LossParams, Taps
-    from distillkit import TapRequest, TaskInfo, LayerMapSpec, BenchCase   # for plugin authors
+Users::
+
+    from distillkit import DistillationObjective, ModelDims, build_term
+
+Plugin authors::
+
+    from distillkit import LossTerm, LossParams, TapRequest, Taps, LayerMapSpec, hookimpl
+    from distillkit import ConfigError, TaskInfo, BenchCase, masked_mean, student_projections
+    from distillkit.ops import divergence, fused_linear_divergence, membank_infonce
 """
 
+from distillkit.errors import ConfigError, DistillkitError
 from distillkit.hookspecs import BenchCase, hookimpl
-from distillkit.objective.mapping import LayerMapSpec
+from distillkit.objective.mapping import LayerMapSpec, LayerPairs
 from distillkit.objective.objective import DistillationObjective, ObjectiveOutput, build_term
-from distillkit.objective.taps import TapRequest, Taps
-from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TaskInfo
+from distillkit.objective.taps import NOTHING, TapRequest, Taps
+from distillkit.objective.terms import (
+    LossParams,
+    LossTerm,
+    ModelDims,
+    TaskInfo,
+    masked_mean,
+    student_projections,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NOTHING",
     "BenchCase",
+    "ConfigError",
     "DistillationObjective",
+    "DistillkitError",
     "LayerMapSpec",
+    "LayerPairs",
     "LossParams",
     "LossTerm",
     "ModelDims",
@@ -27,5 +47,7 @@ __all__ = [
     "TaskInfo",
     "build_term",
     "hookimpl",
+    "masked_mean",
+    "student_projections",
     "__version__",
 ]

@@ -21,10 +21,7 @@ from typing import Literal
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.errors import ConfigError
-from distillkit.objective.mapping import LayerMapSpec
-from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit import ConfigError, LayerMapSpec, LossParams, LossTerm, ModelDims, TapRequest, Taps, hookimpl
 
 LOG_FLOOR = 1e-12
 """Student probabilities are clamped here inside the log (a row may underflow to 0 in half precision)."""
@@ -34,7 +31,7 @@ class AttentionParams(LossParams):
     """Parameters of ``attention``.
 
     Attributes:
-        layers: Layer map over transformer layers (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``,
+        layer_map: Layer map over transformer layers (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``,
             indices ``1..depth``); ``uniform`` is TinyBERT's map.
         kind: ``mse`` (TinyBERT) or ``kl`` (MiniLM, KL(teacher ‖ student) per query row).
         heads: ``each`` compares head ``h`` with head ``h`` (equal head counts); ``mean`` averages the heads
@@ -42,7 +39,7 @@ class AttentionParams(LossParams):
 
     """
 
-    layers: LayerMapSpec = "uniform"
+    layer_map: LayerMapSpec = "uniform"
     kind: Literal["mse", "kl"] = "mse"
     heads: Literal["each", "mean"] = "each"
 
@@ -55,7 +52,7 @@ def attention_pairs(pairs: list[tuple[int, int]], spec: LayerMapSpec) -> list[tu
             raise ConfigError(
                 f"loss 'attention': the {where} {spec!r} pairs student layer {s} with teacher layer {t}, but "
                 "layer 0 is the embedding output and has no attention probabilities; use transformer layers "
-                "1..depth, e.g. explicit pairs [[1, 2], [2, 4]] or layers: last"
+                "1..depth, e.g. explicit pairs [[1, 2], [2, 4]] or layer_map: last"
             )
     return pairs
 
@@ -70,7 +67,7 @@ class AttentionLoss(LossTerm):
 
     def __init__(self, params: AttentionParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
-        self.pairs = attention_pairs(self.layer_pairs(params.layers), params.layers)
+        self.pairs = attention_pairs(self.layer_pairs(params.layer_map), params.layer_map)
         heads = (dims.student_heads, dims.teacher_heads)
         if params.heads == "each" and None not in heads and heads[0] != heads[1]:
             raise ConfigError(

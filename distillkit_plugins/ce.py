@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.objective.terms import LossTerm, TapRequest, Taps
-from distillkit.ops import fused_linear_divergence
-from distillkit.ops.divergences import label_cross_entropy
+from distillkit import LossTerm, TapRequest, Taps, hookimpl
+from distillkit.ops import fused_linear_divergence, label_cross_entropy
 
 
 class CrossEntropyLoss(LossTerm):

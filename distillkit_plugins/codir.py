@@ -26,7 +26,7 @@ Negatives for ``infonce`` come from one of three sources (``bank.kind``):
 Settings that reproduce the released code (fairseq criterion ``sentence_prediction_crd``):
 ``fusion: concat, objective: crd_nce, pooling: cls, bank: {kind: index, size: N, negatives: K, momentum: 0.5},
 negatives: other_labels, temperature: 0.07, dim: 128``, with the layer map of the script (student layers 1..6
-against teacher layers 1, 3, ..., 11: ``layers: [[1, 1], [2, 3], [3, 5], [4, 7], [5, 9], [6, 11]]``). See
+against teacher layers 1, 3, ..., 11: ``layer_map: [[1, 1], [2, 3], [3, 5], [4, 7], [5, 9], [6, 11]]``). See
 ``docs/losses.md`` for the source of each choice.
 
 Keys enter the banks in :meth:`CoDIRLoss.after_step`, for every micro-batch since the previous step.
@@ -41,16 +41,17 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from distillkit import BenchCase, hookimpl
-from distillkit.errors import ConfigError
-from distillkit.objective.mapping import LayerMapSpec
-from distillkit.objective.terms import (
+from distillkit import (
+    BenchCase,
+    ConfigError,
+    LayerMapSpec,
     LossParams,
     LossTerm,
     ModelDims,
     TapRequest,
     Taps,
     TaskInfo,
+    hookimpl,
     masked_mean,
 )
 from distillkit.ops import membank_infonce
@@ -80,7 +81,7 @@ class CoDIRParams(LossParams):
     """Parameters of ``codir``.
 
     Attributes:
-        layers: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
+        layer_map: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
         pooling: ``mean`` over real tokens, or ``cls`` (the first token).
         temperature: Temperature τ (CoDIR/CRD: 0.07).
         dim: Size of the shared contrastive space (CRD: 128).
@@ -92,7 +93,7 @@ class CoDIRParams(LossParams):
 
     """
 
-    layers: LayerMapSpec = "uniform"
+    layer_map: LayerMapSpec = "uniform"
     pooling: Literal["mean", "cls"] = "mean"
     temperature: float = Field(default=0.07, gt=0.0)
     dim: int = Field(default=128, ge=1)
@@ -139,7 +140,7 @@ class CoDIRLoss(LossTerm):
 
     def __init__(self, params: CoDIRParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
-        self.pairs = self.layer_pairs(params.layers)
+        self.pairs = self.layer_pairs(params.layer_map)
         if params.fusion == "concat":
             heads = 1
             student_in, teacher_in = (

@@ -50,19 +50,19 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class QueueBank(nn.Module):
-    """A FIFO queue of keys shared by ``layers`` contrastive heads.
+    """A FIFO queue of keys shared by ``heads`` contrastive heads.
 
     Args:
-        layers: Number of layers (leading dim of the keys).
+        heads: Number of contrastive heads (leading dim of the keys).
         size: Capacity ``K``.
         dim: Key size ``D``.
 
     """
 
-    def __init__(self, layers: int, size: int, dim: int) -> None:
+    def __init__(self, heads: int, size: int, dim: int) -> None:
         super().__init__()
         self.size = size
-        self.register_buffer("keys", torch.zeros(layers, size, dim))
+        self.register_buffer("keys", torch.zeros(heads, size, dim))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
@@ -71,7 +71,7 @@ class QueueBank(nn.Module):
         """Returns the filled part of the queue.
 
         Returns:
-            keys ``[layers, K_filled, D]`` and labels ``[K_filled]`` (-1 where unknown).
+            keys ``[heads, K_filled, D]`` and labels ``[K_filled]`` (-1 where unknown).
 
         """
         filled = int(self.filled)
@@ -91,7 +91,7 @@ class QueueBank(nn.Module):
         """Adds keys of a batch (from every rank), overwriting the oldest.
 
         Args:
-            keys: ``[layers, n, D]`` new keys.
+            keys: ``[heads, n, D]`` new keys.
             labels: ``[n]`` their labels, or None.
 
         """
@@ -115,19 +115,19 @@ class IndexBank(nn.Module):
     Slots start as random unit vectors (as in CRD) with label -1.
 
     Args:
-        layers: Number of layers.
+        heads: Number of contrastive heads.
         size: Number of training examples ``N``.
         dim: Key size ``D``.
         momentum: ``m``; CRD uses 0.5.
 
     """
 
-    def __init__(self, layers: int, size: int, dim: int, momentum: float = 0.5) -> None:
+    def __init__(self, heads: int, size: int, dim: int, momentum: float = 0.5) -> None:
         super().__init__()
         self.size = size
         self.momentum = momentum
         generator = torch.Generator().manual_seed(0)
-        self.register_buffer("keys", F.normalize(torch.randn(layers, size, dim, generator=generator), dim=-1))
+        self.register_buffer("keys", F.normalize(torch.randn(heads, size, dim, generator=generator), dim=-1))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
 
     def check_ids(self, example_ids: torch.Tensor) -> None:
@@ -205,7 +205,7 @@ class IndexBank(nn.Module):
 
         Args:
             example_ids: ``[n]`` int64.
-            keys: ``[layers, n, D]``.
+            keys: ``[heads, n, D]``.
             labels: ``[n]`` or None.
 
         """

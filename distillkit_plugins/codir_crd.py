@@ -39,7 +39,7 @@ def gathered_scores(anchor: torch.Tensor, bank: torch.Tensor, index: torch.Tenso
     Args:
         anchor: ``[L, B, D]``.
         bank: ``[L, N, D]`` (no gradient flows to it).
-        index: ``[B, M]`` int64 slot indices (shared by the ``L`` layers).
+        index: ``[B, M]`` int64 slot indices (shared by the ``L`` heads).
 
     Returns:
         ``[L, B, M]`` scores ``<anchor[l, b], bank[l, index[b, m]]>``.
@@ -94,20 +94,20 @@ class CRDMemory(nn.Module):
     """The two index banks and the two normalising constants of ``crd_nce``.
 
     Args:
-        layers: Number of contrastive heads (1 with ``fusion: concat``).
+        heads: Number of contrastive heads (1 with ``fusion: concat``).
         size: ``N``, the number of training examples.
         dim: Key size.
         momentum: Bank momentum (CRD: 0.5).
 
     """
 
-    def __init__(self, layers: int, size: int, dim: int, momentum: float) -> None:
+    def __init__(self, heads: int, size: int, dim: int, momentum: float) -> None:
         super().__init__()
         self.size = size
-        self.student_bank = IndexBank(layers, size, dim, momentum)
-        self.teacher_bank = IndexBank(layers, size, dim, momentum)
-        self.register_buffer("student_log_z", torch.zeros(layers))  # Z of student anchors vs teacher bank
-        self.register_buffer("teacher_log_z", torch.zeros(layers))  # Z of teacher anchors vs student bank
+        self.student_bank = IndexBank(heads, size, dim, momentum)
+        self.teacher_bank = IndexBank(heads, size, dim, momentum)
+        self.register_buffer("student_log_z", torch.zeros(heads))  # Z of student anchors vs teacher bank
+        self.register_buffer("teacher_log_z", torch.zeros(heads))  # Z of teacher anchors vs student bank
         self.register_buffer("z_estimated", torch.zeros((), dtype=torch.long))
 
     def sample(self, example_ids: torch.Tensor, labels: torch.Tensor | None, count: int) -> torch.Tensor:

@@ -17,21 +17,28 @@ from typing import Literal
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.objective.mapping import LayerMapSpec
-from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
+from distillkit import (
+    LayerMapSpec,
+    LossParams,
+    LossTerm,
+    ModelDims,
+    TapRequest,
+    Taps,
+    hookimpl,
+    student_projections,
+)
 
 
 class CosineParams(LossParams):
     """Parameters of ``cosine``.
 
     Attributes:
-        layers: Layer map (``last``, ``uniform``, ``skip`` or ``[[s, t], ...]``; 0 is the embedding output).
+        layer_map: Layer map (``last``, ``uniform``, ``skip`` or ``[[s, t], ...]``; 0 is the embedding output).
         projection: ``auto`` adds a linear map per pair when hidden sizes differ; ``always``/``never`` force.
 
     """
 
-    layers: LayerMapSpec = "last"
+    layer_map: LayerMapSpec = "last"
     projection: Literal["auto", "always", "never"] = "auto"
 
 
@@ -56,7 +63,7 @@ class CosineLoss(LossTerm):
 
     def __init__(self, params: CosineParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
-        self.pairs = self.layer_pairs(params.layers)
+        self.pairs = self.layer_pairs(params.layer_map)
         self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:

@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from distillkit import hookimpl
-from distillkit.objective.terms import LossParams, LossTerm, TapRequest, Taps
-from distillkit.ops import fused_linear_divergence
-from distillkit.ops.divergences import divergence, label_cross_entropy
+from distillkit import LossParams, LossTerm, TapRequest, Taps, hookimpl
+from distillkit.ops import divergence, fused_linear_divergence, label_cross_entropy
 
 
 class KDParams(LossParams):
@@ -85,6 +83,10 @@ class KDLoss(LossTerm):
     def tap_requests(self) -> tuple[TapRequest, TapRequest]:
         """Logits of both models; the student's labels too when ``ce_weight > 0``."""
         return TapRequest(logits=True, labels=self.params.ce_weight > 0), self.teacher_reads
+
+    def teacher_logit_temperature(self) -> float:
+        """Teacher logits are read at ``temperature`` (several teachers are mixed at it)."""
+        return self.params.temperature
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.

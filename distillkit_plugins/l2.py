@@ -9,21 +9,28 @@ from typing import Literal
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.objective.mapping import LayerMapSpec
-from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
+from distillkit import (
+    LayerMapSpec,
+    LossParams,
+    LossTerm,
+    ModelDims,
+    TapRequest,
+    Taps,
+    hookimpl,
+    student_projections,
+)
 
 
 class L2Params(LossParams):
     """Parameters of ``l2``.
 
     Attributes:
-        layers: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
+        layer_map: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
         projection: ``auto`` adds a linear map when hidden sizes differ; ``always``/``never`` force it.
 
     """
 
-    layers: LayerMapSpec = "uniform"
+    layer_map: LayerMapSpec = "uniform"
     projection: Literal["auto", "always", "never"] = "auto"
 
 
@@ -37,7 +44,7 @@ class L2HiddenLoss(LossTerm):
 
     def __init__(self, params: L2Params, dims: ModelDims) -> None:
         super().__init__(params, dims)
-        self.pairs = self.layer_pairs(params.layers)
+        self.pairs = self.layer_pairs(params.layer_map)
         self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:

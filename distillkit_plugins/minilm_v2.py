@@ -30,9 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from distillkit import hookimpl
-from distillkit.errors import ConfigError
-from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps
+from distillkit import ConfigError, LossParams, LossTerm, ModelDims, TapRequest, Taps, hookimpl
 
 DEFAULT_TEMPLATE = "base_model.encoder.layer.{layer}.attention.self.{proj}"
 RELATIONS = ("query", "key", "value")

@@ -18,21 +18,28 @@ from typing import Literal
 
 import torch
 
-from distillkit import hookimpl
-from distillkit.objective.mapping import LayerMapSpec
-from distillkit.objective.terms import LossParams, LossTerm, ModelDims, TapRequest, Taps, student_projections
+from distillkit import (
+    LayerMapSpec,
+    LossParams,
+    LossTerm,
+    ModelDims,
+    TapRequest,
+    Taps,
+    hookimpl,
+    student_projections,
+)
 
 
 class PKDParams(LossParams):
     """Parameters of ``pkd``.
 
     Attributes:
-        layers: Layer map (``skip``, ``uniform``, ``last`` or ``[[s, t], ...]``).
+        layer_map: Layer map (``skip``, ``uniform``, ``last`` or ``[[s, t], ...]``).
         projection: ``auto`` adds a linear map per pair when hidden sizes differ; ``always``/``never`` force.
 
     """
 
-    layers: LayerMapSpec = "skip"
+    layer_map: LayerMapSpec = "skip"
     projection: Literal["auto", "always", "never"] = "auto"
 
 
@@ -55,7 +62,7 @@ class PatientKDLoss(LossTerm):
 
     def __init__(self, params: PKDParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
-        self.pairs = self.layer_pairs(params.layers)
+        self.pairs = self.layer_pairs(params.layer_map)
         self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:

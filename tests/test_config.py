@@ -8,7 +8,7 @@ BASE = {
     "teacher": {"path": "some/teacher"},
     "objective": [
         {"loss": "kd", "weight": 1.0, "temperature": 2.0},
-        {"loss": "l2", "weight": 0.5, "layers": "uniform"},
+        {"loss": "l2", "weight": 0.5, "layer_map": "uniform"},
         {"loss": "codir", "weight": 0.1, "bank": {"kind": "queue", "size": 16384}},
     ],
 }

@@ -5,7 +5,7 @@ from distillkit_plugins.codir_banks import IndexBank, QueueBank, all_reduce_mean
 
 
 def test_queue_is_fifo_and_wraps():
-    bank = QueueBank(layers=2, size=5, dim=3)
+    bank = QueueBank(heads=2, size=5, dim=3)
     assert bank.negatives()[0].shape == (2, 0, 3)
     first = torch.arange(2 * 3 * 3, dtype=torch.float).reshape(2, 3, 3)
     bank.enqueue(first, torch.tensor([0, 1, 2]))
@@ -30,7 +30,7 @@ def test_queue_state_round_trips_through_state_dict():
 
 def test_index_bank_momentum_update_and_sampling_avoids_own_slot():
     torch.manual_seed(0)
-    bank = IndexBank(layers=1, size=10, dim=4, momentum=0.5)
+    bank = IndexBank(heads=1, size=10, dim=4, momentum=0.5)
     ids = torch.tensor([3, 7])
     old = bank.keys[:, ids].clone()
     new = torch.nn.functional.normalize(torch.randn(1, 2, 4), dim=-1)
@@ -46,7 +46,7 @@ def test_index_bank_momentum_update_and_sampling_avoids_own_slot():
 
 
 def test_sample_other_labels_skips_same_label_and_own_slot():
-    bank = IndexBank(layers=1, size=10, dim=4)
+    bank = IndexBank(heads=1, size=10, dim=4)
     bank.labels.copy_(torch.tensor([0, 1, 0, 1, 2, -1, 0, 1, 2, -1]))
     ids = torch.tensor([5, 0, 3, 9, 4])  # 5 and 9 are unseen: their own slot has label -1 and is a candidate
     labels = torch.tensor([0, 0, 1, 2, 2])
@@ -61,7 +61,7 @@ def test_sample_other_labels_skips_same_label_and_own_slot():
 
 
 def test_sample_other_labels_needs_another_class():
-    bank = IndexBank(layers=1, size=3, dim=4)
+    bank = IndexBank(heads=1, size=3, dim=4)
     bank.labels.fill_(1)
     with pytest.raises(ValueError, match="at least two classes"):
         bank.sample_other_labels(torch.tensor([0]), torch.tensor([1]), 4)

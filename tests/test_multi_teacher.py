@@ -38,8 +38,8 @@ def test_each_term_reads_its_own_teacher_and_the_total_is_the_sum_of_single_teac
     objective = DistillationObjective.from_config(
         [
             {"loss": "kd", "weight": 1.0, "temperature": 2.0},
-            {"loss": "l2", "weight": 0.5, "teacher": "wide", "layers": "uniform"},
-            {"loss": "l2", "weight": 0.25, "name": "l2_main", "layers": "uniform"},
+            {"loss": "l2", "weight": 0.5, "teacher": "wide", "layer_map": "uniform"},
+            {"loss": "l2", "weight": 0.25, "name": "l2_main", "layer_map": "uniform"},
         ],
         dims,
     )

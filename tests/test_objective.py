@@ -7,11 +7,11 @@ from tests.conftest import run_models
 
 THREE_TERMS = [
     {"loss": "kd", "weight": 1.0, "temperature": 2.0},
-    {"loss": "l2", "weight": 0.5, "layers": "uniform"},
+    {"loss": "l2", "weight": 0.5, "layer_map": "uniform"},
     {
         "loss": "codir",
         "weight": 0.1,
-        "layers": "uniform",
+        "layer_map": "uniform",
         "pooling": "mean",
         "temperature": 0.07,
         "bank": {"kind": "queue", "size": 64},
@@ -58,7 +58,7 @@ def test_one_optimisation_step_changes_student_and_fills_bank(student, teacher, 
 
 def test_terms_from_python_without_yaml(dims, student, teacher, batch):
     kd = build_term("kd", dims, temperature=4.0)
-    l2 = build_term("l2", dims, layers="last")
+    l2 = build_term("l2", dims, layer_map="last")
     objective = DistillationObjective([(kd, 1.0), (l2, 2.0), (build_term("l2", dims), 1.0)])
     assert list(objective.terms) == ["kd", "l2", "l2_2"]
     out = objective(*run_models(student, teacher, batch), batch)
@@ -70,14 +70,14 @@ def test_unknown_loss_and_parameter_errors(dims):
         DistillationObjective.from_config([{"loss": "kdd"}], dims)
     with pytest.raises(ConfigError, match=r"loss 'kd' does not accept parameter 'temprature'.*'temperature'"):
         DistillationObjective.from_config([{"loss": "kd", "temprature": 2.0}], dims)
-    with pytest.raises(ConfigError, match="Accepted parameters: layers, pooling, temperature, dim, bank"):
+    with pytest.raises(ConfigError, match="Accepted parameters: layer_map, pooling, temperature, dim, bank"):
         build_term("codir", dims, pooling_mode="mean")
     with pytest.raises(ConfigError, match="loss 'kd': invalid parameters: temperature"):
         build_term("kd", dims, temperature=-1)
     with pytest.raises(ConfigError, match=r"bank.kind"):
         build_term("codir", dims, bank={"kind": "ring"})
     with pytest.raises(ConfigError, match="out of range for the teacher, which has 4 layers"):
-        build_term("l2", dims, layers=[[1, 9]])
+        build_term("l2", dims, layer_map=[[1, 9]])
 
 
 def test_failing_term_names_itself(dims, student, teacher, batch):
@@ -96,3 +96,25 @@ def test_outputs_without_hidden_states_are_rejected(dims, student, teacher, batc
     inputs = {"input_ids": batch["input_ids"]}
     with pytest.raises(ValueError, match="output_hidden_states=True"):
         objective(student(**inputs), teacher(**inputs), batch)
+
+
+def test_a_layer_map_under_its_former_name_is_read_with_a_warning(dims):
+    with pytest.warns(FutureWarning, match="`layers` is now `layer_map`"):
+        term = build_term("l2", dims, layers="last")
+    assert term.params.layer_map == "last"
+    with pytest.raises(ConfigError, match="give the layer map once"):
+        build_term("l2", dims, layers="last", layer_map="last")
+
+
+def test_terms_declare_the_teacher_layers_they_read(dims):
+    objective = DistillationObjective.from_config(
+        [
+            {"loss": "l2", "layer_map": [[1, 2], [2, 4]]},
+            {"loss": "kd"},
+            {"loss": "cosine", "layer_map": "last"},
+        ],
+        dims,
+    )
+    assert objective.terms["l2"].teacher_layers() == (2, 4)
+    assert objective.terms["kd"].teacher_layers() == ()
+    assert objective.teacher_layers("teacher") == (2, 4)

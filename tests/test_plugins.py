@@ -67,7 +67,7 @@ def test_third_party_plugin_is_discovered_through_its_entry_point(installed_exam
         from distillkit import DistillationObjective
 
         objective = DistillationObjective.from_config(
-            [{"loss": "token_cosine", "layers": "last"}], dims_equal()
+            [{"loss": "token_cosine", "layer_map": "last"}], dims_equal()
         )
         assert list(objective.terms) == ["token_cosine"]
 

@@ -85,7 +85,7 @@ def test_representation_run_with_linear_probe(tmp_path):
             "reads labels, but task 'representation' trains on unlabelled",
         ),
         ("causal_lm", {"loss": "codir", "negatives": "other_labels"}, "needs a class label per example"),
-        ("causal_lm", {"loss": "l2", "layers": [[1, 9]]}, "objective term 'l2'"),
+        ("causal_lm", {"loss": "l2", "layer_map": [[1, 9]]}, "objective term 'l2'"),
     ],
 )
 def test_task_and_loss_mismatches_are_refused_before_models_load(tmp_path, monkeypatch, task, term, message):

@@ -135,7 +135,7 @@ def test_a_cached_run_equals_a_live_run(tmp_path):
     [
         (lambda r: r["teacher"]["config"].update(hidden_size=48), "teacher: cache"),
         (lambda r: r["data"].update(max_length=12), "data.max_length: cache 16, this run 12"),
-        (lambda r: r["objective"][1].update(layers=[[1, 1], [2, 3]]), "the terms map teacher layers"),
+        (lambda r: r["objective"][1].update(layer_map=[[1, 1], [2, 3]]), "the terms map teacher layers"),
         (lambda r: r["objective"].append({"loss": "attention", "weight": 0.1}), "attention maps"),
     ],
 )

@@ -16,7 +16,7 @@ def _final_bank(tmp_path, bank, **codir):
     raw = tiny_config(tmp_path, steps=STEPS, grad_accum=ACCUM, batch_size=BATCH, eval_every=None)
     raw["objective"] = [
         {"loss": "ce", "weight": 1.0},
-        {"loss": "codir", "weight": 0.1, "dim": 8, "layers": "last", "bank": bank, **codir},
+        {"loss": "codir", "weight": 0.1, "dim": 8, "layer_map": "last", "bank": bank, **codir},
     ]
     distill(config_from_dict(raw))
     last = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
@@ -66,7 +66,7 @@ def test_two_processes_gather_every_micro_batch(tmp_path):
     raw = tiny_config(
         tmp_path, steps=STEPS, grad_accum=ACCUM, batch_size=BATCH, eval_every=None, tensorboard=False
     )
-    codir = {"loss": "codir", "weight": 0.1, "dim": 8, "layers": "last", "negatives": "other_labels"}
+    codir = {"loss": "codir", "weight": 0.1, "dim": 8, "layer_map": "last", "negatives": "other_labels"}
     raw["objective"] = [
         {"loss": "ce", "weight": 1.0},
         {**codir, "name": "queue", "bank": {"kind": "queue", "size": 64}},

@@ -296,7 +296,7 @@ class DistillationObjective(nn.Module):
                 f"({', '.join(f'{n}: {tuple(t.logits.shape)}' for n, t in pairs)}); "
                 "mixed teachers must share the label set or vocabulary"
             )
-        temperature = float(getattr(term.params, "temperature", 1.0))
+        temperature = term.teacher_logit_temperature()
         mixed = mix_teacher_logits([t.logits for t in present], spec.weights, spec.mix, temperature)
         return replace(present[0], logits=mixed)
 
@@ -373,21 +373,18 @@ class DistillationObjective(nn.Module):
         self.output_layer = enabled
 
     def teacher_layers(self, name: str) -> tuple[int, ...] | None:
-        """The hidden-state layers of teacher ``name`` the terms map, or None when some term may read any.
+        """The hidden-state layers of teacher ``name`` the terms read, or None when some term may read any.
 
-        A term's mapped layers are its resolved layer map (a ``pairs`` attribute of ``(student, teacher)``
-        index pairs, as :meth:`LossTerm.layer_pairs` returns); a term reading hidden states without one may
-        read any layer.
+        The union of :meth:`LossTerm.teacher_layers` over the terms reading that teacher.
         """
         layers: set[int] = set()
         for label, term in self.terms.items():
-            if name not in self.term_teachers[label].names or not term.tap_requests()[1].hidden_states:
+            if name not in self.term_teachers[label].names:
                 continue
-            pairs = getattr(term, "pairs", None)
-            try:
-                layers.update(int(teacher) for _, teacher in pairs)
-            except (TypeError, ValueError):
+            read = term.teacher_layers()
+            if read is None:
                 return None
+            layers.update(int(index) for index in read)
         return tuple(sorted(layers))
 
     @property

@@ -6,6 +6,7 @@ implements :meth:`LossTerm.forward`. See ``examples/distillkit-cosine`` for a co
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from types import UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -22,9 +23,6 @@ __all__ = [
     "LossParams",
     "LossTerm",
     "ModelDims",
-    "NOTHING",
-    "TapRequest",
-    "Taps",
     "TaskInfo",
     "masked_mean",
     "student_projections",
@@ -108,14 +106,19 @@ class LossTerm(nn.Module):
     :meth:`forward`. Learned parts (projections, heads) are submodules, so the objective's parameters include
     them. State that changes after the optimizer step (memory banks) is updated in :meth:`after_step`.
 
-    What a term reads of each model is declared in ``student_reads`` and ``teacher_reads``
-    (:class:`~.taps.TapRequest`), or per instance by overriding :meth:`tap_requests` when it
-    depends on the parameters. Each model runs once per batch and is asked only for what some term reads;
-    a model no term reads does not run. ``uses_teacher = False`` is shorthand for ``teacher_reads =
-    NOTHING``. A term reading logits that sets ``reads_output_layer = True`` also works from
-    ``Taps.output_hidden`` and ``Taps.output_weight`` when ``Taps.logits`` is None (the loop then never
-    builds the ``[B, T, V]`` logits; see :mod:`.output_layer`). :meth:`check_task` refuses a task
-    the term cannot work on, before any model loads.
+    What the core may ask of a term, and nothing else:
+
+    - :meth:`tap_requests`: what it reads of the student and of its teacher (``student_reads`` /
+      ``teacher_reads`` class attributes by default; ``uses_teacher = False`` means it reads no teacher).
+      Each model runs once per batch and is asked only for what some term reads.
+    - :meth:`teacher_layers`: which of the teacher's hidden-state layers it reads (a teacher cache stores
+      only those); by default the teacher side of the layer maps it resolved with :meth:`layer_pairs`.
+    - :meth:`teacher_logit_temperature`: the temperature its teacher logits are read at, so that several
+      teachers' distributions can be mixed into the one it reads (``teacher: [a, b]``).
+    - ``reads_output_layer``: it also works from ``Taps.output_hidden`` and ``Taps.output_weight`` when
+      ``Taps.logits`` is None (the loop then never builds ``[B, T, V]`` logits).
+    - :meth:`check_task`: refuse a task it cannot work on, before any model loads.
+    - :meth:`after_step` / :meth:`skip_step`: state after an applied or a skipped optimizer step.
 
     Args:
         params: The validated parameters.
@@ -134,6 +137,7 @@ class LossTerm(nn.Module):
         super().__init__()
         self.params = params
         self.dims = dims
+        self._mapped_teacher_layers: set[int] = set()
 
     @classmethod
     def parse_params(cls, raw: dict[str, Any]) -> LossParams:
@@ -150,6 +154,7 @@ class LossTerm(nn.Module):
 
         """
         accepted = list(cls.Params.model_fields)
+        raw = _renamed_layer_map(cls.name, raw, accepted)
         unknown = [key for key in raw if key not in accepted]
         if unknown:
             key = unknown[0]
@@ -175,8 +180,35 @@ class LossTerm(nn.Module):
         return rows
 
     def layer_pairs(self, spec: LayerMapSpec) -> LayerPairs:
-        """Resolves a layer-map spec against this term's models (see :mod:`distillkit.objective.mapping`)."""
-        return resolve_layer_map(spec, self.dims.student_layers, self.dims.teacher_layers)
+        """Resolves a layer-map spec against this term's models (see :mod:`distillkit.objective.mapping`).
+
+        The teacher layers of the pairs are what :meth:`teacher_layers` reports by default.
+        """
+        pairs = resolve_layer_map(spec, self.dims.student_layers, self.dims.teacher_layers)
+        self._mapped_teacher_layers.update(teacher for _, teacher in pairs)
+        return pairs
+
+    def teacher_layers(self) -> tuple[int, ...] | None:
+        """The teacher hidden-state layers this term reads (0 = embeddings), or None for any layer.
+
+        The default: ``()`` when the term reads no teacher hidden states; else the teacher side of every layer
+        map resolved with :meth:`layer_pairs`; None when it reads teacher hidden states without one.
+        Override when the term picks layers another way.
+        """
+        if not self.tap_requests()[1].hidden_states:
+            return ()
+        if not self._mapped_teacher_layers:
+            return None
+        return tuple(sorted(self._mapped_teacher_layers))
+
+    def teacher_logit_temperature(self) -> float:
+        """The temperature ``T`` at which this term reads teacher logits (softmax of ``z / T``).
+
+        When the term reads a mix of several teachers, the mix is made at this temperature, so that the
+        term's softmax of the mixed logits is exactly the weighted mean of the teachers' distributions. 1 by
+        default; a term with a temperature parameter returns it.
+        """
+        return 1.0
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the term.
@@ -224,6 +256,21 @@ class LossTerm(nn.Module):
             raise ConfigError(
                 f"loss '{self.name}' reads labels, but task '{task.name}' trains on unlabelled text"
             )
+
+
+def _renamed_layer_map(loss: str, raw: dict[str, Any], accepted: list[str]) -> dict[str, Any]:
+    """Reads a layer map given under its former name ``layers`` as ``layer_map``, saying so once."""
+    if "layers" not in raw or "layers" in accepted or "layer_map" not in accepted:
+        return raw
+    if "layer_map" in raw:
+        raise ConfigError(f"loss '{loss}': give the layer map once, as layer_map (layers is its former name)")
+    warnings.warn(
+        f"loss '{loss}': the parameter `layers` is now `layer_map` (`layers` means a number of layers); "
+        "rename it in the config",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return {("layer_map" if key == "layers" else key): value for key, value in raw.items()}
 
 
 def _describe_error(err: Any) -> str:

@@ -6,6 +6,13 @@ when built, and otherwise the chunked reference, saying so once.
 
 from distillkit.ops import _loader
 from distillkit.ops._loader import compiled_available
+from distillkit.ops.divergences import (
+    DIVERGENCES,
+    check_divergence,
+    divergence,
+    divergence_and_grad,
+    label_cross_entropy,
+)
 from distillkit.ops.fused_linear_divergence import fused_linear_divergence
 from distillkit.ops.fused_linear_divergence import kernel_available as _linear_divergence_kernel
 from distillkit.ops.infonce import membank_infonce
@@ -15,6 +22,11 @@ _loader.load()
 _linear_divergence_kernel()  # registers the op's fake and autograd parts before any tracing
 
 __all__ = [
+    "DIVERGENCES",
+    "check_divergence",
+    "divergence",
+    "divergence_and_grad",
+    "label_cross_entropy",
     "compiled_available",
     "fused_linear_divergence",
     "membank_infonce",

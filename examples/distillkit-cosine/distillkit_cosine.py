@@ -17,10 +17,10 @@ class TokenCosineParams(LossParams):
     """Parameters of ``token_cosine``.
 
     Attributes:
-        layers: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
+        layer_map: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
     """
 
-    layers: LayerMapSpec = "last"
+    layer_map: LayerMapSpec = "last"
 
 
 class TokenCosineLoss(LossTerm):
@@ -35,7 +35,7 @@ class TokenCosineLoss(LossTerm):
         super().__init__(params, dims)
         if dims.student_hidden != dims.teacher_hidden:
             raise ValueError("token_cosine needs equal hidden sizes; use cosine, which learns a projection")
-        self.pairs = self.layer_pairs(params.layers)
+        self.pairs = self.layer_pairs(params.layer_map)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss from hidden states ``[B, T, H]``."""

@@ -82,7 +82,7 @@ def test_different_head_counts_with_heads_mean(kind):
     teacher = attention_maps(4, 3, 5, 6, mask, generator)
     layers = [[1, 3], [2, 2]]
     term = build_term(
-        "attention", dims(student_heads=2, teacher_heads=5), kind=kind, heads="mean", layers=layers
+        "attention", dims(student_heads=2, teacher_heads=5), kind=kind, heads="mean", layer_map=layers
     )
     loss = term(Taps(attentions=student, attention_mask=mask), Taps(attentions=teacher, attention_mask=mask))
     expected = reference(student, teacher, mask, [(1, 3), (2, 2)], kind, mean_heads=True)
@@ -107,14 +107,14 @@ def test_different_head_counts_are_refused_without_heads_mean():
 )
 def test_layer_zero_is_refused(spec, student_layers, teacher_layers):
     with pytest.raises(ConfigError, match="layer 0 is the embedding output"):
-        build_term("attention", dims(student_layers, teacher_layers), layers=spec)
+        build_term("attention", dims(student_layers, teacher_layers), layer_map=spec)
 
 
 def test_unknown_kind_and_out_of_range_layers_are_config_errors():
     with pytest.raises(ConfigError, match="kind"):
         build_term("attention", dims(), kind="l1")
     with pytest.raises(ConfigError, match="out of range"):
-        build_term("attention", dims(), layers=[[3, 1]])
+        build_term("attention", dims(), layer_map=[[3, 1]])
 
 
 @pytest.mark.parametrize("kind", ["mse", "kl"])

@@ -188,7 +188,7 @@ def test_concat_infonce_against_float64(batch, seq, pooling, layers):
     term = build_term(
         "codir",
         DIMS,
-        layers=layers,
+        layer_map=layers,
         pooling=pooling,
         bank={"kind": "queue", "size": 9},
         temperature=0.2,

@@ -42,7 +42,7 @@ def reference(student, teacher, mask, pairs, projections=None):
 )
 def test_matches_reference(batch, tokens, student_hidden, teacher_hidden, layers):
     generator = torch.Generator().manual_seed(batch * tokens + student_hidden)
-    term = build_term("cosine", ModelDims(2, 4, student_hidden, teacher_hidden), layers=layers)
+    term = build_term("cosine", ModelDims(2, 4, student_hidden, teacher_hidden), layer_map=layers)
     assert (term.projections is None) == (student_hidden == teacher_hidden)
     mask = random_mask(batch, tokens, generator)
     student = states(2, batch, tokens, student_hidden, generator)
@@ -63,7 +63,7 @@ def test_default_is_the_last_layer_and_reads_hidden_states_only():
 
 def test_padding_does_not_count_and_scale_does_not_matter():
     generator = torch.Generator().manual_seed(1)
-    term = build_term("cosine", ModelDims(2, 2, 6, 6), layers="uniform")
+    term = build_term("cosine", ModelDims(2, 2, 6, 6), layer_map="uniform")
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     student, teacher = states(2, 2, 4, 6, generator), states(2, 2, 4, 6, generator)
     base = term(Taps(hidden_states=student, attention_mask=mask), Taps(hidden_states=teacher))
@@ -80,7 +80,7 @@ def test_padding_does_not_count_and_scale_does_not_matter():
 
 def test_projection_learns_and_never_is_refused_for_different_widths():
     generator = torch.Generator().manual_seed(2)
-    term = build_term("cosine", ModelDims(2, 4, 6, 10), layers="uniform")
+    term = build_term("cosine", ModelDims(2, 4, 6, 10), layer_map="uniform")
     assert len(term.projections) == 2 and term.projections[0].weight.shape == (10, 6)
     loss = term(
         Taps(hidden_states=states(2, 2, 3, 6, generator)), Taps(hidden_states=states(4, 2, 3, 10, generator))
@@ -94,7 +94,7 @@ def test_projection_learns_and_never_is_refused_for_different_widths():
 
 def test_gradcheck():
     generator = torch.Generator().manual_seed(3)
-    term = build_term("cosine", ModelDims(1, 1, 5, 5), layers="last").double()
+    term = build_term("cosine", ModelDims(1, 1, 5, 5), layer_map="last").double()
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     teacher = Taps(hidden_states=states(1, 2, 3, 5, generator, torch.float64))
     leaf = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -108,7 +108,7 @@ def test_gradcheck():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_finite_and_close(dtype):
     generator = torch.Generator().manual_seed(4)
-    term = build_term("cosine", ModelDims(2, 4, 8, 8), layers="uniform")
+    term = build_term("cosine", ModelDims(2, 4, 8, 8), layer_map="uniform")
     mask = random_mask(3, 7, generator)
     student, teacher = states(2, 3, 7, 8, generator), states(4, 3, 7, 8, generator)
     half = tuple(h.to(dtype).requires_grad_(True) for h in student)

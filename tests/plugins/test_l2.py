@@ -16,7 +16,7 @@ MASK = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
 
 def test_equal_sizes_no_projection_and_exact_masked_mse():
     dims = ModelDims(2, 4, 8, 8)
-    term = build_term("l2", dims, layers="uniform")
+    term = build_term("l2", dims, layer_map="uniform")
     assert term.projections is None and term.pairs == [(1, 2), (2, 4)]
     s, t = make_taps(2, 8, MASK, 0), make_taps(4, 8, MASK, 1)
     expected = []

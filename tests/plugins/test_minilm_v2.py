@@ -104,7 +104,7 @@ def test_paths_default_and_templates():
         ({"teacher_modules": "x.{layer}.{proj}.{other}"}, "not a valid template"),
         ({"relations": []}, "relations is empty"),
         ({"relations": ["query", "score"]}, "relations"),
-        ({"layers": "uniform"}, "does not accept parameter 'layers'"),
+        ({"layer_map": "uniform"}, "does not accept parameter 'layer_map'"),
     ],
 )
 def test_config_errors(params, message):

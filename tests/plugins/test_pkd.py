@@ -34,7 +34,7 @@ def reference(student, teacher, pairs, projections=None):
 )
 def test_matches_reference(batch, tokens, student_hidden, teacher_hidden, layers):
     generator = torch.Generator().manual_seed(batch * 7 + student_hidden)
-    term = build_term("pkd", ModelDims(2, 4, student_hidden, teacher_hidden), layers=layers)
+    term = build_term("pkd", ModelDims(2, 4, student_hidden, teacher_hidden), layer_map=layers)
     student = states(2, batch, tokens, student_hidden, generator)
     teacher = states(4, batch, tokens, teacher_hidden, generator)
     mask = torch.ones(batch, tokens, dtype=torch.long)
