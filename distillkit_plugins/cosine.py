@@ -33,7 +33,7 @@ class CosineParams(LossParams):
     """Parameters of ``cosine``.
 
     Attributes:
-        layer_map: Layer map (``last``, ``uniform``, ``skip`` or ``[[s, t], ...]``; 0 is the embedding output).
+        layer_map: ``last``, ``uniform``, ``skip`` or ``[[s, t], ...]`` (0 is the embedding output).
         projection: ``auto`` adds a linear map per pair when hidden sizes differ; ``always``/``never`` force.
 
     """
