@@ -106,7 +106,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from distillkit.run.train import run_distill
+    from distillkit.run.distill import run_distill
 
     run_distill(args.config, overrides=args.set or [], resume=args.resume)
     return 0
@@ -130,7 +130,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     from distillkit.config import load_config
-    from distillkit.teacher_cache import cache_teacher
+    from distillkit.run.cache_teacher import cache_teacher
 
     config = load_config(args.config, args.set or [])
     cache_teacher(config, name=args.teacher, directory=args.output, with_eval=args.with_eval)

@@ -11,8 +11,8 @@ from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
 from distillkit.objective.objective import TermTeachers, mix_teacher_logits
 from distillkit.objective.taps import TapRequest, collect_taps
-from distillkit.run.train import distill
-from distillkit.teacher_cache import cache_teacher
+from distillkit.run.cache_teacher import cache_teacher
+from distillkit.run.distill import distill
 from tests.conftest import tiny_bert
 from tests.distill_fixtures import bert, tiny_config
 
@@ -155,12 +155,12 @@ def test_a_teacher_no_term_reads_is_not_loaded(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="teachers.wide.path"):  # its config is read to size the terms
         distill(config_from_dict(raw))
     raw["teachers"]["wide"] = {"config": bert(2, 48)}
-    import distillkit.run.train as train
+    import distillkit.run.run as run_module
 
     loaded = []
-    original = train.prepare_teacher
+    original = run_module.load_teacher
     monkeypatch.setattr(
-        train, "prepare_teacher", lambda config, *a: loaded.append(config.teacher) or original(config, *a)
+        run_module, "load_teacher", lambda run, spec, *a: loaded.append(spec) or original(run, spec, *a)
     )
     distill(config_from_dict(raw))
     assert len(loaded) == 1 and loaded[0].config["hidden_size"] == 32

@@ -7,7 +7,7 @@ import yaml
 
 from distillkit.config import load_config
 from distillkit.models import load_tokenizer
-from distillkit.run.train import build_objective
+from distillkit.run.run import build_objective
 from distillkit.study import load_study
 from distillkit.tasks import make_task
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
 from distillkit.models import load_tokenizer, student_from_teacher
-from distillkit.run.train import distill
+from distillkit.run.distill import distill
 from distillkit.tasks.causal_lm import NextTokenCollator
 from distillkit.tasks.masked_lm import MaskingCollator
 from distillkit.tasks.representation import linear_probe
@@ -95,7 +95,7 @@ def test_task_and_loss_mismatches_are_refused_before_models_load(tmp_path, monke
     def no_weights(*args, **kwargs):
         raise AssertionError("a model was loaded before the objective was checked")
 
-    monkeypatch.setattr("distillkit.run.train.prepare_teacher", no_weights)
+    monkeypatch.setattr("distillkit.run.run.load_teacher", no_weights)
     with pytest.raises(ConfigError, match=message):
         distill(config_from_dict(raw))
 

@@ -14,11 +14,11 @@ from distillkit.data import Collator, load_task_data
 from distillkit.errors import ConfigError
 from distillkit.models import freeze, load_model, load_tokenizer
 from distillkit.objective.taps import TapRequest, collect_taps
-from distillkit.run.train import distill
+from distillkit.run.cache_teacher import cache_teacher
+from distillkit.run.distill import distill
 from distillkit.teacher_cache import (
     LOG_TAIL_FLOOR,
     TeacherCache,
-    cache_teacher,
     densify_topk,
     expected_meta,
     write_cache,

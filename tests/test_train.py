@@ -10,13 +10,11 @@ from transformers import AutoModelForSequenceClassification
 
 from distillkit import cli
 from distillkit.config import config_from_dict
-from distillkit.data import Collator, load_task_data
 from distillkit.errors import ConfigError
-from distillkit.models import load_model, load_tokenizer, student_from_teacher
 from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.terms import ModelDims
+from distillkit.run import NonFiniteLossError, Run, distill, fit
 from distillkit.run.runlog import read_jsonl
-from distillkit.run.train import NonFiniteLossError, distill, fit, make_accelerator
 from tests.distill_fixtures import tiny_config
 
 
@@ -82,55 +80,31 @@ def test_resume_gives_the_same_weights(tmp_path):
     assert [r["total"] for r in train[0]] == pytest.approx([r["total"] for r in train[1]], rel=1e-6)
 
 
-def _load_tiny(cfg):
-    """The tokenizer, tokenised data and teacher of a tiny config, as distill() would load them."""
-    tokenizer = load_tokenizer(cfg.teacher)
-    data = load_task_data(cfg.data, tokenizer)
-    return tokenizer, data, load_model(cfg.teacher, data.num_labels, "teacher")
-
-
-def _fit_tiny(tokenizer, data, teacher, student, objective, train, output_dir):
-    return fit(
-        accelerator=make_accelerator(),
-        student=student,
-        teacher=teacher,
-        objective=objective,
-        data=data,
-        collator=Collator(tokenizer),
-        train=train,
-        output_dir=output_dir,
-    )
-
-
 def test_teacher_is_frozen(tmp_path):
     cfg = config_from_dict(tiny_config(tmp_path, steps=3))
-    tokenizer, data, teacher = _load_tiny(cfg)
-    teacher.train()
+    run = Run.from_config(cfg)
+    teacher = run.teacher
+    teacher.train().requires_grad_(True)  # the loop must freeze it whatever state it comes in
     before = copy.deepcopy(teacher)
-    student = student_from_teacher(teacher, cfg.student)
-    objective = DistillationObjective.from_config(cfg.objective, ModelDims.from_models(student, teacher))
-    student_before = copy.deepcopy(student)
-    _fit_tiny(tokenizer, data, teacher, student, objective, cfg.train, tmp_path / "frozen")
+    student_before = copy.deepcopy(run.student)
+    fit(run.derived(output_dir=tmp_path / "frozen"))
     assert not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert same_weights(teacher, before)
-    assert not same_weights(student, student_before)
+    assert not same_weights(run.student, student_before)
 
 
 def test_teacher_does_not_run_when_no_term_uses_it(tmp_path):
     raw = tiny_config(tmp_path, steps=2)
     raw["objective"] = [{"loss": "ce", "weight": 1.0}]
-    cfg = config_from_dict(raw)
-    tokenizer, data, teacher = _load_tiny(cfg)
+    run = Run.from_config(config_from_dict(raw))
     calls = []
-    teacher.register_forward_hook(lambda *args: calls.append(1))
-    student = student_from_teacher(teacher, cfg.student)
-    dims = ModelDims.from_models(student, teacher)
-    objective = DistillationObjective.from_config(cfg.objective, dims)
-    assert not objective.uses_teacher
-    train = cfg.train.model_copy(update={"eval_every": None})
-    _fit_tiny(tokenizer, data, teacher, student, objective, train, tmp_path / "labels-only")
+    run.teacher.register_forward_hook(lambda *args: calls.append(1))
+    assert not run.objective.uses_teacher
+    train = run.train.model_copy(update={"eval_every": None})
+    fit(run.derived(train=train, output_dir=tmp_path / "labels-only"))
     assert calls == []
+    dims = ModelDims.from_models(run.student, run.teacher)
     assert DistillationObjective.from_config([{"loss": "kd"}, {"loss": "ce"}], dims).uses_teacher
 
 

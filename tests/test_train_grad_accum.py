@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from distillkit.config import config_from_dict
-from distillkit.run.train import distill
+from distillkit.run.distill import distill
 from distillkit_plugins.codir_banks import IndexBank
 from tests.distill_fixtures import tiny_config
 

@@ -1,19 +1,20 @@
 """``distillkit bench --step CONFIG.yaml``: where the time of one training step of a real config goes.
 
-The models, data and objective are built as ``distillkit distill`` builds them (a teacher that would be
-fine-tuned is timed as loaded: fine-tuning changes its weights, not its cost). Each timed step runs the phases
-of the training loop one after another and times each:
+The run is built as ``distillkit distill`` builds it (:class:`~distillkit.run.run.Run`; a teacher that would
+be fine-tuned is timed as loaded: fine-tuning changes its weights, not its cost), and the steps timed are the
+training loop's own (:meth:`~distillkit.run.loop.TrainingLoop.step`, with caches, several teachers, gradient
+accumulation and the output-layer path exactly as configured). The loop's phase timer splits each step:
 
-- ``teacher forward``: the frozen teacher's taps (no_grad);
+- ``teacher``: the frozen teachers' taps (no_grad), or reading them from a cache;
 - ``student forward``: the student's taps;
-- ``objective``: every term's forward, run under the profiler (its small overhead counts here, so the share
-  is an upper bound); the fused InfoNCE op's own forward time is reported apart as ``infonce op`` and is not
-  part of ``objective``;
+- ``objective``: every term's forward, run under the profiler (its small overhead counts here, so the share is
+  an upper bound); the fused InfoNCE op's own forward time is reported apart as ``infonce op`` and is not part
+  of ``objective``;
 - ``backward``: the student's and the objective's backward pass;
-- ``optimizer``: AdamW step and zero_grad;
-- ``bookkeeping``: the terms' ``after_step`` (memory banks) and reading the loss values to the host.
+- ``optimizer``: gradient clipping, AdamW step, schedule and zero_grad;
+- ``bookkeeping``: reading the loss values to the host and the terms' ``after_step`` (memory banks).
 
-Medians over ``repeats`` steps after ``warmup`` untimed ones.
+Medians over ``repeats`` steps after ``warmup`` untimed ones; nothing is evaluated, logged or saved.
 """
 
 from __future__ import annotations
@@ -22,30 +23,22 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from distillkit.bench.harness import cpu_profile, markdown_table, peak_rss_growth
 from distillkit.config import DistillConfig
-from distillkit.models import quiet_loading
-from distillkit.objective.output_layer import choose_output_layer
-from distillkit.objective.taps import collect_taps
-from distillkit.run.loop import autocast_factory
+from distillkit.run.phases import PHASES as LOOP_PHASES
+from distillkit.run.phases import PhaseTimer
 
-PHASES = (
-    "teacher forward",
-    "student forward",
-    "objective",
-    "infonce op",
-    "backward",
-    "optimizer",
-    "bookkeeping",
-)
+PHASES = (*LOOP_PHASES[:3], "infonce op", *LOOP_PHASES[3:])
+"""The reported phases: the loop's, with the fused InfoNCE op's forward apart from ``objective``."""
 
 
 def _op_seconds(profile: torch.profiler.profile, needle: str) -> float:
@@ -54,10 +47,9 @@ def _op_seconds(profile: torch.profiler.profile, needle: str) -> float:
 
 
 def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2) -> dict[str, Any]:
-    """Times each phase of a training step of ``config`` (see the module docstring).
+    """Times each phase of the real training steps of ``config`` (see the module docstring).
 
-    The logit-reading terms read the models' output layers where ``train.fused_logits`` lets them, as in
-    ``distillkit distill``. After the timed steps one more step measures the peak resident memory a step adds
+    After the timed steps one more step measures the peak resident memory a step adds
     (:func:`~distillkit.bench.harness.peak_rss_growth`).
 
     Args:
@@ -71,81 +63,62 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
         "fused_logits": whether the output layers replaced the logits}``.
 
     """
-    from distillkit.models import load_model, load_tokenizer
-    from distillkit.run.train import build_objective, build_student
-    from distillkit.tasks import make_task
+    from distillkit.run.loop import TrainingLoop
+    from distillkit.run.run import Run
 
-    torch.manual_seed(config.train.seed)
-    task = make_task(config)
-    tokenizer = load_tokenizer(config.teacher)
-    data = task.load_data(tokenizer)
-    collator = task.collator(tokenizer)
-    objective = build_objective(config, task, data)
-    with quiet_loading():
-        spec = config.teacher.model_copy(update={"finetune": None})
-        teacher = load_model(spec, data.num_labels, "teacher", config.task)
-        student = build_student(config, teacher, data.num_labels)
-    teacher.eval().requires_grad_(False)
-    student.train()
-    objective.prepare_models(student, teacher, announce=False)
-    sample = collator([data.train[i] for i in range(min(2, len(data.train)))])
-    fused = choose_output_layer(
-        config.train.fused_logits, objective, student, {"teacher": teacher}, sample, announce=False
-    )
-    student_request, teacher_request = objective.tap_requests()
-    params = [p for p in [*student.parameters(), *objective.parameters()] if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr)
-    autocast = autocast_factory(config.train.precision, torch.device("cpu"))
-    loader = DataLoader(data.train, batch_size=config.train.batch_size, shuffle=True, collate_fn=collator)
-    batches = iter(loader)
-    samples: dict[str, list[float]] = {name: [] for name in PHASES}
-    totals: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="distillkit-bench-") as scratch:
+        train = config.train.model_copy(
+            update={
+                "steps": warmup + repeats + 2,
+                "eval_every": None,
+                "save_every": None,
+                "progress": False,
+                "tensorboard": False,
+                "log_every": 10**9,
+            }
+        )
+        config = config.model_copy(update={"train": train, "output_dir": str(Path(scratch) / "run")})
+        run = Run.from_config(config, finetune_teacher=False, announce=False)
+        timer = PhaseTimer(synchronize=True)
+        profiles: list[torch.profiler.profile] = []
 
-    @contextmanager
-    def phase(name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        samples[name].append(time.perf_counter() - started)
-
-    def step() -> dict[str, float]:
-        batch = next(batches)
-        started = time.perf_counter()
-        with autocast():
-            with phase("teacher forward"), torch.no_grad():
-                teacher_taps = collect_taps(teacher, batch, teacher_request)
-            with phase("student forward"):
-                student_taps = collect_taps(student, batch, student_request)
+        @contextmanager
+        def profiled() -> Iterator[None]:
             with cpu_profile() as profile:
-                with phase("objective"):
-                    out = objective(student_taps, teacher_taps, batch)
-        with phase("backward"):
-            out.total.backward()
-        with phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        with phase("bookkeeping"):
-            objective.after_step()
-            values = {label: float(value.detach()) for label, value in out.terms.items()}
-        totals.append(time.perf_counter() - started)
-        op = _op_seconds(profile, "membank_infonce")
-        samples["objective"][-1] -= op
-        samples["infonce op"].append(op)
-        return values
+                yield
+            profiles.append(profile)
 
-    first_losses = step()  # before any update: the losses both logit paths must agree on
-    for _ in range(warmup + repeats - 1):
-        step()
-    for values in (*samples.values(), totals):
-        del values[:warmup]
-    phases = {name: statistics.median(values) for name, values in samples.items()}
+        timer.wrappers["objective"] = profiled
+        loop = TrainingLoop(run, timer=timer)
+        loop.start()
+        samples: dict[str, list[float]] = {name: [] for name in PHASES}
+        totals: list[float] = []
+        first_losses: dict[str, float] = {}
+        for index in range(warmup + repeats):
+            timer.take()
+            started = time.perf_counter()
+            values = loop.step()
+            total = time.perf_counter() - started
+            phases = timer.take()
+            if index == 0:
+                first_losses = {k: v for k, v in values.losses.items() if k != "total"}
+            if index < warmup:
+                continue
+            op = _op_seconds(profiles[-1], "membank_infonce")
+            for name in LOOP_PHASES:
+                samples[name].append(phases.get(name, 0.0) - (op if name == "objective" else 0.0))
+            samples["infonce op"].append(op)
+            totals.append(total)
+        peak = peak_rss_growth(loop.step)
+        loop.finish()
     return {
-        "phases": phases,
+        "phases": {name: statistics.median(values) for name, values in samples.items()},
         "step": statistics.median(totals),
-        "batch": config.train.batch_size,
+        "batch": config.train.batch_size * config.train.grad_accum,
         "repeats": repeats,
-        "peak_step_bytes": peak_rss_growth(step),
+        "peak_step_bytes": peak,
         "first_losses": first_losses,
-        "fused_logits": fused,
+        "fused_logits": run.objective.output_layer,
     }
 
 

@@ -42,17 +42,16 @@ def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> st
         with its own ``teacher.cache`` or several teachers, or no variant reading the teacher).
 
     """
-    from distillkit.models import load_tokenizer
     from distillkit.objective.taps import NOTHING
-    from distillkit.run.train import build_objective
-    from distillkit.tasks import make_task
-    from distillkit.teacher_cache import TeacherCache, cache_teacher
+    from distillkit.run.cache_teacher import cache_teacher
+    from distillkit.run.run import Run, build_objective
+    from distillkit.teacher_cache import TeacherCache
 
     first = next(iter(runs.values()))
     if first.task == "masked_lm" or first.teacher.cache or first.teachers:
         return None
-    task = make_task(first)
-    data = task.load_data(load_tokenizer(first.teacher))
+    prepared = Run.prepare(first)
+    task, data = prepared.task, prepared.data
     request, layers = NOTHING, ()
     for config in runs.values():
         objective = build_objective(config, task, data)
@@ -132,7 +131,7 @@ def _execute(config: DistillConfig, threads: int, log: Path | None) -> dict[str,
     """Runs one study run with ``threads`` CPU threads; its output goes to ``log`` when given."""
     import torch
 
-    from distillkit.run.train import distill
+    from distillkit.run.distill import distill
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -278,7 +277,7 @@ def _first_to_tune_teacher(pending: dict[str, DistillConfig]) -> str | None:
     Runs that read the study's teacher cache load no teacher, so only live runs can need one.
     """
     from distillkit.data import load_label_names
-    from distillkit.run.train import FINETUNE_RECORD, finetuned_teacher_dir
+    from distillkit.run.teachers import FINETUNE_RECORD, finetuned_teacher_dir
 
     label_names: dict[str, list[str]] = {}  # by data config: the runs of a study mostly share one
     for run_id, config in pending.items():

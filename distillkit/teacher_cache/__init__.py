@@ -1,6 +1,7 @@
 """Cached teacher outputs: run a frozen teacher once over the data, read its taps from disk afterwards.
 
-``distillkit cache-teacher CONFIG.yaml`` runs the teacher (eval mode, no dropout, ``no_grad``) over the
+This package is storage only: it never imports the training code. ``distillkit cache-teacher CONFIG.yaml``
+(:mod:`distillkit.run.cache_teacher`) runs the teacher (eval mode, no dropout, ``no_grad``) over the
 training data (and with ``--with-eval`` the evaluation data) and stores, per example and unpadded, exactly
 what the objective's terms read of it: the hidden states of the layers the terms map (all layers when a term
 reads hidden states without a layer map), attention maps when asked, module outputs, and logits.
@@ -22,7 +23,6 @@ tokens are compared with the cached ones, so a cache of other data or another to
 example id the cache does not hold is an error, never a silent zero.
 """
 
-from distillkit.teacher_cache.command import cache_teacher
 from distillkit.teacher_cache.identity import (
     FORMAT,
     LOG_TAIL_FLOOR,
@@ -42,7 +42,6 @@ __all__ = [
     "CachedLayers",
     "CachedTaps",
     "TeacherCache",
-    "cache_teacher",
     "densify_topk",
     "expected_meta",
     "model_fingerprint",

@@ -11,7 +11,7 @@ from distillkit import DistillationObjective
 from distillkit.config import config_from_dict
 from distillkit.objective.taps import collect_taps
 from distillkit.objective.terms import ModelDims
-from distillkit.run.train import distill
+from distillkit.run.distill import distill
 from tests.distill_fixtures import bert, text_config
 
 TERMS = [

@@ -1,18 +1,24 @@
-"""``distillkit cache-teacher``: load a run's teacher and data, and write the cache its objective needs."""
+"""``distillkit cache-teacher``: load one teacher of a run and write the cache its objective needs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import DataLoader
+
+from distillkit.config import DistillConfig
 from distillkit.errors import ConfigError
+from distillkit.models import quiet_loading
 from distillkit.objective.taps import NOTHING, TapRequest
-from distillkit.teacher_cache.identity import expected_meta
-from distillkit.teacher_cache.writer import write_cache
+from distillkit.run.engine import autocast_factory, make_accelerator
+from distillkit.run.run import Run
+from distillkit.run.teachers import load_teacher
+from distillkit.teacher_cache import expected_meta, write_cache
 
 
 def cache_teacher(
-    config: Any,
+    config: DistillConfig,
     *,
     name: str = "teacher",
     directory: str | Path | None = None,
@@ -20,15 +26,15 @@ def cache_teacher(
     request: TapRequest | None = None,
     layers: tuple[int, ...] | None | str = "objective",
 ) -> dict[str, Any]:
-    """``distillkit cache-teacher``: runs one teacher of a run config over its data and writes the cache.
+    """Runs one teacher of a run config over its data and writes the cache.
 
     Args:
-        config: The run's :class:`~distillkit.config.DistillConfig`.
+        config: The run's config.
         name: Which teacher (``teacher`` or a name of ``teachers:``).
         directory: Where to write (default: that teacher's ``cache``).
         with_eval: Also cache the evaluation split (distill reads the training split only).
         request: What to store (default: what the objective's terms read of this teacher).
-        layers: Hidden-state layers to store; ``"objective"``: the layers the terms map (all when some term
+        layers: Hidden-state layers to store; ``"objective"``: the layers the terms read (all when some term
             reads hidden states without a layer map); None: all.
 
     Returns:
@@ -38,13 +44,6 @@ def cache_teacher(
         ConfigError: For an unknown teacher, no directory, or a teacher no term reads.
 
     """
-    from torch.utils.data import DataLoader
-
-    from distillkit.models import load_tokenizer, quiet_loading
-    from distillkit.run.loop import autocast_factory, make_accelerator
-    from distillkit.run.train import build_objective, prepare_teacher
-    from distillkit.tasks import make_task
-
     specs = config.teacher_specs()
     if name not in specs:
         raise ConfigError(f"no teacher named '{name}'; teachers: {', '.join(specs)}")
@@ -58,28 +57,22 @@ def cache_teacher(
         raise ConfigError(
             "task 'masked_lm' masks the inputs anew in every batch; its teacher cannot be cached"
         )
-    accelerator = make_accelerator()
-    task = make_task(config)
-    tokenizer = load_tokenizer(config.teacher)
-    data = task.load_data(tokenizer)
-    collator = task.collator(tokenizer)
+    run = Run.prepare(config)
     if request is None or layers == "objective":
-        objective = build_objective(config, task, data)
-        request = request or objective.teacher_requests().get(name, NOTHING)
-        layers = objective.teacher_layers(name) if layers == "objective" else layers
+        request = request or run.objective.teacher_requests().get(name, NOTHING)
+        layers = run.objective.teacher_layers(name) if layers == "objective" else layers
     if not request.needs_forward:
         raise ConfigError(f"no objective term reads teacher '{name}': there is nothing to cache")
+    run.accelerator = accelerator = make_accelerator()
     with quiet_loading():
-        teacher, _ = prepare_teacher(
-            config.model_copy(update={"teacher": spec}), data, collator, tokenizer, accelerator, task
-        )
+        teacher, _ = load_teacher(run, spec)
     teacher.to(accelerator.device)
     batch_size = config.train.eval_batch_size or config.train.batch_size
-    splits = {"train": DataLoader(data.train, batch_size=batch_size, collate_fn=collator)}
+    splits = {"train": DataLoader(run.data.train, batch_size=batch_size, collate_fn=run.collator)}
     if with_eval:
-        splits["eval"] = DataLoader(data.eval, batch_size=batch_size, collate_fn=collator)
-    meta = expected_meta(config, teacher, tokenizer, accelerator.device)
-    stats = {"directory": str(directory)}
+        splits["eval"] = DataLoader(run.data.eval, batch_size=batch_size, collate_fn=run.collator)
+    meta = expected_meta(config, teacher, run.tokenizer, accelerator.device)
+    stats: dict[str, Any] = {"directory": str(directory)}
     if accelerator.is_main_process:
         stats.update(
             write_cache(

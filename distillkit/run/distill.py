@@ -1,0 +1,117 @@
+"""``distillkit distill``: build the run, train it, report and save the student.
+
+:func:`distill` builds a :class:`~distillkit.run.run.Run` (every config mistake is reported before any
+weights load), trains it with :func:`~distillkit.run.loop.fit`, then scores the teacher, lets the task add its
+report (speed, samples, probes), saves the student with its tokenizer and writes ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from distillkit.config import DistillConfig, load_config
+from distillkit.models import count_parameters, quiet_loading
+from distillkit.run.engine import autocast_factory
+from distillkit.run.loop import FitResult, eval_loader, fit
+from distillkit.run.run import Run
+from distillkit.tasks import EvalContext, ReportContext
+
+
+def distill(
+    config: DistillConfig, resume: bool = False, stop_after_step: int | None = None
+) -> dict[str, Any]:
+    """Runs a whole distillation: data, objective, teacher (fine-tuned if asked), student, loop, report.
+
+    Args:
+        config: The validated config.
+        resume: Continue from the newest checkpoint in ``output_dir``.
+        stop_after_step: Stop after this step as if interrupted (the checkpoint is written).
+
+    Returns:
+        The summary also written to ``<output_dir>/summary.json``.
+
+    """
+    started = time.perf_counter()
+    run = Run.from_config(config)
+    result = fit(run, resume=resume, stop_after_step=stop_after_step)
+    if result.step < config.train.steps:
+        return {"step": result.step, "stopped_early": True}
+    summary = finish(run, result)
+    summary["wall_seconds"] = time.perf_counter() - started
+    if run.accelerator.is_main_process:
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        print("\n".join(["", *run.task.summary_lines(summary), *_common_lines(summary)]))
+    return summary
+
+
+def finish(run: Run, result: FitResult) -> dict[str, Any]:
+    """Scores the teacher, adds the task's report, saves the student; returns the run's summary."""
+    config, accelerator, task, data = run.config, run.accelerator, run.task, run.data
+    autocast = autocast_factory(run.train.precision, accelerator.device)
+    teacher_info, teacher, student = run.teacher_info, run.teacher, run.student
+    teacher_eval = teacher_info.get("eval")  # a fine-tuned teacher was scored on this eval split
+    if not teacher_eval:
+        context = EvalContext(accelerator=accelerator, autocast=autocast)
+        teacher_eval = task.evaluate(teacher, eval_loader(run), context)
+        if teacher_info.get("eval_cache") and accelerator.is_main_process:
+            Path(teacher_info["eval_cache"]).write_text(json.dumps(teacher_eval), encoding="utf-8")
+    summary: dict[str, Any] = {
+        "task": config.task,
+        "steps": result.step,
+        "skipped_steps": result.skipped,
+        "train_seconds": result.seconds,
+        "final_terms": result.final_terms,
+        "student": {"eval": result.eval, "parameters": count_parameters(student)},
+        "teacher": {**teacher_info, "eval": teacher_eval, "parameters": count_parameters(teacher)},
+        "labels": data.label_names,
+        "eval_examples": len(data.eval),
+        "train_examples": len(data.train),
+    }
+    if accelerator.is_main_process:
+        report = ReportContext(
+            student=student,
+            teacher=teacher,
+            data=data,
+            collator=run.collator,
+            tokenizer=run.tokenizer,
+            accelerator=accelerator,
+            autocast=autocast,
+        )
+        summary.update(task.report(report))
+        final = run.output_dir / "student"
+        if data.label_names:
+            student.config.id2label = dict(enumerate(data.label_names))
+            student.config.label2id = {name: i for i, name in enumerate(data.label_names)}
+        with quiet_loading():
+            student.save_pretrained(final)
+            run.tokenizer.save_pretrained(final)
+        summary["student"]["path"] = str(final)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _common_lines(summary: dict[str, Any]) -> list[str]:
+    lines = ["final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_terms"].items())]
+    lines.append(f"student saved to {summary['student'].get('path')}")
+    return lines
+
+
+def run_distill(
+    config_path: str | Path, overrides: Sequence[str] = (), resume: bool = False
+) -> dict[str, Any]:
+    """``distillkit distill CONFIG.yaml [--set key=value ...] [--resume]``.
+
+    Args:
+        config_path: The YAML config.
+        overrides: ``key.path=value`` strings.
+        resume: Continue from the newest checkpoint.
+
+    Returns:
+        The run summary.
+
+    """
+    return distill(load_config(config_path, overrides), resume=resume)

@@ -1,0 +1,251 @@
+"""A :class:`Run`: everything one training run is made of, built once from a config.
+
+``distillkit distill``, ``distillkit cache-teacher``, ``distillkit study`` and ``distillkit bench --step`` all
+build their runs here, the same way, in two stages:
+
+1. :meth:`Run.prepare` (no weights): the task, the tokenizer, the tokenised data, the collator and the
+   objective, sized from the model configs alone, so every mistake in a config (fields, data columns,
+   loss parameters, layer maps, task/loss combinations) is reported before any weights load;
+2. :meth:`Run.load`: the accelerator, the teachers (fine-tuned first where asked), the student, and where
+   each teacher's taps come from (its model, or its cache).
+
+The training loop (:func:`distillkit.run.loop.fit`) then takes the run as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from distillkit.config import DistillConfig, TrainConfig
+from distillkit.data import TaskData
+from distillkit.errors import ConfigError
+from distillkit.models import (
+    load_config_of,
+    load_model,
+    load_tokenizer,
+    quiet_loading,
+    student_config,
+    student_from_teacher,
+)
+from distillkit.objective.objective import DistillationObjective
+from distillkit.objective.terms import ModelDims
+from distillkit.run.engine import make_accelerator
+from distillkit.run.teachers import CACHE_FIELDS, fingerprint, load_teacher, teacher_sources
+from distillkit.tasks import Task, make_task
+from distillkit.teacher_cache import TeacherCache
+
+_TERM_TEACHER_FIELDS = {"teacher", "teacher_weights", "teacher_mix"}
+
+
+@dataclass
+class Run:
+    """One training run: its config, task, data, objective, models and engine.
+
+    Attributes:
+        config: The validated config.
+        task: The task (model head, data, evaluation, report).
+        tokenizer: The tokenizer the batches are made with (the teacher's).
+        data: The tokenised train/eval splits.
+        collator: Turns a list of rows into a batch of tensors.
+        objective: The loss terms, built for the models' sizes.
+        train: The optimisation settings (``config.train`` unless the run is derived, e.g. a fine-tuning).
+        output_dir: Where logs, checkpoints and the student go.
+        accelerator: The engine (None before :meth:`load`).
+        student: The model being trained (None before :meth:`load`).
+        teacher: The main teacher model, which evaluation compares the student with (None when there is none).
+        teachers: Teacher name -> where its taps come from: a frozen model run live, or a
+            :class:`~distillkit.teacher_cache.TeacherCache`.
+        teacher_info: What is known of the main teacher (``source``; ``eval`` of a fine-tuned one).
+        fingerprint: Identifies the model/objective/data setup; a checkpoint of another setup is refused.
+        description: The label of the progress bar.
+
+    """
+
+    config: DistillConfig
+    task: Task
+    tokenizer: Any
+    data: TaskData
+    collator: Callable
+    objective: DistillationObjective
+    train: TrainConfig
+    output_dir: Path
+    accelerator: Accelerator | None = None
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None
+    teachers: dict[str, nn.Module | TeacherCache] = field(default_factory=dict)
+    teacher_info: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    description: str = "distill"
+
+    @classmethod
+    def prepare(cls, config: DistillConfig) -> Run:
+        """Builds everything but the models: task, tokenizer, data, collator and the objective (checked).
+
+        Raises:
+            ConfigError: For anything in the config that cannot work, naming the field and the fix.
+
+        """
+        task = make_task(config)
+        tokenizer = load_tokenizer(config.teacher)
+        data = task.load_data(tokenizer)
+        collator = task.collator(tokenizer)
+        set_seed(config.train.seed)  # the objective's learned parts are initialised from the run's seed
+        objective = build_objective(config, task, data)
+        return cls(
+            config=config,
+            task=task,
+            tokenizer=tokenizer,
+            data=data,
+            collator=collator,
+            objective=objective,
+            train=config.train,
+            output_dir=Path(config.output_dir),
+        )
+
+    @classmethod
+    def from_config(cls, config: DistillConfig, **load: Any) -> Run:
+        """:meth:`prepare`, then :meth:`load` with ``load``'s keyword arguments."""
+        return cls.prepare(config).load(**load)
+
+    def load(
+        self, accelerator: Accelerator | None = None, finetune_teacher: bool = True, announce: bool = True
+    ) -> Run:
+        """Loads the teachers (fine-tuning first where asked), the student and the teachers' sources.
+
+        Args:
+            accelerator: The engine (default: a new one).
+            finetune_teacher: False loads a teacher that would be fine-tuned as it is given.
+            announce: Print where the teacher and the student come from.
+
+        Returns:
+            This run, loaded.
+
+        """
+        config = self.config
+        self.accelerator = accelerator or make_accelerator()
+        with quiet_loading():
+            teacher, self.teacher_info = load_teacher(self, config.teacher, finetune_teacher)
+            others = self._other_teachers(finetune_teacher)
+            set_seed(config.train.seed)
+            self.student = build_student(config, teacher, self.data.num_labels)
+        if announce and self.accelerator.is_main_process:
+            print(f"distillkit: teacher {self.teacher_info['source']}; student {student_origin(config)}")
+        models = {"teacher": teacher, **others}
+        self._check_sizes(models)
+        self.teacher = teacher
+        self.teachers = teacher_sources(self, models)
+        if config.teacher.cache:
+            self.teacher_info["cache"] = config.teacher.cache
+        self.fingerprint = run_fingerprint(config)
+        return self
+
+    def derived(self, **changes: Any) -> Run:
+        """A copy of this run with some parts replaced (e.g. another student, objective or schedule)."""
+        return dataclasses.replace(self, **changes)
+
+    def _other_teachers(self, finetune: bool) -> dict[str, nn.Module]:
+        """Loads each teacher of ``teachers:`` that some term reads."""
+        requests = self.objective.teacher_requests()
+        return {
+            name: load_teacher(self, spec, finetune)[0]
+            for name, spec in self.config.teachers.items()
+            if name in requests and requests[name].needs_forward
+        }
+
+    def _check_sizes(self, models: dict[str, nn.Module]) -> None:
+        """The loaded models have the sizes the objective was built for (from their configs)."""
+        objective = self.objective
+        for name, model in models.items():
+            actual = ModelDims.from_models(self.student, model, train_examples=len(self.data.train))
+            expected = next(
+                (
+                    t.dims
+                    for label, t in objective.terms.items()
+                    if objective.term_teachers[label].names[0] == name
+                ),
+                actual,
+            )
+            if actual != expected:
+                raise AssertionError(f"model sizes {actual} differ from those the objective was built for")
+
+
+def build_objective(config: DistillConfig, task: Task, data: TaskData) -> DistillationObjective:
+    """Builds the objective from the model configs alone (no weights) and checks it against the task.
+
+    Layer maps, projections and banks are sized from the student's config and the config of the teacher
+    each term reads, so a bad layer index, an impossible task/loss pair or a missing label is reported
+    before any weights load.
+
+    Raises:
+        ConfigError: Naming the term and the fix.
+
+    """
+    teacher_config = load_config_of(config.teacher, "teacher", config.task, data.num_labels)
+    spec = config.student
+    if spec.path is not None or spec.config is not None:
+        student_cfg = load_config_of(spec, "student", config.task, data.num_labels)
+    else:
+        student_cfg = student_config(teacher_config, spec)[0]
+    dims = {}
+    for name, teacher_spec in config.teacher_specs().items():
+        if name == "teacher":
+            other = teacher_config
+        else:
+            other = load_config_of(teacher_spec, f"teachers.{name}", config.task, data.num_labels)
+            vocab = getattr(teacher_config, "vocab_size", None), getattr(other, "vocab_size", None)
+            if None not in vocab and vocab[0] != vocab[1]:
+                raise ConfigError(
+                    f"teachers.{name} has a vocabulary of {vocab[1]} tokens, but the batches are tokenised "
+                    f"for the main teacher's {vocab[0]}; all teachers must share the main teacher's tokenizer"
+                )
+        dims[name] = ModelDims.from_configs(student_cfg, other, train_examples=len(data.train))
+    objective = DistillationObjective.from_config(config.objective, dims)
+    objective.check_task(task.info)
+    return objective
+
+
+def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int) -> nn.Module:
+    """Builds the student from its path or config, or from the teacher (``layers``, ``hidden_size``)."""
+    spec = config.student
+    if spec.path is not None or spec.config is not None:
+        return load_model(spec, num_labels, "student", config.task)
+    return student_from_teacher(teacher, spec)
+
+
+def student_origin(config: DistillConfig) -> str:
+    """Where the student comes from, in words."""
+    spec = config.student
+    if spec.path is not None:
+        return f"loaded from {spec.path}"
+    if spec.config is not None:
+        return "built from student.config (random initialisation)"
+    if spec.hidden_size is not None:
+        return f"{spec.layers or 'all'} layers of width {spec.hidden_size}, randomly initialised"
+    return f"{spec.layers} layers initialised from evenly spaced teacher layers"
+
+
+def run_fingerprint(config: DistillConfig) -> str:
+    """Identifies what a checkpoint of this run holds: task, models, objective and data.
+
+    Where a teacher's outputs come from (model or cache) and the schedule are left out.
+    """
+    return fingerprint(
+        config.task,
+        config.student.model_dump(),
+        config.teacher.model_dump(exclude=CACHE_FIELDS),
+        [t.model_dump(exclude=_TERM_TEACHER_FIELDS - t.model_fields_set) for t in config.objective],
+        config.data.model_dump(),
+        *(
+            [{n: s.model_dump(exclude=CACHE_FIELDS) for n, s in config.teachers.items()}]
+            if config.teachers
+            else []
+        ),
+    )
