@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from distillkit.bench.cli import BenchShapes, collect_cases, make_step
+from distillkit.bench.losses import BenchShapes, collect_cases, make_step
 
 SHAPES = BenchShapes(
     batch=32, seq=128, student_hidden=384, teacher_hidden=768, student_layers=6, teacher_layers=12

@@ -1,6 +1,6 @@
 import math
 
-from distillkit.bench.cli import BenchCase, BenchShapes, collect_cases, time_case
+from distillkit.bench.losses import BenchCase, BenchShapes, collect_cases, time_case
 from distillkit.cli import main
 
 TINY = BenchShapes(batch=4, seq=6, student_hidden=8, teacher_hidden=12, student_layers=2, teacher_layers=4)

@@ -103,3 +103,41 @@ def test_cpu_profile_drops_only_the_profiler_libraries_start_stop_lines(capfd):
     assert "a warning of the code under test" in err
     assert "profiler_start" not in err and "profiler_stop" not in err
     assert any("add_" in event.key for event in profile.key_averages())
+
+
+def test_every_kind_of_case_follows_the_protocol(tmp_path):
+    from dataclasses import dataclass
+
+    from distillkit.bench.harness import Case, compare_variants
+    from distillkit.bench.infonce import Case as InfonceCase
+    from distillkit.bench.losses import BenchCase, BenchShapes, LossCase
+    from distillkit.bench.vocab import VocabCase
+
+    shapes = BenchShapes(
+        batch=2, seq=4, student_hidden=8, teacher_hidden=8, student_layers=1, teacher_layers=2
+    )
+    cases = [
+        InfonceCase("tiny", batch=3, dim=8, negatives=16),
+        VocabCase(tokens=8, vocab=32, student_hidden=8, teacher_hidden=8),
+        LossCase.of(BenchCase("l2", "l2"), shapes),
+    ]
+    for case in cases:
+        assert isinstance(case, Case)
+
+    @dataclass(frozen=True)
+    class Sleepy:
+        name: str = "sleepy"
+
+        def variants(self):
+            return ("slow", "fast")
+
+        def make_step(self, variant):
+            import time
+
+            return lambda: time.sleep(0.02 if variant == "slow" else 0.005)
+
+    rows, timings = compare_variants(Sleepy(), repeats=3, memory=False, probes={"probe": lambda: None})
+    assert [row["variant"] for row in rows] == ["slow", "fast"] and "probe" in timings
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1.5
+    loss_rows, _ = compare_variants(cases[2], repeats=1, memory=True)
+    assert loss_rows[0]["peak_mib"] >= 0 and loss_rows[0]["mem_frac"] in (0.0, 1.0)  # its own baseline

@@ -1,5 +1,9 @@
-"""The measuring harness every distillkit benchmark shares: timing, peak memory and markdown tables.
+"""The measuring harness every distillkit benchmark shares: the case protocol, timing, peak memory, tables.
 
+- :class:`Case` is what a benchmark measures: a named problem with named variants (the baseline first), each
+  built into a zero-argument step. Loss cases (:mod:`~distillkit.bench.losses`), the fused ops' cases
+  (:mod:`~distillkit.bench.infonce`, :mod:`~distillkit.bench.vocab`) and the training step
+  (:mod:`~distillkit.bench.step`) are cases; :func:`compare_variants` measures any of them the same way.
 - :func:`time_steps` times named zero-argument steps after warm-up, interleaving them round by round (a busy
   machine then slows every step alike) and keeps wall and CPU seconds of each run (:class:`Timing`).
 - :func:`peak_extra_memory` runs one step in a fresh Python process and returns the peak resident memory it
@@ -16,6 +20,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
 import re
@@ -28,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -36,7 +42,9 @@ Row = dict[str, Any]
 """One measurement: column name to value (the row shape :func:`format_rows` renders)."""
 
 __all__ = [
+    "Case",
     "Row",
+    "compare_variants",
     "Timing",
     "cpu_profile",
     "format_rows",
@@ -45,6 +53,24 @@ __all__ = [
     "peak_rss_growth",
     "time_steps",
 ]
+
+
+@runtime_checkable
+class Case(Protocol):
+    """A benchmark problem: named variants of the same work, the first one the baseline.
+
+    A case is a dataclass (so a fresh process can rebuild it from its fields to measure memory).
+    """
+
+    name: str
+
+    def variants(self) -> tuple[str, ...]:
+        """The variant names, the baseline first."""
+        ...
+
+    def make_step(self, variant: str) -> Callable[[], object]:
+        """Builds the inputs and returns a zero-argument step running ``variant`` once (e.g. fwd + bwd)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -244,3 +270,73 @@ def format_rows(rows: Sequence[Row]) -> str:
         return str(value)
 
     return markdown_table(keys, [[cell(row.get(key, "")) for key in keys] for row in rows])
+
+
+def case_memory_step(case_type: str, fields: dict[str, Any], variant: str) -> Callable[[], object]:
+    """What :func:`case_peak_memory` measures in a fresh process: a variant of the case, after a warm-up.
+
+    Args:
+        case_type: ``"package.module:ClassName"`` of the case.
+        fields: The case's dataclass fields.
+        variant: The variant.
+
+    """
+    module, name = case_type.split(":")
+    case = getattr(importlib.import_module(module), name)(**fields)
+    step = case.make_step(variant)
+    step()
+    return step
+
+
+def case_peak_memory(case: Case, variant: str, timeout: float = 900.0) -> int:
+    """Peak extra resident bytes of one step of ``variant``, in a fresh process (see peak_extra_memory)."""
+    case_type = f"{type(case).__module__}:{type(case).__qualname__}"
+    return peak_extra_memory(
+        "distillkit.bench.harness:case_memory_step",
+        case_type,
+        dataclasses.asdict(case),
+        variant,
+        timeout=timeout,
+    )
+
+
+def compare_variants(
+    case: Case,
+    repeats: int = 5,
+    memory: bool = True,
+    probes: Mapping[str, Callable[[], object]] | None = None,
+) -> tuple[list[Row], dict[str, Timing]]:
+    """Times every variant of ``case`` (interleaved by round) and measures its peak memory.
+
+    Args:
+        case: The problem.
+        repeats: Timed rounds.
+        memory: Also measure each variant's peak extra memory in a fresh process.
+        probes: Extra named steps timed in the same rounds (e.g. a reference GEMM); not in the rows.
+
+    Returns:
+        One row per variant (``case``, ``variant``, ``ms``, ``cpu_ms``, ``speedup`` over the baseline; with
+        ``memory`` also ``peak_mib`` and ``mem_frac`` of the baseline's), and the timings of variants and
+        probes.
+
+    """
+    variants = case.variants()
+    steps: dict[str, Callable[[], object]] = {v: case.make_step(v) for v in variants}
+    steps.update(probes or {})
+    timings = time_steps(steps, repeats)
+    peaks = {v: case_peak_memory(case, v) for v in variants} if memory else {}
+    base = variants[0]
+    rows = []
+    for v in variants:
+        row: Row = {
+            "case": case.name,
+            "variant": v,
+            "ms": timings[v].median * 1e3,
+            "cpu_ms": timings[v].median_cpu * 1e3,
+            "speedup": timings[base].median / timings[v].median,
+        }
+        if memory:
+            row["peak_mib"] = peaks[v] / 2**20
+            row["mem_frac"] = peaks[v] / max(peaks[base], 1)
+        rows.append(row)
+    return rows, timings

@@ -20,21 +20,20 @@ neighbours take cores away and multi-threaded BLAS calls stall at their barriers
 stable while wall-clock rates do not.
 
 Peak extra memory (CPU): each (case, variant) runs in a fresh Python process
-(:func:`distillkit.bench.harness.peak_extra_memory`) that builds the inputs, warms the variant up on a tiny
-case (so one-off allocations such as thread pools and BLAS buffers are not counted) and reports the peak
-resident memory one forward + backward adds on top of its inputs. Inputs live on the CPU.
+(:func:`distillkit.bench.harness.case_peak_memory`) that builds the inputs, runs the variant once (so one-off
+allocations such as thread pools and BLAS buffers are not counted) and reports the peak resident memory the
+next forward + backward adds on top of its inputs. Inputs live on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from distillkit.bench import harness as benchmarking
-from distillkit.bench.harness import markdown_table, time_steps
+from distillkit.bench.harness import case_peak_memory, compare_variants, markdown_table
 from distillkit.ops import membank_infonce, naive_membank_infonce, reference_membank_infonce
 
 VARIANTS: tuple[str, ...] = ("naive", "reference", "compiled", "gather_bmm")
@@ -86,6 +85,10 @@ class Case:
     def variants(self) -> tuple[str, ...]:
         """The variants that make sense for this case (baseline first)."""
         return ("gather_bmm", "reference", "compiled") if self.indexed else ("naive", "reference", "compiled")
+
+    def make_step(self, variant: str) -> Callable[[], None]:
+        """One forward + backward of ``variant`` on this case's inputs (the harness's :class:`Case`)."""
+        return functools.partial(variant_step(variant), make_inputs(self))
 
 
 def make_inputs(case: Case, seed: int = 0, classes: int = 1000) -> dict[str, torch.Tensor | float]:
@@ -139,44 +142,9 @@ def variant_step(variant: str) -> Callable[[dict], None]:
     return step
 
 
-def time_variants(
-    case: Case,
-    variants: Sequence[str],
-    repeats: int = 5,
-    probes: dict[str, Callable[[], None]] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Median wall and CPU seconds of forward + backward per variant, interleaving variants by round.
-
-    Args:
-        case: The problem.
-        variants: Names from :data:`VARIANTS`.
-        repeats: Timed rounds.
-        probes: Extra named callables timed in the same rounds (e.g. the sgemm references).
-
-    Returns:
-        ``{name: {"wall": s, "cpu": s}}`` per variant and probe: median wall seconds and median CPU
-        seconds of the whole process (all threads, ``time.process_time``).
-    """
-    inputs = make_inputs(case)
-    steps: dict[str, Callable[[], None]] = {v: functools.partial(variant_step(v), inputs) for v in variants}
-    steps.update(probes or {})
-    timings = time_steps(steps, repeats)
-    return {name: {"wall": t.median, "cpu": t.median_cpu} for name, t in timings.items()}
-
-
-def memory_step(fields: dict, variant: str) -> Callable[[], None]:
-    """What :func:`peak_extra_memory` measures: ``variant`` on Case(**fields), warmed up on a tiny case."""
-    case = Case(**fields)
-    tiny = Case("warm-up", batch=4, dim=case.dim, negatives=64, rows=256 if case.indexed else None)
-    variant_step(variant)(make_inputs(tiny))
-    return functools.partial(variant_step(variant), make_inputs(case))
-
-
 def peak_extra_memory(case: Case, variant: str, timeout: float = 600.0) -> int:
     """Peak extra resident memory (bytes) of one forward + backward, in a fresh process (same threads)."""
-    return benchmarking.peak_extra_memory(
-        "distillkit.bench.infonce:memory_step", asdict(case), variant, timeout=timeout
-    )
+    return case_peak_memory(case, variant, timeout=timeout)
 
 
 def sgemm_probe(
@@ -240,31 +208,25 @@ def measure(cases: Iterable[Case], repeats: int = 5, memory: bool = True) -> lis
     """
     rows = []
     for case in cases:
-        variants = case.variants()
         probes = sgemm_probes(case) if case.dtype == "float32" and not case.indexed else {}
-        times = time_variants(case, variants, repeats, {name: run for name, (run, _) in probes.items()})
-        sgemm = probes["same_shape"][1] / times["same_shape"]["wall"] / 1e9 if probes else None
-        core = probes["one_core"][1] / times["one_core"]["cpu"] / 1e9 if probes else None
-        peaks = {v: peak_extra_memory(case, v) for v in variants} if memory else {}
-        base = variants[0]
-        for v in variants:
-            gflops = case.flops / times[v]["wall"] / 1e9
-            core_gflops = case.flops / times[v]["cpu"] / 1e9
+        runs = {name: run for name, (run, _) in probes.items()}
+        measured, times = compare_variants(case, repeats, memory, runs)
+        sgemm = probes["same_shape"][1] / times["same_shape"].median / 1e9 if probes else None
+        core = probes["one_core"][1] / times["one_core"].median_cpu / 1e9 if probes else None
+        for row in measured:
+            gflops = case.flops / (row["ms"] / 1e3) / 1e9
+            core_gflops = case.flops / (row["cpu_ms"] / 1e3) / 1e9
             rows.append(
                 {
-                    "case": case.name,
-                    "variant": v,
-                    "ms": times[v]["wall"] * 1e3,
-                    "cpu_ms": times[v]["cpu"] * 1e3,
-                    "speedup": times[base]["wall"] / times[v]["wall"],
+                    **row,
                     "gflops": gflops,
                     "sgemm_gflops": sgemm,
                     "sgemm_frac": gflops / sgemm if sgemm else None,
                     "core_gflops": core_gflops,
                     "sgemm_core_gflops": core,
                     "core_frac": core_gflops / core if core else None,
-                    "peak_mib": peaks[v] / 2**20 if memory else None,
-                    "mem_frac": peaks[v] / max(peaks[base], 1) if memory else None,
+                    "peak_mib": row.get("peak_mib"),
+                    "mem_frac": row.get("mem_frac"),
                 }
             )
     return rows

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from distillkit.bench import harness as benchmarking
-from distillkit.bench.harness import markdown_table, time_steps
+from distillkit.bench.harness import case_peak_memory, compare_variants, markdown_table
 
 VARIANTS = ("naive", "chunked", "chunked_compiled", "fused")
 CHUNK_ROWS = 256
@@ -45,6 +44,14 @@ class VocabCase:
         """A short label for tables."""
         sizes = f"N{self.tokens} V{self.vocab} Ds{self.student_hidden} Dt{self.teacher_hidden}"
         return f"{sizes} {self.divergence}"
+
+    def variants(self) -> tuple[str, ...]:
+        """Every variant, ``naive`` (the baseline) first."""
+        return VARIANTS
+
+    def make_step(self, variant: str) -> Callable[[], None]:
+        """One forward + backward of ``variant`` on this case's inputs (the harness's :class:`Case`)."""
+        return functools.partial(variant_step(self, variant), make_inputs(self))
 
 
 def make_inputs(case: VocabCase, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -91,44 +98,17 @@ def variant_step(case: VocabCase, variant: str) -> Callable[[dict[str, torch.Ten
     return step
 
 
-def time_variants(case: VocabCase, variants: Sequence[str], repeats: int = 3) -> dict[str, float]:
-    """Median wall seconds of forward + backward per variant, variants interleaved round by round."""
-    inputs = make_inputs(case)
-    steps = {v: functools.partial(variant_step(case, v), inputs) for v in variants}
-    return {name: timing.median for name, timing in time_steps(steps, repeats).items()}
-
-
-def memory_step(fields: dict, variant: str) -> Callable[[], None]:
-    """What :func:`peak_extra_memory` measures: ``variant`` on VocabCase(**fields), after one warm-up step."""
-    case = VocabCase(**fields)
-    step = functools.partial(variant_step(case, variant), make_inputs(case))
-    step()
-    return step
-
-
 def peak_extra_memory(case: VocabCase, variant: str, timeout: float = 900.0) -> int:
     """Peak extra resident bytes of one forward + backward of ``variant``, in a fresh process."""
-    return benchmarking.peak_extra_memory(
-        "distillkit.bench.vocab:memory_step", asdict(case), variant, timeout=timeout
-    )
+    return case_peak_memory(case, variant, timeout=timeout)
 
 
 def measure(case: VocabCase, repeats: int = 3, memory: bool = True) -> list[dict]:
     """Times (and optionally measures the memory of) every variant; ratios are against ``naive``."""
-    times = time_variants(case, VARIANTS, repeats=repeats)
-    peaks = {v: peak_extra_memory(case, v) for v in VARIANTS} if memory else {}
-    rows = []
-    for variant in VARIANTS:
-        row = {
-            "case": case.name,
-            "variant": variant,
-            "ms": 1e3 * times[variant],
-            "speedup": times["naive"] / times[variant],
-        }
+    rows, _ = compare_variants(case, repeats, memory)
+    for row in rows:
         if memory:
-            row["peak_mib"] = peaks[variant] / 2**20
-            row["memory_vs_naive"] = peaks[variant] / max(peaks["naive"], 1)
-        rows.append(row)
+            row["memory_vs_naive"] = row.pop("mem_frac")
     return rows
 
 

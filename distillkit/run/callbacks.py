@@ -31,7 +31,7 @@ class Callback:
         """After resuming (if asked) and before the first step of this call."""
 
     def on_step_end(self, loop: TrainingLoop, values: StepValues) -> None:
-        """After each optimizer step (applied or skipped), before evaluation and saving."""
+        """After each optimizer step (applied or skipped), before its log record, evaluation and save."""
 
     def on_log(self, loop: TrainingLoop, record: dict[str, Any]) -> None:
         """After each training record (mean losses, ``lr``, ``grad_norm``, ``seconds``) is written."""

@@ -218,9 +218,9 @@ class TrainingLoop:
         """
         values = self.forward_backward(self.batches)
         self.apply_or_skip(values)
-        self.log_window(values)
         self.last_values = values
         self.callbacks.emit("on_step_end", self, values)
+        self.log_window(values)
         step, train = self.step_count, self.train
         if step == train.steps or (train.eval_every and step % train.eval_every == 0):
             self.evaluate()
