@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from distillkit import DistillationObjective, ModelDims, Taps
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
-from distillkit.objective.objective import TermTeachers, mix_teacher_logits
 from distillkit.objective.taps import TapRequest, collect_taps
+from distillkit.objective.teachers import TermTeachers, mix_teacher_logits
 from distillkit.run.cache_teacher import cache_teacher
 from distillkit.run.distill import distill
 from tests.conftest import tiny_bert

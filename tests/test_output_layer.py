@@ -11,9 +11,10 @@ from transformers import AutoModelForSequenceClassification, BertConfig, LlamaCo
 
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
-from distillkit.objective.objective import DistillationObjective, TermTeachers
+from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.output_layer import output_layer_parts
 from distillkit.objective.taps import TapRequest, collect_taps
+from distillkit.objective.teachers import TermTeachers
 from distillkit.objective.terms import ModelDims
 from distillkit.run.distill import distill
 from distillkit.run.fused_logits import check_output_layer, choose_output_layer

@@ -6,8 +6,9 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from distillkit.errors import ConfigError
+from distillkit.objective.model_access import find_module
 from distillkit.objective.objective import DistillationObjective
-from distillkit.objective.taps import NOTHING, Taps, collect_taps, find_module
+from distillkit.objective.taps import NOTHING, Taps, collect_taps
 from distillkit.objective.terms import ModelDims, TapRequest
 
 

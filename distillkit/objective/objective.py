@@ -25,72 +25,25 @@ takes ``{name: teacher_output}``. A term may also read a weighted mix of several
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from distillkit.config import TermConfig, parse_term_configs
 from distillkit.errors import ConfigError, LossTermError
-from distillkit.objective.taps import (
-    NOTHING,
-    TapRequest,
-    Taps,
-    disable_attention_dropout,
-    find_module,
-    use_eager_attention,
+from distillkit.objective.model_access import prepare_model
+from distillkit.objective.taps import NOTHING, TapRequest, Taps
+from distillkit.objective.teachers import (
+    DEFAULT_TEACHER,
+    TermTeachers,
+    teacher_taps_by_name,
+    teacher_taps_for,
 )
 from distillkit.objective.terms import LossTerm, ModelDims, TaskInfo
 from distillkit.registry import get_loss
-
-DEFAULT_TEACHER = "teacher"
-"""The name of the main teacher (``teacher:`` in a config); terms read it unless they name another."""
-
-
-@dataclass(frozen=True)
-class TermTeachers:
-    """Which teacher(s) a term reads.
-
-    Attributes:
-        names: One teacher name, or several whose logits are mixed into one teacher.
-        weights: Normalised mixing weights, one per name.
-        mix: ``probabilities`` (``Σ w_i·softmax(z_i/T)``, presented as logits ``T·log`` of it) or ``logits``
-            (``Σ w_i·z_i``).
-
-    """
-
-    names: tuple[str, ...] = (DEFAULT_TEACHER,)
-    weights: tuple[float, ...] = (1.0,)
-    mix: Literal["probabilities", "logits"] = "probabilities"
-
-
-def mix_teacher_logits(
-    logits: Sequence[torch.Tensor], weights: Sequence[float], mix: str, temperature: float
-) -> torch.Tensor:
-    """Mixes several teachers' logits into the logits of one teacher.
-
-    Args:
-        logits: One ``[B, C]`` or ``[B, T, V]`` tensor per teacher, equal shapes.
-        weights: Normalised weights, one per teacher.
-        mix: ``probabilities``: returns ``T·log Σ w_i·softmax(z_i/T)``, whose softmax at temperature ``T`` is
-            exactly the weighted mean of the teachers' distributions; ``logits``: returns ``Σ w_i·z_i``.
-        temperature: The reading term's temperature ``T``.
-
-    Returns:
-        Float32 logits of the shape of each input.
-
-    """
-    if mix == "logits":
-        return sum(w * z.float() for w, z in zip(weights, logits, strict=True))
-    logs = [
-        math.log(w) + torch.log_softmax(z.float() / temperature, dim=-1)
-        for w, z in zip(weights, logits, strict=True)
-        if w > 0
-    ]
-    return temperature * torch.logsumexp(torch.stack(logs), dim=0)
 
 
 @dataclass
@@ -256,11 +209,13 @@ class DistillationObjective(nn.Module):
         student = (
             student_output if isinstance(student_output, Taps) else Taps.from_output(student_output, batch)
         )
-        by_name = _teacher_taps(teacher_output, batch, self.default_teacher)
+        by_name = teacher_taps_by_name(teacher_output, batch, self.default_teacher)
         values: dict[str, torch.Tensor] = {}
         total = None
         for label, term in self.terms.items():
-            teacher = self._taps_for(label, term, by_name, batch)
+            teacher = teacher_taps_for(
+                term, self.term_teachers[label], by_name, batch, _describe_term(label, term)
+            )
             try:
                 value = term(student, teacher)
             except Exception as exc:
@@ -271,34 +226,6 @@ class DistillationObjective(nn.Module):
             weighted = self.weights[label] * value
             total = weighted if total is None else total + weighted
         return ObjectiveOutput(total=total, terms=values)
-
-    def _taps_for(
-        self, label: str, term: LossTerm, by_name: dict[str, Taps], batch: Mapping[str, torch.Tensor] | None
-    ) -> Taps:
-        """The teacher taps a term receives: its teacher's, or the mix of its teachers' logits."""
-        spec = self.term_teachers[label]
-        present = [by_name.get(name) for name in spec.names]
-        if len(spec.names) == 1:
-            return present[0] if present[0] is not None else Taps.from_batch(batch)
-        if not term.tap_requests()[1].logits:
-            return present[0] if present[0] is not None else Taps.from_batch(batch)
-        pairs = list(zip(spec.names, present, strict=True))
-        missing = [name for name, taps in pairs if taps is None or taps.logits is None]
-        if missing:
-            raise LossTermError(
-                f"{_describe_term(label, term)} mixes teachers {list(spec.names)}, but no logits were given "
-                f"for {', '.join(missing)}"
-            )
-        shapes = {tuple(t.logits.shape) for t in present}
-        if len(shapes) > 1:
-            raise LossTermError(
-                f"{_describe_term(label, term)} mixes teachers whose logits differ in shape "
-                f"({', '.join(f'{n}: {tuple(t.logits.shape)}' for n, t in pairs)}); "
-                "mixed teachers must share the label set or vocabulary"
-            )
-        temperature = term.teacher_logit_temperature()
-        mixed = mix_teacher_logits([t.logits for t in present], spec.weights, spec.mix, temperature)
-        return replace(present[0], logits=mixed)
 
     def tap_requests(self) -> tuple[TapRequest, TapRequest]:
         """The union of the terms' requests: what the student and the teachers (united) produce per batch.
@@ -438,21 +365,7 @@ class DistillationObjective(nn.Module):
                 for label, term in self.terms.items()
                 if name is None or name in self.term_teachers[label].names
             }
-            for label, request in readers.items():
-                for path in request.modules:
-                    find_module(model, path, who=f"objective term '{label}' ({role})")
-            attention_readers = [label for label, request in readers.items() if request.attentions]
-            if attention_readers:
-                who = f"objective term '{attention_readers[0]}'"
-                eager = use_eager_attention(model, who)
-                dropout = disable_attention_dropout(model)
-                if (eager or dropout) and announce:
-                    changes = ["runs eager attention"] if eager else []
-                    changes += ["has no attention-probability dropout"] if dropout else []
-                    print(
-                        f"distillkit: the {role} {' and '.join(changes)}, since "
-                        f"{', '.join(attention_readers)} read(s) its attention probabilities"
-                    )
+            prepare_model(model, role, readers, announce)
 
     def terms_reading(self, side: str) -> list[str]:
         """Labels of the terms that read ``side`` (``student`` or ``teacher``), for messages."""
@@ -468,22 +381,6 @@ class DistillationObjective(nn.Module):
         """Tells each term that the step was skipped: state collected for it must not be applied."""
         for term in self.terms.values():
             term.skip_step()
-
-
-def _teacher_taps(
-    teacher_output: Any, batch: Mapping[str, torch.Tensor] | None, default: str
-) -> dict[str, Taps]:
-    """Teacher name -> detached taps, from one teacher's output (the default teacher's) or a mapping."""
-    if isinstance(teacher_output, dict) and not hasattr(teacher_output, "to_tuple"):  # not a ModelOutput
-        outputs = dict(teacher_output)
-    else:
-        outputs = {default: teacher_output}
-    taps = {}
-    for name, output in outputs.items():
-        if output is None:
-            continue
-        taps[name] = (output if isinstance(output, Taps) else Taps.from_output(output, batch)).detached()
-    return taps
 
 
 def _describe_term(label: str, term: LossTerm) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 from distillkit.config import DistillConfig, load_config
 from distillkit.models import count_parameters, quiet_loading
 from distillkit.run.engine import autocast_factory
-from distillkit.run.loop import FitResult, eval_loader, fit
+from distillkit.run.loaders import eval_loader
+from distillkit.run.loop import FitResult, fit
 from distillkit.run.run import Run
 from distillkit.tasks import EvalContext, ReportContext
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -44,6 +43,7 @@ from distillkit.run.callbacks import Callback, CallbackList
 from distillkit.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distillkit.run.engine import autocast_factory
 from distillkit.run.fused_logits import choose_output_layer
+from distillkit.run.loaders import eval_loader, frozen_sources, train_loader
 from distillkit.run.phases import PhaseTimer
 from distillkit.run.run import Run
 from distillkit.run.runlog import RunLog
@@ -82,14 +82,6 @@ class FitResult:
     seconds: float = 0.0
 
 
-def eval_loader(run: Run) -> DataLoader:
-    """The evaluation DataLoader of a loaded run (sharded across processes by accelerate)."""
-    batch_size = run.train.eval_batch_size or run.train.batch_size
-    return run.accelerator.prepare_data_loader(
-        DataLoader(run.data.eval, batch_size=batch_size, collate_fn=run.collator)
-    )
-
-
 class TrainingLoop:
     """Trains a loaded :class:`~distillkit.run.run.Run`, step by step.
 
@@ -117,12 +109,7 @@ class TrainingLoop:
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self.autocast = autocast_factory(self.train.precision, self.device)
-        self.sources: dict[str, Any] = {}
-        for name, source in run.teachers.items():
-            if isinstance(source, nn.Module):
-                source = freeze(source).to(self.device)
-                assert not any(p.requires_grad for p in source.parameters()), "a teacher must be frozen"
-            self.sources[name] = source
+        self.sources = frozen_sources(run.teachers, self.device)
         self.teacher = freeze(run.teacher).to(self.device) if run.teacher is not None else None
         live = {n: s for n, s in self.sources.items() if isinstance(s, nn.Module)}
         self.objective.prepare_models(self.student, live, announce=self.main)
@@ -133,27 +120,7 @@ class TrainingLoop:
                 self.train.fused_logits, self.objective, self.student, self.sources, sample, self.main
             )
         self.teacher_requests = self.objective.teacher_requests()
-        self.sampler = DistributedSampler(
-            data.train,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-            shuffle=True,
-            seed=self.train.seed,
-            drop_last=True,
-        )
-        self.loader = DataLoader(
-            data.train,
-            batch_size=self.train.batch_size,
-            sampler=self.sampler,
-            collate_fn=collator,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(self.train.seed),
-        )
-        if len(self.loader) == 0:
-            raise ConfigError(
-                f"the training data has {len(data.train)} examples, fewer than one batch of train.batch_size="
-                f"{self.train.batch_size} x {accelerator.num_processes} process(es); lower train.batch_size"
-            )
+        self.sampler, self.loader = train_loader(run)
         self.eval_loader = eval_loader(run)
         trainable = StudentWithHeads(self.student, self.objective, self.timer)
         for model in [*live.values(), *([self.teacher] if self.teacher is not None else [])]:

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distillkit.errors import ConfigError
-from distillkit.objective.taps import TapRequest, collect_taps, use_eager_attention
+from distillkit.objective.model_access import use_eager_attention
+from distillkit.objective.taps import TapRequest, collect_taps
 from distillkit.teacher_cache.identity import LOG_TAIL_FLOOR, CacheContents
 
 

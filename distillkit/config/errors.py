@@ -1,0 +1,58 @@
+"""Config validation errors as one paragraph that names each bad field and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from distillkit.errors import close_matches
+
+
+def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
+    """One paragraph naming each bad field of ``exc`` (an unknown one with the accepted ones, close matches).
+
+    Args:
+        exc: pydantic's error.
+        root: The model that was validated (to list the fields accepted where an unknown one was given).
+
+    """
+    lines = []
+    for err in exc.errors():
+        location = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            field = str(err["loc"][-1])
+            parent = _model_at(root, err["loc"][:-1])
+            known = list(parent.model_fields) if parent else []
+            hint = close_matches(field, known)
+            lines.append(
+                f"unknown field '{location}'{hint}; accepted here: {', '.join(known)}"
+                if known
+                else f"unknown field '{location}'{hint}"
+            )
+        elif err["type"] == "missing":
+            lines.append(f"missing field '{location}'")
+        else:
+            lines.append(f"field '{location or '<root>'}': {err['msg']} (got {err.get('input')!r})")
+    return "invalid config: " + "; ".join(lines) + ". Fix the YAML file or the --set override that sets it."
+
+
+def _model_at(root: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = next(
+            (
+                a
+                for a in getattr(annotation, "__args__", (annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            annotation,
+        )
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
