@@ -1,11 +1,13 @@
-// Fused memory-bank InfoNCE forward on the CPU; see membank_infonce_kernel.h for the algorithm.
-#include "cpu/membank_infonce_kernel.h"
+// Fused memory-bank InfoNCE forward on the CPU; see cpu_kernel.h for the algorithm.
+#include "membank_infonce/cpu_kernel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include "common/fast_exp.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -122,33 +124,12 @@ inline acc_t max_of(const acc_t* x, int64_t n) {
   return nan_seen ? std::numeric_limits<acc_t>::quiet_NaN() : m;
 }
 
-// exp(x) for x <= 0 (arguments here are always score - running max), vectorisable; exp(-inf) = 0.
-// Cephes expf polynomial, relative error ~2 ulp.
-inline float exp_nonpos(float x) {
-  const float lo = -87.0f;
-  const float xc = x < lo ? lo : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500E-4f;
-  y = y * r + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2;
-  std::memcpy(&pow2, &e, sizeof(pow2));
-  return x < lo ? 0.0f : y * pow2;
-}
-
 // x[i] = exp(x[i] - shift), returns the sum.
 inline float exp_shift_sum(float* x, float shift, int64_t n) {
   float sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_nonpos(x[i] - shift);
+    const float e = fast_exp::exp_nonpos(x[i] - shift);
     x[i] = e;
     sum += e;
   }

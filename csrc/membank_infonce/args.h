@@ -1,9 +1,10 @@
 // The arguments of distillkit::membank_infonce_fwd as every backend's kernel takes them: plain C++ over
-// pointers and sizes (no torch or CUDA headers), the C++ counterpart of distillkit.ops._validate.InfonceArgs.
+// pointers and sizes (no torch or CUDA headers), the C++ counterpart of
+// distillkit.ops.infonce.validate.InfonceArgs.
 //
-// The bindings fill one MembankInfonceArgs from the canonical tensors (membank_infonce_binding.h); the CUDA
-// kernels take it extended by their launch options (cuda::MembankInfonceParams), the CPU kernel a typed view
-// of it (cpu::Problem).
+// The bindings fill one MembankInfonceArgs from the canonical tensors (binding.h); the CUDA kernels take it
+// extended by their launch options (cuda::MembankInfonceParams), the CPU kernel a typed view of it
+// (cpu::Problem).
 #pragma once
 
 #include <cstdint>

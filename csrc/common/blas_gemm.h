@@ -1,8 +1,7 @@
 // Column-major gemm for the CPU bindings: the Fortran BLAS that torch links, or at::mm without one.
 //
-// The kernels take a gemm function pointer (their GemmFn: C = alpha * op(A) * op(B) + beta * C, op(A) is
-// m x k, op(B) is k x n); pick_gemm<acc_t>() returns the one to pass. DISTILLKIT_CPU_GEMM=aten forces the
-// at::mm path (for testing it).
+// The kernels take a gemm function pointer (cpu::GemmFn, common/gemm.h); pick_gemm<acc_t>() returns the one
+// to pass. DISTILLKIT_CPU_GEMM=aten forces the at::mm path (for testing it).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +9,8 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+
+#include "common/gemm.h"
 
 // The Fortran BLAS that torch links (MKL or OpenBLAS) exports sgemm_/dgemm_ (32-bit integers). They are
 // looked up weakly so that a torch without BLAS still loads the extension and falls back to at::mm.
@@ -59,7 +60,7 @@ void aten_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_
 
 // The BLAS gemm when torch links one and DISTILLKIT_CPU_GEMM is not `aten`, else the at::mm one.
 template <typename acc_t>
-auto pick_gemm() -> decltype(&fortran_gemm<acc_t>) {
+cpu::GemmFn<acc_t> pick_gemm() {
   const char* env = std::getenv("DISTILLKIT_CPU_GEMM");
   const bool force_aten = env != nullptr && std::string(env) == "aten";
   const bool have_blas = std::is_same_v<acc_t, float> ? sgemm_ != nullptr : dgemm_ != nullptr;

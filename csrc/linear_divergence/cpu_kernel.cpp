@@ -1,11 +1,13 @@
-// Fused linear-divergence on the CPU; see fused_linear_divergence_kernel.h for the algorithm.
-#include "cpu/fused_linear_divergence_kernel.h"
+// Fused linear-divergence on the CPU; see cpu_kernel.h for the algorithm.
+#include "linear_divergence/cpu_kernel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#include "common/fast_exp.h"
 
 namespace distillkit {
 namespace cpu {
@@ -14,35 +16,9 @@ namespace {
 
 // ---------------------------------------------------------------- vectorisable exp / log
 
-inline float bits_to_float(int32_t bits) {
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-inline int32_t float_to_bits(float x) {
-  int32_t out;
-  std::memcpy(&out, &x, sizeof(out));
-  return out;
-}
-
-// exp(x) (Cephes polynomial, ~2 ulp), branch-free so loops vectorise; exactly 0 below -87.33 and for -inf.
-inline float vexp(float x) {
-  const float xc = std::min(std::max(x, -87.33f), 88.37f);
-  const float fx = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - fx * 0.693359375f;
-  r = r + fx * 2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  const float scale = bits_to_float((static_cast<int32_t>(fx) + 127) << 23);
-  return x < -87.33f ? 0.0f : y * scale;
-}
+using fast_exp::bits_to_float;
+using fast_exp::float_to_bits;
+using fast_exp::vexp;
 
 // log(x) for positive normal x (Cephes polynomial, ~1 ulp), branch-free.
 inline float vlog(float x) {
@@ -68,7 +44,6 @@ inline float vlog(float x) {
   return m + y + 0.693359375f * e;
 }
 
-inline double vexp(double x) { return std::exp(x); }
 inline double vlog(double x) { return std::log(x); }
 
 // ---------------------------------------------------------------- per-row helpers

@@ -1,10 +1,9 @@
-// CUDA implementation of distillkit::membank_infonce_fwd and the `distillkit._C_cuda` Python module.
+// CUDA kernel of distillkit::membank_infonce_fwd, and membank_infonce_take_index_error (schemas in
+// csrc/registration.cpp; built into distillkit._C_cuda).
 //
-// The schema is defined once, by the CPU extension (csrc/cpu, TORCH_LIBRARY(distillkit, m)); this file
-// only adds the CUDA kernel (TORCH_LIBRARY_IMPL(distillkit, CUDA, m)). It adapts tensors to the torch-free
-// launcher in membank_infonce_kernels.cuh: device checks, the shared checks, layouts and output allocation
-// of membank_infonce_binding.h (inputs and outputs are described there), workspace allocation on the current
-// device and stream, error checks.
+// It adapts tensors to the torch-free launcher in cuda_kernels.cuh: device checks, the shared checks, layouts
+// and output allocation of binding.h (inputs and outputs are described there), workspace allocation on the
+// current device and stream, error checks.
 //
 // negative_index is range-checked on the device, never with a host synchronisation: a value outside the bank
 // is never read, the rows holding one get NaN outputs, and the kernel counts it in two words of mapped pinned
@@ -15,7 +14,6 @@
 //   DISTILLKIT_CUDA_PATH = auto | generic | tensorcore   (default auto)
 // fp32 inputs use tf32 tensor cores only when torch.backends.cuda.matmul.allow_tf32 is set.
 #include <ATen/ATen.h>
-#include <Python.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -27,8 +25,8 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda/membank_infonce_kernels.cuh"
-#include "membank_infonce_binding.h"
+#include "membank_infonce/binding.h"
+#include "membank_infonce/cuda_kernels.cuh"
 
 namespace distillkit {
 namespace {
@@ -133,18 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cuda(
 
 TORCH_LIBRARY_IMPL(distillkit, CUDA, m) { m.impl("membank_infonce_fwd", &membank_infonce_fwd_cuda); }
 
-TORCH_LIBRARY_FRAGMENT(distillkit, m) {
-  m.def("membank_infonce_take_index_error(int device) -> int[]", &take_index_error);
+// No tensor arguments, so no device dispatch key: the one kernel serves every call.
+TORCH_LIBRARY_IMPL(distillkit, CompositeImplicitAutograd, m) {
+  m.impl("membank_infonce_take_index_error", &take_index_error);
 }
 
 }  // namespace distillkit
-
-extern "C" {
-// An empty Python module: importing distillkit._C_cuda runs the registration above (after distillkit._C,
-// which defines the schema).
-PyMODINIT_FUNC PyInit__C_cuda(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr,
-                                          nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module_def);
-}
-}

@@ -6,7 +6,7 @@
 //   loss = T^2 * sum_r kd_weight[r] * D(p_r || q_r) + sum_r ce_weight[r] * CE(softmax(s_r), label_r)
 // and, in the same call, the gradients of that loss with respect to h_s and W_s (the loss is terminal, so the
 // caller scales them by the upstream gradient later). D is one of the divergences of
-// distillkit/divergences.py; the closed-form gradient with respect to the scaled student logits z = s / T is
+// distillkit/ops/divergences.py; the closed-form gradient with respect to the scaled student logits z = s / T is
 // q * (g - sum(q * g)) with g = dD/dq (forward KL: q - p).
 //
 // Algorithm: the rows with a non-zero weight are processed in blocks of R rows. For one block, the
@@ -23,29 +23,18 @@
 #include <cstdint>
 #include <functional>
 
+#include "common/gemm.h"
+#include "linear_divergence/args.h"
+
 namespace distillkit {
 namespace cpu {
 namespace fld {
 
-enum class Divergence : int {
-  kForwardKL = 0,
-  kReverseKL = 1,
-  kJSD = 2,
-  kTVD = 3,
-  kSkewForwardKL = 4,
-  kSkewReverseKL = 5,
-};
-
-// Column-major BLAS gemm: C = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
-template <typename acc_t>
-using GemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha,
-                        const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c,
-                        int64_t ldc);
-
 // Runs body(item) for every item in [0, n), possibly in parallel; returns when all are done.
 using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t item)>& body)>;
 
-// One call's inputs and outputs; every array is row-major and contiguous.
+// The typed view of one call's LinearDivergenceArgs that the kernel works on (acc_t: float for kFloat32,
+// double for kFloat64).
 template <typename acc_t>
 struct Problem {
   int64_t N = 0;   // rows (tokens)
@@ -65,6 +54,29 @@ struct Problem {
   const int64_t* labels = nullptr;        // [N] in [0, V), or -100 (ignored); required with ce_weight
   acc_t* grad_hidden = nullptr;           // [N, Ds] output
   acc_t* grad_weight = nullptr;           // [V, Ds] output
+
+  // The view of `a`, whose arrays hold acc_t (the fields above, in order).
+  static Problem of(const LinearDivergenceArgs& a) {
+    auto in = [](const void* x) { return static_cast<const acc_t*>(x); };
+    auto out = [](void* x) { return static_cast<acc_t*>(x); };
+    return {a.N,
+            a.V,
+            a.Ds,
+            a.Dt,
+            a.divergence,
+            static_cast<acc_t>(a.temperature),
+            static_cast<acc_t>(a.beta),
+            static_cast<acc_t>(a.alpha),
+            in(a.student_hidden),
+            in(a.student_weight),
+            in(a.teacher_hidden),
+            in(a.teacher_weight),
+            in(a.kd_weight),
+            in(a.ce_weight),
+            a.labels,
+            out(a.grad_hidden),
+            out(a.grad_weight)};
+  }
 };
 
 // Rows per block so that the two [R, V] logit buffers take about `buffer_bytes`; `override_rows` > 0 forces R.

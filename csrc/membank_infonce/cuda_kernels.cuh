@@ -67,7 +67,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "membank_infonce_args.h"
+#include "membank_infonce/args.h"
 
 namespace distillkit {
 namespace cuda {
@@ -86,7 +86,7 @@ constexpr int kMaxSplits = 64;
 /// Layers per tensor-core launch (grid z); more layers are covered by several launches.
 constexpr int64_t kMaxLayersPerLaunch = DISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH;
 
-/// One forward call: the op's arguments (membank_infonce_args.h) and the CUDA launch options.
+/// One forward call: the op's arguments (args.h) and the CUDA launch options.
 struct MembankInfonceParams : MembankInfonceArgs {
   /// Two words the kernel updates atomically when negative_index holds a value outside [0, N): [0] counts
   /// such values, [1] holds one of them. May be null (then nothing is recorded; the rows are still NaN).

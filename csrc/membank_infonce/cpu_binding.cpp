@@ -1,9 +1,8 @@
-// Registers distillkit::membank_infonce_fwd (schema + CPU kernel) and the `distillkit._C` Python module.
+// CPU kernel of distillkit::membank_infonce_fwd (schema in csrc/registration.cpp).
 //
-// Inputs and outputs: see membank_infonce_binding.h (shared with the CUDA binding).
+// Inputs and outputs: see binding.h (shared with the CUDA binding).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -12,9 +11,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/blas_gemm.h"
-#include "cpu/membank_infonce_kernel.h"
-#include "membank_infonce_binding.h"
+#include "common/blas_gemm.h"
+#include "membank_infonce/binding.h"
+#include "membank_infonce/cpu_kernel.h"
 
 namespace distillkit {
 namespace {
@@ -102,21 +101,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> membank_infonce_fwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY(distillkit, m) {
-  m.def(
-      "membank_infonce_fwd(Tensor query, Tensor positive, Tensor bank, float temperature, "
-      "Tensor? query_labels, Tensor? bank_labels, Tensor? negative_index) -> (Tensor loss, Tensor lse, "
-      "Tensor wsum)");
-}
-
 TORCH_LIBRARY_IMPL(distillkit, CPU, m) { m.impl("membank_infonce_fwd", &membank_infonce_fwd_cpu); }
 
 }  // namespace distillkit
-
-extern "C" {
-// An empty Python module: importing distillkit._C runs the registrations above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}

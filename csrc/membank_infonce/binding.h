@@ -1,7 +1,7 @@
 // The part of distillkit::membank_infonce_fwd's bindings that every backend shares: argument checks,
 // canonical layouts, output allocation, and the torch-free MembankInfonceArgs the kernels take.
 //
-// Canonical inputs (the Python wrapper distillkit/ops/_validate.py produces them):
+// Canonical inputs (the Python wrapper distillkit/ops/infonce/validate.py produces them):
 //   query, positive  [L, B, D], same dtype (float32, float64, bfloat16, float16)
 //   bank             [L, K, D], or [K, D] shared by all L layers (read with layer stride 0, never copied)
 //   query_labels     [B] int64 and bank_labels [K] int64, both or neither
@@ -16,12 +16,12 @@
 
 #include <optional>
 
-#include "membank_infonce_args.h"
+#include "membank_infonce/args.h"
 
 namespace distillkit {
 
-// Checks ranks, sizes and dtypes of the canonical inputs (see the schema comment in the bindings). Device
-// placement is checked by each backend.
+// Checks ranks, sizes and dtypes of the canonical inputs (see the file comment). Device placement is
+// checked by each backend.
 inline void check_membank_infonce_args(const at::Tensor& query, const at::Tensor& positive,
                                        const at::Tensor& bank, double temperature,
                                        const std::optional<at::Tensor>& query_labels,

@@ -20,7 +20,8 @@
 
 #include <cstdint>
 
-#include "membank_infonce_args.h"
+#include "common/gemm.h"
+#include "membank_infonce/args.h"
 
 namespace distillkit {
 namespace cpu {
@@ -32,12 +33,6 @@ struct bf16_t {
 struct fp16_t {
   uint16_t bits;
 };
-
-// Column-major BLAS gemm: C = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
-template <typename acc_t>
-using GemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha,
-                        const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c,
-                        int64_t ldc);
 
 // The typed view of one call's MembankInfonceArgs that the kernel works on (sizes, bank, labels, index and
 // outputs from the arguments). Queries and positives are already in the accumulation type.

@@ -1,8 +1,8 @@
 // Fused memory-bank InfoNCE forward: CUDA kernels over raw pointers. No torch headers here, so this file
 // compiles with plain nvcc (see .ci/compile_cuda.sh). The algorithm, launch geometry and roofline are
-// described in membank_infonce_kernels.cuh.
+// described in cuda_kernels.cuh.
 
-#include "cuda/membank_infonce_kernels.cuh"
+#include "membank_infonce/cuda_kernels.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
