@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from distillkit.ops import _loader, selfcheck
-from distillkit.ops._validate import InfonceArgs, canonicalize
-from distillkit.ops.reference import reference_loss
+from distillkit.ops import library
+from distillkit.ops.infonce import compiled, selfcheck
+from distillkit.ops.infonce.reference import reference_loss
+from distillkit.ops.infonce.validate import InfonceArgs, canonicalize
 
 # Device types whose kernel range-checks negative_index itself (no host synchronisation needed).
 _KERNEL_CHECKS_INDEX = {"cuda"}
+_warned_devices: set[str] = set()
+
+
+def kernel_available(device_type: str) -> bool:
+    """Whether the compiled op has a kernel for ``device_type``; warns once per device type when not."""
+    if library.has_kernel(compiled.OP_NAME, device_type):
+        return True
+    if device_type not in _warned_devices and not torch.compiler.is_compiling():
+        _warned_devices.add(device_type)
+        warnings.warn(
+            f"distillkit: compiled membank_infonce not available ({library.missing_reason(device_type)}); "
+            "using the pure-PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 def use_kernel(device: torch.device) -> bool:
     """Whether a call on ``device`` runs the compiled kernel: built for it, and allowed by the self-check."""
-    return _loader.kernel_available(device.type) and selfcheck.kernel_allowed(device)
+    return kernel_available(device.type) and selfcheck.kernel_allowed(device)
+
+
+def take_index_error(device: torch.device | int) -> tuple[int, int]:
+    """Out-of-range ``negative_index`` values the CUDA kernel met on ``device`` since the last look.
+
+    Reads host memory only (no device synchronisation; kernels still running report later) and clears it.
+
+    Returns:
+        ``(count, one of the values)``; ``(0, 0)`` when none, or when the CUDA kernel is not built.
+    """
+    if not library.has_kernel(compiled.OP_NAME, "cuda"):
+        return 0, 0
+    index = device if isinstance(device, int) else (device.index or 0)
+    count, value = torch.ops.distillkit.membank_infonce_take_index_error(index)
+    return int(count), int(value)
 
 
 def membank_infonce(
@@ -53,7 +87,7 @@ def membank_infonce(
     A key that is not a negative of a row (same label) never affects that row's result, whatever its
     values (Inf or NaN included); a NaN in a key that is a negative makes that row's loss NaN. On CUDA the
     kernel is compared with the reference on first use per device (``DISTILLKIT_CUDA_KERNEL``, see
-    :mod:`distillkit.ops.selfcheck`).
+    :mod:`distillkit.ops.infonce.selfcheck`).
 
     Returns:
         ``[..., B]`` loss, float32 (float64 for float64 inputs); gradients reach query and positive in

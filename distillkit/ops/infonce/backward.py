@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distillkit.ops._validate import OP_INPUT_COUNT, InfonceArgs
+from distillkit.ops.infonce.validate import OP_INPUT_COUNT, InfonceArgs
 
 
 def infonce_backward(

@@ -9,10 +9,9 @@ import torch
 
 from distillkit import Taps, build_term
 from distillkit.objective.terms import ModelDims
-from distillkit.ops import fused_linear_divergence
+from distillkit.ops import DIVERGENCES, fused_linear_divergence
 
-MODULE = importlib.import_module("distillkit.ops.fused_linear_divergence")
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
+MODULE = importlib.import_module("distillkit.ops.linear_divergence.op")
 needs_kernel = pytest.mark.skipif(not MODULE.kernel_available(), reason="compiled op not built")
 
 
@@ -24,7 +23,7 @@ def path(request, monkeypatch):
             pytest.skip("compiled op not built")
         monkeypatch.setenv("DISTILLKIT_FLD_ROWS", "5")
     else:
-        monkeypatch.setitem(MODULE._state, "kernel", False)
+        monkeypatch.setattr(MODULE, "kernel_available", lambda: False)
     return request.param
 
 
@@ -299,7 +298,7 @@ def test_invalid_inputs_are_explained(change, error, message):
 
 def test_vocab_bench_variants_compute_the_same_loss():
     from distillkit.bench.vocab import VocabCase, format_table, make_inputs, time_variants
-    from distillkit.ops.linear_divergence_chunked import naive_linear_divergence
+    from distillkit.ops.linear_divergence.chunked import naive_linear_divergence
 
     case = VocabCase(tokens=6, vocab=40, student_hidden=5, teacher_hidden=7, divergence="tvd")
     inputs = make_inputs(case)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from distillkit.errors import ConfigError
-from distillkit.ops._validate import InfonceArgs
-from distillkit.ops.reference import reference_forward
+from distillkit.ops.infonce import compiled
+from distillkit.ops.infonce.reference import reference_forward
+from distillkit.ops.infonce.validate import InfonceArgs
 
 ENV = "DISTILLKIT_CUDA_KERNEL"
 MODES = ("check", "trust", "off")
@@ -33,13 +34,8 @@ CHECKED_DEVICE_TYPES: set[str] = {"cuda"}
 
 Forward = Callable[[InfonceArgs], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-
-def _compiled_forward(args: InfonceArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.distillkit.membank_infonce_fwd(*args.op_inputs())
-
-
 # The kernel under check (canonical InfonceArgs in, (loss, lse, wsum) out); the op calls it too.
-kernel_forward: Forward = _compiled_forward
+kernel_forward: Forward = compiled.forward
 
 
 @dataclass(frozen=True)

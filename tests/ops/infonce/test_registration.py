@@ -94,7 +94,7 @@ def test_kernel_without_fortran_blas_uses_aten_gemm():
     code = (
         "import torch\n"
         "from distillkit.ops import membank_infonce\n"
-        "from tests.ops.helpers import float64_truth\n"
+        "from tests.ops.infonce.helpers import float64_truth\n"
         "g = torch.Generator().manual_seed(0)\n"
         "q, p = torch.randn(3, 5, 19, generator=g), torch.randn(3, 5, 19, generator=g)\n"
         "bank = torch.randn(3, 700, 19, generator=g)\n"

@@ -13,7 +13,7 @@ from distillkit.ops import (
     naive_membank_infonce,
     reference_membank_infonce,
 )
-from tests.ops.helpers import float64_truth
+from tests.ops.infonce.helpers import float64_truth
 
 IMPLS = {
     "op": membank_infonce,

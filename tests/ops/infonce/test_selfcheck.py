@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from distillkit.errors import ConfigError
-from distillkit.ops import _loader, membank_infonce, selfcheck
-from distillkit.ops.reference import reference_forward
-from tests.ops.helpers import float64_truth
+from distillkit.ops import compiled_available, membank_infonce
+from distillkit.ops.infonce import selfcheck
+from distillkit.ops.infonce.reference import reference_forward
+from tests.ops.infonce.helpers import float64_truth
 
-HAS_CPU_KERNEL = _loader.compiled_available()
+HAS_CPU_KERNEL = compiled_available()
 
 
 def _off_by_one_percent(args):

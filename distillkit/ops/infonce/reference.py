@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from distillkit.ops._backward import input_gradients, save_for_backward
-from distillkit.ops._validate import InfonceArgs, canonicalize
+from distillkit.ops.infonce.backward import input_gradients, save_for_backward
+from distillkit.ops.infonce.validate import InfonceArgs, canonicalize
 
 # Elements of the per-chunk score (and gathered-key) temporaries the reference allows itself.
 _CHUNK_ELEMENTS = 1 << 22

@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 
-from distillkit.ops import _loader, membank_infonce, selfcheck
-from distillkit.ops._validate import InfonceArgs
-from distillkit.ops.reference import reference_forward
+from distillkit.ops import library, membank_infonce
+from distillkit.ops.infonce import compiled, selfcheck, take_index_error
+from distillkit.ops.infonce.reference import reference_forward
+from distillkit.ops.infonce.validate import InfonceArgs
 
-_loader.load()
 HAS_CUDA = torch.cuda.is_available()
-HAS_KERNEL = HAS_CUDA and _loader.kernel_available("cuda")
+HAS_KERNEL = HAS_CUDA and library.has_kernel(compiled.OP_NAME, "cuda")
 
 pytestmark = [
     pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"),
@@ -306,7 +306,7 @@ def test_out_of_range_index_is_flagged_without_a_sync():
     q, p, bank = make(2, 9, 70, 24, torch.float32, seed=15)
     index = torch.randint(0, 70, (2, 9, 31), device="cuda")
     index[0, 3, 5], index[1, 8, 0] = 70, -2
-    _loader.take_index_error(q.device)  # clear earlier reports
+    take_index_error(q.device)  # clear earlier reports
     loss, lse, wsum = FWD(q, p, bank, 0.1, None, None, index)
     torch.cuda.synchronize()
     bad = torch.zeros(2, 9, dtype=torch.bool, device="cuda")
@@ -315,7 +315,7 @@ def test_out_of_range_index_is_flagged_without_a_sync():
     ok = ~bad
     want = naive(q, p, bank, 0.1, None, None, index.clamp(0, 69))[0]
     torch.testing.assert_close(loss[ok].double(), want[ok], atol=2e-4, rtol=1e-3)
-    count, value = _loader.take_index_error(q.device)
+    count, value = take_index_error(q.device)
     assert count >= 1 and value in (70, -2)
     FWD(q, p, bank, 0.1, None, None, index)  # reported by the next call on the device
     torch.cuda.synchronize()
