@@ -27,6 +27,7 @@
 namespace distillkit {
 namespace {
 
+// The Divergence called `name`; the error lists every name of the table.
 Divergence parse_divergence(std::string_view name) {
   Divergence kind = Divergence::kForwardKL;
   if (divergence_from_name(name, &kind)) return kind;
@@ -48,6 +49,7 @@ constexpr int64_t kBufferBytes = int64_t(48) << 20;  // the two [R, V] logit buf
 constexpr int64_t kPartsPerThread = 4;
 constexpr int64_t kMinPartColumns = 512;
 
+// Checks ranks, sizes and the temperature; labels are checked once converted.
 void check_inputs(const at::Tensor& student_hidden, const at::Tensor& student_weight,
                   const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const at::Tensor& kd_weight,
                   const std::optional<at::Tensor>& ce_weight, const std::optional<at::Tensor>& labels,
