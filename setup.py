@@ -1,9 +1,12 @@
 """Build script for distillkit.
 
-The pure-Python framework installs everywhere. The compiled memory-bank InfoNCE op is built when torch is
-importable at build time: the CPU extension (``distillkit._C``) always, the CUDA extension
-(``distillkit._C_cuda``) only when torch was built with CUDA and ``nvcc`` is on the PATH. Without either, the
-package falls back to the pure-PyTorch reference and says so once.
+The pure-Python framework installs everywhere. The compiled ops are built when torch is importable at build
+time: the CPU extension (``distillkit._C``: every op's schema and CPU kernel) always, the CUDA extension
+(``distillkit._C_cuda``: the CUDA kernels) only when torch was built with CUDA and ``nvcc`` is on the PATH.
+Without them, each op falls back to its pure-PyTorch path.
+
+Sources follow one layout per op, ``csrc/<op>/``: ``cpu_*.cpp`` go into the CPU extension, ``cuda_*.cu`` and
+``cuda_*.cpp`` into the CUDA one; ``csrc/registration.cpp`` and ``csrc/cuda_module.cpp`` are the two modules.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _extensions():
-    """Returns (ext_modules, cmdclass) for the compiled op, or empty ones when torch is absent."""
+    """Returns (ext_modules, cmdclass) for the compiled ops, or empty ones when torch is absent."""
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("distillkit: torch not importable at build time; skipping the compiled op", file=sys.stderr)
+        print("distillkit: torch not importable at build time; skipping the compiled ops", file=sys.stderr)
         return [], {}
 
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
@@ -33,9 +36,10 @@ def _extensions():
     # tunes the build for this machine's CPU (its vector units) instead.
     if os.environ.get("DISTILLKIT_NATIVE_ARCH", "0") == "1":
         cxx_flags.append("-march=native")
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cpu_sources = [os.path.join("csrc", "registration.cpp")]
+    cpu_sources += sorted(glob.glob(os.path.join("csrc", "*", "cpu_*.cpp")))
     extensions = []
-    if cpu_sources:
+    if os.path.exists(cpu_sources[0]):
         extensions.append(
             CppExtension(
                 "distillkit._C",
@@ -46,8 +50,8 @@ def _extensions():
             )
         )
 
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*", "cuda_*.cu")))
+    cuda_sources += sorted(glob.glob(os.path.join("csrc", "*", "cuda_*.cpp")))
     want_cuda = os.environ.get("DISTILLKIT_BUILD_CUDA", "auto")
     has_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
     if cuda_sources and want_cuda != "0" and (has_cuda or want_cuda == "1"):
@@ -60,7 +64,7 @@ def _extensions():
         extensions.append(
             CUDAExtension(
                 "distillkit._C_cuda",
-                cuda_sources,
+                [*cuda_sources, os.path.join("csrc", "cuda_module.cpp")],
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--use_fast_math"]},
             )

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu with nvcc for sm_80, sm_90 and every newer arch this nvcc knows among
-# sm_100 / sm_120 (no GPU or CUDA build of torch needed), and fails on any register spill (ptxas -v).
+# Compiles every op's CUDA kernels (csrc/<op>/cuda_*.cu) with nvcc for sm_80, sm_90 and every newer arch
+# this nvcc knows among sm_100 / sm_120 (no GPU or CUDA build of torch needed), and fails on any register
+# spill (ptxas -v).
 #
 # The kernel files are torch-free by design, so this checks that they compile on any machine with nvcc.
-# The binding (csrc/cuda/*.cpp) includes torch's CUDA headers and is only built by setup.py when torch has
-# CUDA, so it cannot be compiled or linked here. As a best effort, when a torch with c10/cuda headers is
+# The bindings (csrc/<op>/cuda_*.cpp) include torch's CUDA headers and are only built by setup.py when torch
+# has CUDA, so they cannot be compiled or linked here. As a best effort, when a torch with c10/cuda headers is
 # importable (CPU wheels ship them), the binding gets a syntax-only check with g++ against a stub of the
-# one header CUDA builds generate (c10/cuda/impl/cuda_cmake_macros.h); set CHECK_BINDING=0 to skip it.
+# one header CUDA builds generate (c10/cuda/impl/cuda_cmake_macros.h), and so does the module file
+# (csrc/cuda_module.cpp); set CHECK_BINDING=0 to skip it.
 #
 # Usage: bash .ci/compile_cuda.sh          (VERBOSE=1 also prints ptxas register / smem usage)
 #        ARCHS="80 90" bash .ci/compile_cuda.sh   (another arch list)
@@ -22,9 +24,9 @@ if [[ -z "${NVCC}" ]]; then
 fi
 
 shopt -s nullglob
-sources=(csrc/cuda/*.cu)
+sources=(csrc/*/cuda_*.cu)
 if [[ ${#sources[@]} -eq 0 ]]; then
-  echo "compile_cuda: no csrc/cuda/*.cu sources"
+  echo "compile_cuda: no csrc/*/cuda_*.cu sources"
   exit 0
 fi
 
@@ -46,7 +48,7 @@ echo "compile_cuda: $("${NVCC}" --version | tail -n 1)"
 status=0
 for src in "${sources[@]}"; do
   for arch in "${archs[@]}"; do
-    obj="${out_dir}/$(basename "${src}" .cu).sm_${arch}.o"
+    obj="${out_dir}/$(tr / _ <<<"${src%.cu}").sm_${arch}.o"  # one name per op: their files share names
     log="${obj}.log"
     if "${NVCC}" "${flags[@]}" -gencode "arch=compute_${arch},code=sm_${arch}" -c "${src}" -o "${obj}" \
       >"${log}" 2>&1; then
@@ -71,7 +73,7 @@ done
 # Best-effort syntax check of the torch binding (see the header comment).
 PYTHON="${PYTHON:-$(command -v python || command -v python3 || true)}"
 if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
-bindings=(csrc/cuda/*.cpp)
+bindings=(csrc/*/cuda_*.cpp csrc/cuda_module.cpp)
 if [[ "${CHECK_BINDING:-1}" == "1" && ${#bindings[@]} -gt 0 && -n "${PYTHON}" ]] &&
   torch_inc="$("${PYTHON}" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null)" &&
   [[ -f "${torch_inc}/c10/cuda/CUDAGuard.h" ]]; then

@@ -47,7 +47,8 @@ except ImportError:  # run from a checkout that is not installed: use the reposi
 
 from distillkit.bench.harness import markdown_table, time_steps  # noqa: E402
 from distillkit.bench.infonce import Case  # noqa: E402
-from distillkit.ops import _loader, membank_infonce, naive_membank_infonce  # noqa: E402
+from distillkit.ops import membank_infonce, naive_membank_infonce  # noqa: E402
+from distillkit.ops.infonce.op import kernel_available  # noqa: E402
 
 # Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s), for reference next to the measured ones.
 DATASHEET: dict[str, tuple[float, float]] = {
@@ -572,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("cuda_bench: no CUDA device; use --device cpu --quick for a smoke run")
-    kernel = _loader.kernel_available(device.type)
+    kernel = kernel_available(device.type)
     if device.type == "cuda" and not kernel and not args.allow_fallback:
         raise SystemExit(
             "cuda_bench: distillkit's CUDA kernel is not built (compiled would time the pure-PyTorch "

@@ -15,10 +15,10 @@ from typing import TextIO
 import torch
 
 VERIFY_COMMANDS = (
-    "python -m pytest -q tests/ops/test_cuda_op.py tests/ops/test_selfcheck.py",
-    "compute-sanitizer --tool memcheck python -m pytest -q -x tests/ops/test_cuda_op.py -k labels",
-    "compute-sanitizer --tool racecheck python -m pytest -q -x tests/ops/test_cuda_op.py -k labels",
-    "compute-sanitizer --tool synccheck python -m pytest -q -x tests/ops/test_cuda_op.py -k labels",
+    "python -m pytest -q tests/ops/infonce/test_cuda_op.py tests/ops/infonce/test_selfcheck.py",
+    "compute-sanitizer --tool memcheck python -m pytest -q -x tests/ops/infonce/test_cuda_op.py -k labels",
+    "compute-sanitizer --tool racecheck python -m pytest -q -x tests/ops/infonce/test_cuda_op.py -k labels",
+    "compute-sanitizer --tool synccheck python -m pytest -q -x tests/ops/infonce/test_cuda_op.py -k labels",
     "python -m pytest -q tests/cuda_emulation   # the same kernel emulated on the CPU (no GPU needed)",
 )
 
@@ -45,7 +45,8 @@ def run_doctor(out: TextIO | None = None) -> int:
     """
     out = sys.stdout if out is None else out
     from distillkit import __version__
-    from distillkit.ops import _loader, selfcheck
+    from distillkit.ops import library
+    from distillkit.ops.infonce import compiled, selfcheck
 
     def say(line: str = "") -> None:
         print(line, file=out)
@@ -71,10 +72,10 @@ def run_doctor(out: TextIO | None = None) -> int:
 
     say()
     say("compiled extensions:")
-    for name, status in _loader.extension_status().items():
+    for name, status in library.extension_status().items():
         say(f"  {name}: {status}")
     say("compiled ops (device types with a kernel):")
-    kernels = _loader.op_kernels()
+    kernels = library.op_kernels()
     if not kernels:
         say("  none: every op uses its pure-PyTorch reference")
     for name, devices in kernels.items():
@@ -86,7 +87,7 @@ def run_doctor(out: TextIO | None = None) -> int:
     status = 0
     if not has_cuda:
         say("self-check: not run (no CUDA device)")
-    elif not _loader.kernel_available("cuda"):
+    elif not library.has_kernel(compiled.OP_NAME, "cuda"):
         say("self-check: not run (distillkit._C_cuda is not built; the PyTorch reference is used on CUDA)")
     else:
         for i in range(torch.cuda.device_count()):

@@ -69,7 +69,7 @@ def make_inputs(case: VocabCase, seed: int = 0) -> dict[str, torch.Tensor]:
 def variant_step(case: VocabCase, variant: str) -> Callable[[dict[str, torch.Tensor]], None]:
     """Returns ``step(inputs)``: one forward + backward of ``variant``, gradients reset afterwards."""
     from distillkit.ops import fused_linear_divergence
-    from distillkit.ops.linear_divergence_chunked import chunked_linear_divergence, naive_linear_divergence
+    from distillkit.ops.linear_divergence.chunked import chunked_linear_divergence, naive_linear_divergence
 
     kind, temperature = case.divergence, case.temperature
 

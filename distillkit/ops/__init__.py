@@ -1,11 +1,13 @@
-"""The fused ops (memory-bank InfoNCE, linear divergence), their pure-PyTorch references and baselines.
+"""The fused ops (memory-bank InfoNCE, linear divergence), their pure-PyTorch paths, and the shared math.
 
-``membank_infonce`` runs the compiled kernel (``distillkit._C`` on CPU, ``distillkit._C_cuda`` on CUDA)
-when built, and otherwise the chunked reference, saying so once.
+One folder per op: :mod:`distillkit.ops.infonce` and :mod:`distillkit.ops.linear_divergence`;
+:mod:`distillkit.ops.library` loads the compiled kernels (``distillkit._C`` on CPU, ``distillkit._C_cuda`` on
+CUDA) and registers every op with torch; :mod:`distillkit.ops.divergences` is the divergence math the ops
+and the loss plugins share. Each op runs its compiled kernel when built for the inputs' device, and
+otherwise its pure-PyTorch path.
 """
 
-from distillkit.ops import _loader
-from distillkit.ops._loader import compiled_available
+from distillkit.ops import library
 from distillkit.ops.divergences import (
     DIVERGENCES,
     check_divergence,
@@ -13,22 +15,20 @@ from distillkit.ops.divergences import (
     divergence_and_grad,
     label_cross_entropy,
 )
-from distillkit.ops.fused_linear_divergence import fused_linear_divergence
-from distillkit.ops.fused_linear_divergence import kernel_available as _linear_divergence_kernel
-from distillkit.ops.infonce import membank_infonce
-from distillkit.ops.reference import naive_membank_infonce, reference_membank_infonce
+from distillkit.ops.infonce import membank_infonce, naive_membank_infonce, reference_membank_infonce
+from distillkit.ops.library import compiled_available
+from distillkit.ops.linear_divergence import fused_linear_divergence
 
-_loader.load()
-_linear_divergence_kernel()  # registers the op's fake and autograd parts before any tracing
+library.load()
 
 __all__ = [
     "DIVERGENCES",
     "check_divergence",
+    "compiled_available",
     "divergence",
     "divergence_and_grad",
-    "label_cross_entropy",
-    "compiled_available",
     "fused_linear_divergence",
+    "label_cross_entropy",
     "membank_infonce",
     "naive_membank_infonce",
     "reference_membank_infonce",

@@ -19,7 +19,7 @@ is NaN when either distribution has exact zeros (e.g. logits of ``-inf``). A div
 (``KL(p ‖ q)`` with ``q = 0`` where ``p > 0``) is ``inf``.
 
 :func:`divergence_and_grad` also returns the gradient with respect to the student's logits, in closed form;
-the fused linear-divergence op (:mod:`distillkit.ops.fused_linear_divergence`) uses it block by block.
+the fused linear-divergence op (:mod:`distillkit.ops.linear_divergence`) uses it block by block.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-// Runs the memory-bank InfoNCE CUDA kernels (csrc/cuda/membank_infonce_kernels.cu, rewritten by rewrite.py)
+// Runs the memory-bank InfoNCE CUDA kernels (csrc/membank_infonce/cuda_kernels.cu, rewritten by rewrite.py)
 // on the CPU under cpusim.h and compares every output with a float64 reference written here.
 //
 // Build (test_membank_emulation.py does this in a temp dir):
-//   python rewrite.py csrc/cuda/membank_infonce_kernels.cu > kernels.sim.cpp
+//   python rewrite.py csrc/membank_infonce/cuda_kernels.cu > kernels.sim.cpp
 //   g++ -std=c++17 -O1 -fsanitize=address,undefined -DCPUSIM_IMPLEMENT -include cpusim.h \
 //       -DDISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH=2 -I<cuda>/include -Icsrc -I<build dir> membank_driver.cpp
 // Run: ./membank_driver [group ...]   groups: generic tc tcq index nan bad-index loss devices (default: all

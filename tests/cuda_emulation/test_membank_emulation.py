@@ -1,6 +1,6 @@
 """The real CUDA kernel file, run on the CPU under emulation (``cpusim.h``), against a float64 reference.
 
-``csrc/cuda/membank_infonce_kernels.cu`` is rewritten for its two CUDA-only syntaxes (``rewrite.py``),
+``csrc/membank_infonce/cuda_kernels.cu`` is rewritten for its two CUDA-only syntaxes (``rewrite.py``),
 compiled with g++ and AddressSanitizer / UBSan together with ``membank_driver.cpp`` (once per test
 session, in a temp dir), and run: every CUDA thread is a fiber, barriers and warp shuffles are real
 rendezvous points, and between them threads run in a seeded random order (``CPUSIM_SEED``). The driver
@@ -29,7 +29,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-KERNEL = ROOT / "csrc" / "cuda" / "membank_infonce_kernels.cu"
+KERNEL = ROOT / "csrc" / "membank_infonce" / "cuda_kernels.cu"
 sys.path.insert(0, str(HERE))
 import rewrite  # noqa: E402
 

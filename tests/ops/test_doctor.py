@@ -8,7 +8,7 @@ import torch
 
 from distillkit.cli import main
 from distillkit.doctor import VERIFY_COMMANDS, run_doctor
-from distillkit.ops import _loader
+from distillkit.ops import library
 
 
 def test_doctor_report_has_the_key_lines():
@@ -22,7 +22,7 @@ def test_doctor_report_has_the_key_lines():
     else:
         assert "GPU: no CUDA device" in text and "self-check: not run (no CUDA device)" in text
     assert "distillkit._C: loaded" in text or "distillkit._C: not loaded" in text
-    for name, devices in _loader.op_kernels().items():
+    for name, devices in library.op_kernels().items():
         assert f"{name}: {', '.join(devices)}" in text
     assert "DISTILLKIT_CUDA_KERNEL=check" in text
     for command in VERIFY_COMMANDS:

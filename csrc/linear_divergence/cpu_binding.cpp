@@ -1,0 +1,160 @@
+// CPU kernel of distillkit::fused_linear_divergence_fwd (schema in csrc/registration.cpp).
+//
+// Canonical inputs (the Python wrapper distillkit/ops/linear_divergence/op.py produces them):
+//   student_hidden [N, Ds], student_weight [V, Ds], teacher_hidden [N, Dt], teacher_weight [V, Dt]: floating
+//     tensors (float32, float64, bfloat16, float16), converted here to the accumulation type (float64 when
+//     student_hidden is float64, else float32);
+//   kd_weight [N] (accumulation type): each row's weight of T^2 * divergence;
+//   ce_weight [N] and labels [N] int64 (both or neither): each row's weight of the hard-label cross-entropy,
+//     labels in [0, V) or -100;
+//   divergence: one of kDivergenceNames (linear_divergence/args.h).
+// Outputs (accumulation type): loss [] and the loss's gradients grad_hidden [N, Ds], grad_weight [V, Ds].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "common/blas_gemm.h"
+#include "linear_divergence/args.h"
+#include "linear_divergence/cpu_kernel.h"
+
+namespace distillkit {
+namespace {
+
+// The Divergence called `name`; the error lists every name of the table.
+Divergence parse_divergence(std::string_view name) {
+  Divergence kind = Divergence::kForwardKL;
+  if (divergence_from_name(name, &kind)) return kind;
+  std::string choices;
+  for (int i = 0; i < kNumDivergences; ++i) {
+    choices += i == 0 ? "" : (i + 1 == kNumDivergences ? " or " : ", ");
+    choices += kDivergenceNames[i];
+  }
+  TORCH_CHECK(false, "fused_linear_divergence_fwd: unknown divergence '", std::string(name), "'; use ", choices);
+}
+
+// DISTILLKIT_FLD_ROWS=R forces the row-block size (tests use it to cross block boundaries).
+int64_t rows_override() {
+  const char* env = std::getenv("DISTILLKIT_FLD_ROWS");
+  return env != nullptr ? std::atoll(env) : 0;
+}
+
+constexpr int64_t kBufferBytes = int64_t(48) << 20;  // the two [R, V] logit buffers
+constexpr int64_t kPartsPerThread = 4;
+constexpr int64_t kMinPartColumns = 512;
+
+// Checks ranks, sizes and the temperature; labels are checked once converted.
+void check_inputs(const at::Tensor& student_hidden, const at::Tensor& student_weight,
+                  const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const at::Tensor& kd_weight,
+                  const std::optional<at::Tensor>& ce_weight, const std::optional<at::Tensor>& labels,
+                  double temperature) {
+  TORCH_CHECK(student_hidden.dim() == 2 && student_weight.dim() == 2 && teacher_hidden.dim() == 2 &&
+                  teacher_weight.dim() == 2,
+              "fused_linear_divergence_fwd: hidden and weight tensors must be 2-D");
+  const int64_t N = student_hidden.size(0), Ds = student_hidden.size(1), Dt = teacher_hidden.size(1);
+  const int64_t V = student_weight.size(0);
+  TORCH_CHECK(student_weight.size(1) == Ds, "fused_linear_divergence_fwd: student_weight is ",
+              student_weight.sizes(), ", expected [V, ", Ds, "]");
+  TORCH_CHECK(teacher_weight.size(0) == V && teacher_weight.size(1) == Dt,
+              "fused_linear_divergence_fwd: teacher_weight is ", teacher_weight.sizes(), ", expected [", V, ", ",
+              Dt, "]");
+  TORCH_CHECK(teacher_hidden.size(0) == N, "fused_linear_divergence_fwd: teacher_hidden has ",
+              teacher_hidden.size(0), " rows, student_hidden ", N);
+  TORCH_CHECK(kd_weight.dim() == 1 && kd_weight.size(0) == N, "fused_linear_divergence_fwd: kd_weight must be [",
+              N, "]");
+  TORCH_CHECK(ce_weight.has_value() == labels.has_value(),
+              "fused_linear_divergence_fwd: ce_weight and labels go together");
+  TORCH_CHECK(temperature > 0, "fused_linear_divergence_fwd: temperature must be > 0");
+}
+
+// Runs body(item) for every item in [0, n) on at most `threads` workers taking items from a shared counter:
+// a core slowed by other work takes fewer items instead of holding up the others.
+cpu::fld::ParallelFor shared_counter_for(int64_t threads) {
+  return [threads](int64_t n, const std::function<void(int64_t)>& body) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t worker = begin; worker < end; ++worker) {
+        for (int64_t item = next++; item < n; item = next++) body(item);
+      }
+    });
+  };
+}
+
+template <typename acc_t>
+double run_typed(const LinearDivergenceArgs& args, int64_t rows, int64_t parts, const cpu::fld::ParallelFor& par) {
+  return cpu::fld::run<acc_t>(cpu::fld::Problem<acc_t>::of(args), rows, parts, cpu_gemm::pick_gemm<acc_t>(), par);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+    const at::Tensor& teacher_weight, const at::Tensor& kd_weight, const std::optional<at::Tensor>& ce_weight,
+    const std::optional<at::Tensor>& labels, c10::string_view divergence, double temperature, double beta,
+    double alpha) {
+  check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, kd_weight, ce_weight, labels,
+               temperature);
+  const int64_t N = student_hidden.size(0), Ds = student_hidden.size(1), Dt = teacher_hidden.size(1);
+  const int64_t V = student_weight.size(0);
+  const Divergence kind = parse_divergence(std::string_view(divergence.data(), divergence.size()));
+  const at::ScalarType acc = student_hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = student_hidden.options().dtype(acc);
+  at::Tensor hs = student_hidden.to(acc).contiguous(), ws = student_weight.to(acc).contiguous();
+  at::Tensor ht = teacher_hidden.to(acc).contiguous(), wt = teacher_weight.to(acc).contiguous();
+  at::Tensor kw = kd_weight.to(acc).contiguous();
+  std::optional<at::Tensor> cw, lb;
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == N && ce_weight->dim() == 1 && ce_weight->size(0) == N,
+                "fused_linear_divergence_fwd: ce_weight and labels must be [", N, "]");
+    cw = ce_weight->to(acc).contiguous();
+    lb = labels->to(at::kLong).contiguous();
+    const int64_t* l = lb->data_ptr<int64_t>();
+    for (int64_t r = 0; r < N; ++r) {
+      TORCH_CHECK_INDEX(l[r] == -100 || (l[r] >= 0 && l[r] < V), "fused_linear_divergence: label ", l[r],
+                        " at row ", r, " is outside [0, ", V, ") and is not -100 (ignored)");
+    }
+  }
+  at::Tensor loss = at::zeros({}, opts);
+  at::Tensor grad_hidden = at::empty({N, Ds}, opts);
+  at::Tensor grad_weight = at::empty({V, Ds}, opts);
+
+  LinearDivergenceArgs args;
+  args.dtype = acc == at::kDouble ? LinearDivergenceDType::kFloat64 : LinearDivergenceDType::kFloat32;
+  args.N = N;
+  args.V = V;
+  args.Ds = Ds;
+  args.Dt = Dt;
+  args.divergence = kind;
+  args.temperature = temperature;
+  args.beta = beta;
+  args.alpha = alpha;
+  args.student_hidden = hs.data_ptr();
+  args.student_weight = ws.data_ptr();
+  args.teacher_hidden = ht.data_ptr();
+  args.teacher_weight = wt.data_ptr();
+  args.kd_weight = kw.data_ptr();
+  args.ce_weight = cw.has_value() ? cw->data_ptr() : nullptr;
+  args.labels = lb.has_value() ? lb->data_ptr<int64_t>() : nullptr;
+  args.grad_hidden = grad_hidden.data_ptr();
+  args.grad_weight = grad_weight.data_ptr();
+
+  const int64_t rows = cpu::fld::plan_rows(N, V, acc == at::kDouble ? 8 : 4, kBufferBytes, rows_override());
+  // Several vocabulary parts per thread, so that the shared counter can balance them.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads * kPartsPerThread, V / kMinPartColumns));
+  const cpu::fld::ParallelFor par = shared_counter_for(threads);
+  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? run_typed<double>(args, rows, parts, par)
+                                                                     : run_typed<float>(args, rows, parts, par);
+  loss.fill_(value);
+  return {loss, grad_hidden, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillkit, CPU, m) { m.impl("fused_linear_divergence_fwd", &fused_linear_divergence_fwd_cpu); }
+
+}  // namespace distillkit

@@ -1,0 +1,142 @@
+"""Argument checks of :func:`distillkit.ops.fused_linear_divergence`.
+
+Every problem a caller can fix raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape,
+device, value) naming the argument and, where there is one, the fix, before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from distillkit.ops.divergences import DIVERGENCES, check_divergence
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_tensor(name: str, value: object, dims: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"fused_linear_divergence: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"fused_linear_divergence: {name} must be float32, float64, bfloat16 or float16: {value.dtype}"
+        )
+    if value.dim() != dims:
+        shape = "[N, D]" if name.endswith("hidden") else "[V, D]"
+        raise ValueError(f"fused_linear_divergence: {name} must be {shape} (2-D), got {list(value.shape)}")
+    return value
+
+
+def _check_number(name: str, value: object, low: float, high: float | None = None) -> float:
+    """Returns ``value`` as a float, checking ``low < value`` (``< high`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fused_linear_divergence: {name} must be a float, got {type(value).__name__}")
+    number = float(value)
+    if not (math.isfinite(number) and number > low and (high is None or number < high)):
+        bounds = f"in ({low}, {high})" if high is not None else f"> {low}"
+        raise ValueError(f"fused_linear_divergence: {name} must be {bounds}, got {number}")
+    return number
+
+
+def validate(
+    hs: torch.Tensor,
+    ws: torch.Tensor,
+    ht: torch.Tensor,
+    wt: torch.Tensor,
+    divergence: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ce_weight: float,
+) -> tuple[float, float, float, float]:
+    """Checks the arguments of :func:`~distillkit.ops.fused_linear_divergence`.
+
+    Args:
+        hs: ``[N, Ds]`` student_hidden.
+        ws: ``[V, Ds]`` student_weight.
+        ht: ``[N, Dt]`` teacher_hidden.
+        wt: ``[V, Dt]`` teacher_weight.
+        divergence: One of :data:`~distillkit.ops.divergences.DIVERGENCES`.
+        temperature: ``T > 0``.
+        beta: JSD's mixing weight in ``(0, 1)``.
+        alpha: The skew weight in ``(0, 1)``.
+        mask: ``[N]`` bool, or None.
+        labels: ``[N]`` integer token ids, or None.
+        ce_weight: ``>= 0``; above 0 it needs ``labels``.
+
+    Returns:
+        ``(temperature, beta, alpha, ce_weight)`` as floats.
+
+    Raises:
+        TypeError: A tensor or number of the wrong kind or dtype.
+        ValueError: Wrong shapes (the message names both sizes), devices or values.
+    """
+    hs = _check_tensor("student_hidden", hs, 2)
+    ws = _check_tensor("student_weight", ws, 2)
+    ht = _check_tensor("teacher_hidden", ht, 2)
+    wt = _check_tensor("teacher_weight", wt, 2)
+    if ws.shape[0] != wt.shape[0]:
+        raise ValueError(
+            f"fused_linear_divergence: the vocabularies differ: student_weight has V = {ws.shape[0]} rows"
+            f" and teacher_weight V = {wt.shape[0]}; distillation over tokens needs a shared vocabulary"
+        )
+    for side, hidden, weight, size in (("student", hs, ws, "Ds"), ("teacher", ht, wt, "Dt")):
+        if weight.shape[1] != hidden.shape[1]:
+            raise ValueError(
+                f"fused_linear_divergence: {side}_weight is {list(weight.shape)} but {side}_hidden has "
+                f"{size} = {hidden.shape[1]} features; the weight must be [V, {hidden.shape[1]}]"
+            )
+    if ht.shape[0] != hs.shape[0]:
+        raise ValueError(
+            f"fused_linear_divergence: student_hidden has N = {hs.shape[0]} rows but teacher_hidden "
+            f"{ht.shape[0]}; pass the same tokens of both models"
+        )
+    for name, tensor in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
+        if tensor.device != hs.device:
+            raise ValueError(
+                f"fused_linear_divergence: {name} is on {tensor.device} but student_hidden is on "
+                f"{hs.device}; move every input to one device"
+            )
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(
+            f"fused_linear_divergence: unknown divergence {divergence!r}; "
+            f"choose one of {', '.join(DIVERGENCES)}"
+        )
+    temperature = _check_number("temperature", temperature, 0.0)
+    beta = _check_number("beta", beta, 0.0, 1.0)
+    alpha = _check_number("alpha", alpha, 0.0, 1.0)
+    check_divergence(divergence, beta, alpha)
+    ce_weight = 0.0 if ce_weight == 0 else _check_number("ce_weight", ce_weight, 0.0)
+    n_rows = hs.shape[0]
+    for name, tensor in (("mask", mask), ("labels", labels)):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"fused_linear_divergence: {name} must be a torch.Tensor, got {type(tensor).__name__}"
+            )
+        if tensor.shape != (n_rows,):
+            raise ValueError(
+                f"fused_linear_divergence: {name} must be [N] = [{n_rows}], got {list(tensor.shape)}"
+            )
+        if tensor.device != hs.device:
+            raise ValueError(
+                f"fused_linear_divergence: {name} is on {tensor.device} but the rows on {hs.device}"
+            )
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(
+            f"fused_linear_divergence: mask must be bool (True = the row counts), got {mask.dtype}"
+        )
+    if labels is not None and (
+        labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"fused_linear_divergence: labels must be integer token ids (int64), got {labels.dtype}"
+        )
+    if ce_weight > 0 and labels is None:
+        raise ValueError("fused_linear_divergence: ce_weight > 0 needs labels ([N] int64, -100 = ignored)")
+    return temperature, beta, alpha, ce_weight
