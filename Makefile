@@ -39,6 +39,6 @@ study: demo-data
 embed-study: demo-data
 	$(BIN)/distillkit study configs/embed_study.yaml
 
-# The venv's bin goes first on PATH so that tests launching torchrun find it.
+# Tests that start processes use this interpreter (python -m torch.distributed.run), so nothing depends on PATH.
 test: demo-data
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q

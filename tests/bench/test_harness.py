@@ -67,8 +67,8 @@ def allocating_step(mib: int):
 
 
 def test_peak_extra_memory_runs_the_setup_in_a_fresh_process():
-    big = peak_extra_memory("tests.test_benchmarking:allocating_step", 96)
-    small = peak_extra_memory("tests.test_benchmarking:allocating_step", 1)
+    big = peak_extra_memory("tests.bench.test_harness:allocating_step", 96)
+    small = peak_extra_memory("tests.bench.test_harness:allocating_step", 1)
     assert 88 * MIB < big < 160 * MIB
     assert small < 16 * MIB
 

@@ -60,7 +60,7 @@ def test_labels_case_passes_labels_to_every_variant():
 
 
 def test_cpu_bench_script_filters_the_target_cases(monkeypatch, capsys):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_bench.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_bench.py"
     spec = importlib.util.spec_from_file_location("cpu_bench", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

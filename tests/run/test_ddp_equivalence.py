@@ -11,7 +11,6 @@ Dropout is off: each process draws its own dropout masks, which no single-proces
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from safetensors.torch import load_file
 
 from tests.distill_fixtures import tiny_config
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 STEPS = 4
 
 
