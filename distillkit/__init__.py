@@ -20,6 +20,8 @@ from distillkit.objective.mapping import LayerMapSpec, LayerPairs
 from distillkit.objective.objective import DistillationObjective, ObjectiveOutput, build_term
 from distillkit.objective.taps import NOTHING, TapRequest, Taps
 from distillkit.objective.terms import (
+    HiddenStateParams,
+    HiddenStateTerm,
     LossParams,
     LossTerm,
     ModelDims,
@@ -36,6 +38,8 @@ __all__ = [
     "ConfigError",
     "DistillationObjective",
     "DistillkitError",
+    "HiddenStateParams",
+    "HiddenStateTerm",
     "LayerMapSpec",
     "LayerPairs",
     "LossParams",

@@ -13,33 +13,21 @@ DistilBERT applies it to the last layer, the default map here.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from distillkit import (
+    HiddenStateParams,
+    HiddenStateTerm,
     LayerMapSpec,
-    LossParams,
-    LossTerm,
-    ModelDims,
-    TapRequest,
     Taps,
     hookimpl,
-    student_projections,
 )
 
 
-class CosineParams(LossParams):
-    """Parameters of ``cosine``.
-
-    Attributes:
-        layer_map: ``last``, ``uniform``, ``skip`` or ``[[s, t], ...]`` (0 is the embedding output).
-        projection: ``auto`` adds a linear map per pair when hidden sizes differ; ``always``/``never`` force.
-
-    """
+class CosineParams(HiddenStateParams):
+    """Parameters of ``cosine``: ``layer_map`` (default ``last``) and ``projection`` (``auto``)."""
 
     layer_map: LayerMapSpec = "last"
-    projection: Literal["auto", "always", "never"] = "auto"
 
 
 def safe_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -53,18 +41,11 @@ def safe_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Te
     return torch.where(defined, (a * b).sum(-1) * squares.clamp_min(eps**4).rsqrt(), 0.0)
 
 
-class CosineLoss(LossTerm):
+class CosineLoss(HiddenStateTerm):
     """Mean over real tokens and layer pairs of ``1 − cos(P h_student, h_teacher)``."""
 
     name = "cosine"
     Params = CosineParams
-    student_reads = TapRequest(hidden_states=True)
-    teacher_reads = TapRequest(hidden_states=True)
-
-    def __init__(self, params: CosineParams, dims: ModelDims) -> None:
-        super().__init__(params, dims)
-        self.pairs = self.layer_pairs(params.layer_map)
-        self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.
@@ -79,12 +60,9 @@ class CosineLoss(LossTerm):
         """
         mask = student.token_mask()  # [B, T]
         losses = []
-        for index, (s, t) in enumerate(self.pairs):
-            hidden = student.hidden_states[s]
-            if self.projections is not None:
-                hidden = self.projections[index](hidden)
+        for hidden, target in self.mapped_states(student, teacher):
             dtype = torch.promote_types(hidden.dtype, torch.float32)
-            cosine = safe_cosine(hidden.to(dtype), teacher.hidden_states[t].to(dtype))
+            cosine = safe_cosine(hidden.to(dtype), target.to(dtype))
             weights = mask.to(dtype)
             losses.append(((1.0 - cosine) * weights).sum() / weights.sum().clamp_min(1.0))
         return torch.stack(losses).mean()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from distillkit import LossParams, LossTerm, TapRequest, Taps, hookimpl
-from distillkit.ops import divergence, fused_linear_divergence, label_cross_entropy
+from distillkit.ops import DIVERGENCES, divergence, fused_linear_divergence, label_cross_entropy
 
 
 class KDParams(LossParams):
@@ -44,9 +44,7 @@ class KDParams(LossParams):
 
     """
 
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = (
-        "forward_kl"
-    )
+    divergence: Literal[DIVERGENCES] = "forward_kl"  # the names distillkit.ops.DIVERGENCES lists
     temperature: float = Field(default=2.0, gt=0.0)
     beta: float = Field(default=0.5, gt=0.0, lt=1.0)
     alpha: float = Field(default=0.1, gt=0.0, lt=1.0)

@@ -5,47 +5,25 @@ When the hidden sizes differ, the student's states go through a learned linear m
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from distillkit import (
-    LayerMapSpec,
-    LossParams,
-    LossTerm,
-    ModelDims,
-    TapRequest,
+    HiddenStateParams,
+    HiddenStateTerm,
     Taps,
     hookimpl,
-    student_projections,
 )
 
 
-class L2Params(LossParams):
-    """Parameters of ``l2``.
-
-    Attributes:
-        layer_map: Layer map (``uniform``, ``skip``, ``last`` or ``[[s, t], ...]``).
-        projection: ``auto`` adds a linear map when hidden sizes differ; ``always``/``never`` force it.
-
-    """
-
-    layer_map: LayerMapSpec = "uniform"
-    projection: Literal["auto", "always", "never"] = "auto"
+class L2Params(HiddenStateParams):
+    """Parameters of ``l2``: ``layer_map`` (default ``uniform``) and ``projection`` (``auto``)."""
 
 
-class L2HiddenLoss(LossTerm):
+class L2HiddenLoss(HiddenStateTerm):
     """Masked MSE over mapped layers, averaged over real tokens, hidden units and layer pairs."""
 
     name = "l2"
     Params = L2Params
-    student_reads = TapRequest(hidden_states=True)
-    teacher_reads = TapRequest(hidden_states=True)
-
-    def __init__(self, params: L2Params, dims: ModelDims) -> None:
-        super().__init__(params, dims)
-        self.pairs = self.layer_pairs(params.layer_map)
-        self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.
@@ -61,12 +39,8 @@ class L2HiddenLoss(LossTerm):
         mask = student.token_mask().unsqueeze(-1)  # [B, T, 1]
         tokens = mask.sum().clamp_min(1.0)
         losses = []
-        for index, (s, t) in enumerate(self.pairs):
-            hidden = student.hidden_states[s]
-            if self.projections is not None:
-                hidden = self.projections[index](hidden)
-            target = teacher.hidden_states[t].to(hidden.dtype)
-            squared = (hidden - target).pow(2) * mask
+        for hidden, target in self.mapped_states(student, teacher):
+            squared = (hidden - target.to(hidden.dtype)).pow(2) * mask
             losses.append(squared.sum() / (tokens * hidden.shape[-1]))
         return torch.stack(losses).mean()
 

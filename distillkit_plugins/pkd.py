@@ -14,33 +14,21 @@ logit-level KD term, which explicit pairs (``[[1, 2], [2, 4], ...]``) reproduce.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from distillkit import (
+    HiddenStateParams,
+    HiddenStateTerm,
     LayerMapSpec,
-    LossParams,
-    LossTerm,
-    ModelDims,
-    TapRequest,
     Taps,
     hookimpl,
-    student_projections,
 )
 
 
-class PKDParams(LossParams):
-    """Parameters of ``pkd``.
-
-    Attributes:
-        layer_map: Layer map (``skip``, ``uniform``, ``last`` or ``[[s, t], ...]``).
-        projection: ``auto`` adds a linear map per pair when hidden sizes differ; ``always``/``never`` force.
-
-    """
+class PKDParams(HiddenStateParams):
+    """Parameters of ``pkd``: ``layer_map`` (default ``skip``, PKD-Skip) and ``projection`` (``auto``)."""
 
     layer_map: LayerMapSpec = "skip"
-    projection: Literal["auto", "always", "never"] = "auto"
 
 
 def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -52,18 +40,11 @@ def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return torch.where(squares > eps * eps, x * squares.clamp_min(eps * eps).rsqrt(), 0.0)
 
 
-class PatientKDLoss(LossTerm):
+class PatientKDLoss(HiddenStateTerm):
     """Mean squared distance between unit-length first-token vectors of mapped layers."""
 
     name = "pkd"
     Params = PKDParams
-    student_reads = TapRequest(hidden_states=True)
-    teacher_reads = TapRequest(hidden_states=True)
-
-    def __init__(self, params: PKDParams, dims: ModelDims) -> None:
-        super().__init__(params, dims)
-        self.pairs = self.layer_pairs(params.layer_map)
-        self.projections = student_projections(self.name, params.projection, self.pairs, dims)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.
@@ -77,13 +58,10 @@ class PatientKDLoss(LossTerm):
 
         """
         losses = []
-        for index, (s, t) in enumerate(self.pairs):
-            first = student.hidden_states[s][:, 0]
-            if self.projections is not None:
-                first = self.projections[index](first)
+        for first, target in self.mapped_states(student, teacher, select=lambda hidden: hidden[:, 0]):
             dtype = torch.promote_types(first.dtype, torch.float32)
             u_s = unit(first.to(dtype))
-            u_t = unit(teacher.hidden_states[t][:, 0].to(dtype))
+            u_t = unit(target.to(dtype))
             losses.append((u_s - u_t).pow(2).sum(dim=-1).mean())
         return torch.stack(losses).mean()
 

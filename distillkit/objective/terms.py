@@ -7,6 +7,7 @@ implements :meth:`LossTerm.forward`. See ``examples/distillkit-cosine`` for a co
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -20,6 +21,8 @@ from distillkit.objective.mapping import LayerMapSpec, LayerPairs, resolve_layer
 from distillkit.objective.taps import NOTHING, TapRequest, Taps
 
 __all__ = [
+    "HiddenStateParams",
+    "HiddenStateTerm",
     "LossParams",
     "LossTerm",
     "ModelDims",
@@ -336,3 +339,58 @@ def student_projections(
     if projection == "always" or (projection == "auto" and differ):
         return nn.ModuleList(nn.Linear(dims.student_hidden, dims.teacher_hidden) for _ in pairs)
     return None
+
+
+class HiddenStateParams(LossParams):
+    """Parameters of a :class:`HiddenStateTerm` (subclasses may change the defaults).
+
+    Attributes:
+        layer_map: ``uniform``, ``skip``, ``last`` or ``[[s, t], ...]`` (0 is the embedding output).
+        projection: ``auto`` adds a learned linear map per pair when hidden sizes differ; ``always`` /
+            ``never`` force it.
+
+    """
+
+    layer_map: LayerMapSpec = "uniform"
+    projection: Literal["auto", "always", "never"] = "auto"
+
+
+class HiddenStateTerm(LossTerm):
+    """A term comparing mapped student and teacher hidden states, through a learned projection if needed.
+
+    Builds ``pairs`` from ``params.layer_map`` and one ``Linear(H_s, H_t)`` per pair (``projections``, see
+    :func:`student_projections`); :meth:`mapped_states` yields each pair's projected student states and the
+    teacher's. Subclasses implement :meth:`forward` on top of it (``l2``, ``cosine``, ``pkd``).
+    """
+
+    Params = HiddenStateParams
+    student_reads = TapRequest(hidden_states=True)
+    teacher_reads = TapRequest(hidden_states=True)
+
+    def __init__(self, params: HiddenStateParams, dims: ModelDims) -> None:
+        super().__init__(params, dims)
+        self.pairs = self.layer_pairs(params.layer_map)
+        self.projections = student_projections(self.name, params.projection, self.pairs, dims)
+
+    def mapped_states(
+        self, student: Taps, teacher: Taps, select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields ``(projected student states, teacher states)`` per layer pair.
+
+        Args:
+            student: Student taps; ``hidden_states[s]`` is ``[B, T, H_s]``.
+            teacher: Teacher taps; ``hidden_states[t]`` is ``[B, T, H_t]``.
+            select: Applied to both sides' states before the projection (e.g. ``lambda h: h[:, 0]`` for the
+                first token); default: all of them.
+
+        Yields:
+            ``[..., H_t]`` student states mapped to the teacher's width and the teacher's ``[..., H_t]``.
+
+        """
+        for index, (s, t) in enumerate(self.pairs):
+            hidden, target = student.hidden_states[s], teacher.hidden_states[t]
+            if select is not None:
+                hidden, target = select(hidden), select(target)
+            if self.projections is not None:
+                hidden = self.projections[index](hidden)
+            yield hidden, target
