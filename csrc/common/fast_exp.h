@@ -8,6 +8,9 @@
 //   exp_nonpos(x)  x <= 0 (a score minus a running max): 0 below -87, (poly * r) * r
 //   vexp(x)        any x, clamped to [-87.33, 88.37]: 0 below -87.33 and for -inf, poly * (r * r)
 // Both return NaN for NaN. double: std::exp.
+//
+// vlog(x): Cephes logf, ~1 ulp, for positive normal x (finite garbage for 0, denormals, inf and NaN: callers
+// select those lanes away). double: std::log.
 #pragma once
 
 #include <algorithm>
@@ -65,12 +68,42 @@ inline float exp_nonpos(float x) {
 
 // exp(x) for any x; exactly 0 below -87.33 and for -inf.
 inline float vexp(float x) {
-  const Reduced e = reduce(std::min(std::max(x, -87.33f), 88.37f));
+  // std::min(std::max(x, -87.33f), 88.37f), NaN kept, written out so that it inlines into loops compiled with
+  // other optimisation attributes (linear_divergence/cpu_row_math.cpp).
+  const float above = x < -87.33f ? -87.33f : x;
+  const Reduced e = reduce(88.37f < above ? 88.37f : above);
   const float y = e.poly * (e.r * e.r) + e.r + 1.0f;
   return x < -87.33f ? 0.0f : y * pow2(e.n);
 }
 
 inline double vexp(double x) { return std::exp(x); }
+
+// log(x) for positive normal x, branch-free: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), log(1 + (m - 1)) by
+// a polynomial.
+inline float vlog(float x) {
+  const int32_t bits = float_to_bits(x);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+inline double vlog(double x) { return std::log(x); }
 
 }  // namespace fast_exp
 }  // namespace distillkit

@@ -1,8 +1,8 @@
 // The arguments of distillkit::fused_linear_divergence_fwd as the kernel takes them: plain C++ over
 // pointers and sizes (no torch headers).
 //
-// The binding (cpu_binding.cpp) fills one LinearDivergenceArgs from the canonical tensors; the CPU kernel
-// takes a typed view of it (cpu::fld::Problem).
+// The bindings (cpu_binding.cpp, cpu_topk_binding.cpp) fill one LinearDivergenceArgs from the canonical
+// tensors; the CPU kernel takes a typed view of it (cpu::fld::Problem).
 #pragma once
 
 #include <cstdint>
@@ -39,7 +39,8 @@ struct LinearDivergenceArgs {
   int64_t N = 0;   ///< rows (tokens)
   int64_t V = 0;   ///< vocabulary
   int64_t Ds = 0;  ///< student hidden size
-  int64_t Dt = 0;  ///< teacher hidden size
+  int64_t Dt = 0;  ///< teacher hidden size (dense teacher)
+  int64_t K = 0;   ///< top-k entries per row (sparse teacher)
 
   Divergence divergence = Divergence::kForwardKL;
   double temperature = 1.0;
@@ -50,6 +51,10 @@ struct LinearDivergenceArgs {
   const void* student_weight = nullptr;  ///< [V, Ds]
   const void* teacher_hidden = nullptr;  ///< [N, Dt]
   const void* teacher_weight = nullptr;  ///< [V, Dt]
+  // The sparse teacher, in place of teacher_hidden and teacher_weight (fused_linear_divergence_topk_fwd):
+  const int64_t* teacher_index = nullptr;  ///< [N, K] distinct token ids in [0, V)
+  const void* teacher_logp = nullptr;      ///< [N, K] their log-probabilities (temperature 1)
+  const void* teacher_log_tail = nullptr;  ///< [N] log of the probability mass outside the top K
   const void* kd_weight = nullptr;       ///< [N] weight of each row's divergence (0: not counted)
   const void* ce_weight = nullptr;       ///< [N] weight of each row's cross-entropy, or null (no CE)
   const int64_t* labels = nullptr;       ///< [N] in [0, V), or -100 (ignored); given with ce_weight

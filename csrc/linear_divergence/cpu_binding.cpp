@@ -10,44 +10,16 @@
 //   divergence: one of kDivergenceNames (linear_divergence/args.h).
 // Outputs (accumulation type): loss [] and the loss's gradients grad_hidden [N, Ds], grad_weight [V, Ds].
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <optional>
-#include <string>
 #include <string_view>
 
-#include "common/blas_gemm.h"
 #include "linear_divergence/args.h"
-#include "linear_divergence/cpu_kernel.h"
+#include "linear_divergence/binding.h"
 
 namespace distillkit {
 namespace {
-
-// The Divergence called `name`; the error lists every name of the table.
-Divergence parse_divergence(std::string_view name) {
-  Divergence kind = Divergence::kForwardKL;
-  if (divergence_from_name(name, &kind)) return kind;
-  std::string choices;
-  for (int i = 0; i < kNumDivergences; ++i) {
-    choices += i == 0 ? "" : (i + 1 == kNumDivergences ? " or " : ", ");
-    choices += kDivergenceNames[i];
-  }
-  TORCH_CHECK(false, "fused_linear_divergence_fwd: unknown divergence '", std::string(name), "'; use ", choices);
-}
-
-// DISTILLKIT_FLD_ROWS=R forces the row-block size (tests use it to cross block boundaries).
-int64_t rows_override() {
-  const char* env = std::getenv("DISTILLKIT_FLD_ROWS");
-  return env != nullptr ? std::atoll(env) : 0;
-}
-
-constexpr int64_t kBufferBytes = int64_t(48) << 20;  // the two [R, V] logit buffers
-constexpr int64_t kPartsPerThread = 4;
-constexpr int64_t kMinPartColumns = 512;
 
 // Checks ranks, sizes and the temperature; labels are checked once converted.
 void check_inputs(const at::Tensor& student_hidden, const at::Tensor& student_weight,
@@ -73,24 +45,6 @@ void check_inputs(const at::Tensor& student_hidden, const at::Tensor& student_we
   TORCH_CHECK(temperature > 0, "fused_linear_divergence_fwd: temperature must be > 0");
 }
 
-// Runs body(item) for every item in [0, n) on at most `threads` workers taking items from a shared counter:
-// a core slowed by other work takes fewer items instead of holding up the others.
-cpu::fld::ParallelFor shared_counter_for(int64_t threads) {
-  return [threads](int64_t n, const std::function<void(int64_t)>& body) {
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(threads, n), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t worker = begin; worker < end; ++worker) {
-        for (int64_t item = next++; item < n; item = next++) body(item);
-      }
-    });
-  };
-}
-
-template <typename acc_t>
-double run_typed(const LinearDivergenceArgs& args, int64_t rows, int64_t parts, const cpu::fld::ParallelFor& par) {
-  return cpu::fld::run<acc_t>(cpu::fld::Problem<acc_t>::of(args), rows, parts, cpu_gemm::pick_gemm<acc_t>(), par);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
     const at::Tensor& teacher_weight, const at::Tensor& kd_weight, const std::optional<at::Tensor>& ce_weight,
@@ -100,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
                temperature);
   const int64_t N = student_hidden.size(0), Ds = student_hidden.size(1), Dt = teacher_hidden.size(1);
   const int64_t V = student_weight.size(0);
-  const Divergence kind = parse_divergence(std::string_view(divergence.data(), divergence.size()));
+  const Divergence kind = fld_binding::parse_divergence(std::string_view(divergence.data(), divergence.size()),
+                                                        "fused_linear_divergence_fwd");
   const at::ScalarType acc = student_hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = student_hidden.options().dtype(acc);
   at::Tensor hs = student_hidden.to(acc).contiguous(), ws = student_weight.to(acc).contiguous();
@@ -111,12 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
     TORCH_CHECK(labels->dim() == 1 && labels->size(0) == N && ce_weight->dim() == 1 && ce_weight->size(0) == N,
                 "fused_linear_divergence_fwd: ce_weight and labels must be [", N, "]");
     cw = ce_weight->to(acc).contiguous();
-    lb = labels->to(at::kLong).contiguous();
-    const int64_t* l = lb->data_ptr<int64_t>();
-    for (int64_t r = 0; r < N; ++r) {
-      TORCH_CHECK_INDEX(l[r] == -100 || (l[r] >= 0 && l[r] < V), "fused_linear_divergence: label ", l[r],
-                        " at row ", r, " is outside [0, ", V, ") and is not -100 (ignored)");
-    }
+    lb = fld_binding::checked_labels(*labels, V);
   }
   at::Tensor loss = at::zeros({}, opts);
   at::Tensor grad_hidden = at::empty({N, Ds}, opts);
@@ -142,13 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
   args.grad_hidden = grad_hidden.data_ptr();
   args.grad_weight = grad_weight.data_ptr();
 
-  const int64_t rows = cpu::fld::plan_rows(N, V, acc == at::kDouble ? 8 : 4, kBufferBytes, rows_override());
-  // Several vocabulary parts per thread, so that the shared counter can balance them.
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads * kPartsPerThread, V / kMinPartColumns));
-  const cpu::fld::ParallelFor par = shared_counter_for(threads);
-  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? run_typed<double>(args, rows, parts, par)
-                                                                     : run_typed<float>(args, rows, parts, par);
+  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? fld_binding::run_typed<double>(args, false)
+                                                                     : fld_binding::run_typed<float>(args, false);
   loss.fill_(value);
   return {loss, grad_hidden, grad_weight};
 }

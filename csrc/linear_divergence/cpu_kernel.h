@@ -9,15 +9,20 @@
 // distillkit/ops/divergences.py; the closed-form gradient with respect to the scaled student logits z = s / T is
 // q * (g - sum(q * g)) with g = dD/dq (forward KL: q - p).
 //
-// Algorithm: the rows with a non-zero weight are processed in blocks of R rows. For one block, the
-// vocabulary is split into one contiguous range per worker; each worker computes its [R, range] tiles of s
-// and t with the caller's GEMM into a block buffer, and the per-row (max, sum of exp) of each distribution over
-// its range. The partial statistics are merged into log-normalisers (online softmax). A second sweep over the
-// same tiles computes each row's divergence (and sum(q * g) where the gradient needs it); a last sweep writes
-// the logit gradient G in place of s and folds it into grad_W[range] += G^T h_s (the worker owns those rows of
-// grad_W, so there is no per-thread copy of a [V, Ds] gradient) and grad_h += G W_s[range] (a small [R, Ds]
-// partial per worker, summed after). Memory: two [R, V] buffers plus O(R * (Ds + Dt)) per block; R is chosen
-// so the buffers stay near 32 MiB. The N x V logits are never stored.
+// Algorithm (run): the rows with a non-zero weight are processed in blocks of R rows. For one block, the
+// vocabulary is split into contiguous parts that the workers take in turn; for its part, a worker computes
+// the [R, part] tiles of s and t with the caller's GEMM into the block buffers and runs the first sweep of
+// row_math.h on each row (the exponentials, one exp per logit and model, and per-part normalisers). The
+// parts' statistics merge into log-normalisers (online softmax). The divergences whose gradient needs the
+// row's sum(q * g) take a second sweep (mix_row); the last sweep writes the logit gradient G in place and
+// folds it into grad_W[part] += G^T h_s (the worker owns those rows of grad_W, so there is no per-thread copy
+// of a [V, Ds] gradient) and grad_h += G W_s[part] (a small [R, Ds] partial per part, summed after). The
+// N x V logits are never stored: the buffers hold two [R, V] tiles (three with the cross-entropy at T != 1).
+//
+// Sparse teacher (run_topk): the teacher is given as its top-k token ids and log-probabilities per row plus
+// the log of the remaining mass; no teacher GEMM runs. D compares the k + 1 buckets (each top-k token, and
+// the rest) of p with the same buckets of q, whose tail is the student's mass outside the top k. See
+// cpu_topk_kernel.cpp.
 #pragma once
 
 #include <cstdint>
@@ -40,52 +45,71 @@ struct Problem {
   int64_t N = 0;   // rows (tokens)
   int64_t V = 0;   // vocabulary
   int64_t Ds = 0;  // student hidden size
-  int64_t Dt = 0;  // teacher hidden size
+  int64_t Dt = 0;  // teacher hidden size (dense teacher)
+  int64_t K = 0;   // top-k entries per row (sparse teacher)
   Divergence kind = Divergence::kForwardKL;
   acc_t temperature = 1;
   acc_t beta = 0.5;   // jsd's mixing weight
   acc_t alpha = 0.1;  // the skew forms' mixing weight
-  const acc_t* student_hidden = nullptr;  // [N, Ds]
-  const acc_t* student_weight = nullptr;  // [V, Ds]
-  const acc_t* teacher_hidden = nullptr;  // [N, Dt]
-  const acc_t* teacher_weight = nullptr;  // [V, Dt]
-  const acc_t* kd_weight = nullptr;       // [N] weight of each row's divergence (0: not counted)
-  const acc_t* ce_weight = nullptr;       // [N] weight of each row's cross-entropy, or null (no CE)
-  const int64_t* labels = nullptr;        // [N] in [0, V), or -100 (ignored); required with ce_weight
-  acc_t* grad_hidden = nullptr;           // [N, Ds] output
-  acc_t* grad_weight = nullptr;           // [V, Ds] output
+  const acc_t* student_hidden = nullptr;    // [N, Ds]
+  const acc_t* student_weight = nullptr;    // [V, Ds]
+  const acc_t* teacher_hidden = nullptr;    // [N, Dt] (dense teacher)
+  const acc_t* teacher_weight = nullptr;    // [V, Dt] (dense teacher)
+  const int64_t* teacher_index = nullptr;   // [N, K] distinct ids in [0, V) (sparse teacher)
+  const acc_t* teacher_logp = nullptr;      // [N, K] their log-probabilities at temperature 1
+  const acc_t* teacher_log_tail = nullptr;  // [N] log of the mass outside the top K
+  const acc_t* kd_weight = nullptr;         // [N] weight of each row's divergence (0: not counted)
+  const acc_t* ce_weight = nullptr;         // [N] weight of each row's cross-entropy, or null (no CE)
+  const int64_t* labels = nullptr;          // [N] in [0, V), or -100 (ignored); required with ce_weight
+  acc_t* grad_hidden = nullptr;             // [N, Ds] output
+  acc_t* grad_weight = nullptr;             // [V, Ds] output
 
-  // The view of `a`, whose arrays hold acc_t (the fields above, in order).
+  // The view of `a`, whose arrays hold acc_t.
   static Problem of(const LinearDivergenceArgs& a) {
     auto in = [](const void* x) { return static_cast<const acc_t*>(x); };
-    auto out = [](void* x) { return static_cast<acc_t*>(x); };
-    return {a.N,
-            a.V,
-            a.Ds,
-            a.Dt,
-            a.divergence,
-            static_cast<acc_t>(a.temperature),
-            static_cast<acc_t>(a.beta),
-            static_cast<acc_t>(a.alpha),
-            in(a.student_hidden),
-            in(a.student_weight),
-            in(a.teacher_hidden),
-            in(a.teacher_weight),
-            in(a.kd_weight),
-            in(a.ce_weight),
-            a.labels,
-            out(a.grad_hidden),
-            out(a.grad_weight)};
+    Problem p;
+    p.N = a.N;
+    p.V = a.V;
+    p.Ds = a.Ds;
+    p.Dt = a.Dt;
+    p.K = a.K;
+    p.kind = a.divergence;
+    p.temperature = static_cast<acc_t>(a.temperature);
+    p.beta = static_cast<acc_t>(a.beta);
+    p.alpha = static_cast<acc_t>(a.alpha);
+    p.student_hidden = in(a.student_hidden);
+    p.student_weight = in(a.student_weight);
+    p.teacher_hidden = in(a.teacher_hidden);
+    p.teacher_weight = in(a.teacher_weight);
+    p.teacher_index = a.teacher_index;
+    p.teacher_logp = in(a.teacher_logp);
+    p.teacher_log_tail = in(a.teacher_log_tail);
+    p.kd_weight = in(a.kd_weight);
+    p.ce_weight = in(a.ce_weight);
+    p.labels = a.labels;
+    p.grad_hidden = static_cast<acc_t*>(a.grad_hidden);
+    p.grad_weight = static_cast<acc_t*>(a.grad_weight);
+    return p;
   }
 };
 
-// Rows per block so that the two [R, V] logit buffers take about `buffer_bytes`; `override_rows` > 0 forces R.
-int64_t plan_rows(int64_t N, int64_t V, int64_t elem_bytes, int64_t buffer_bytes, int64_t override_rows);
+// Rows per block so that `buffers` [R, V] buffers take about `buffer_bytes`; `override_rows` > 0 forces R.
+int64_t plan_rows(int64_t N, int64_t V, int64_t elem_bytes, int64_t buffers, int64_t buffer_bytes,
+                  int64_t override_rows);
+
+// The [R, V] buffers `run` (or `run_topk`) needs for problem `p`: 2 or 3 (dense), 1 or 2 (sparse).
+template <typename acc_t>
+int64_t block_buffers(const Problem<acc_t>& p);
 
 // Computes the loss (returned) and writes grad_hidden and grad_weight (overwritten, not accumulated).
 // `parts` workers split the vocabulary; `rows` is the block size from plan_rows.
 template <typename acc_t>
 double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> gemm, const ParallelFor& par);
+
+// The same with the sparse teacher (teacher_index, teacher_logp, teacher_log_tail) in place of the dense one.
+template <typename acc_t>
+double run_topk(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> gemm,
+                const ParallelFor& par);
 
 }  // namespace fld
 }  // namespace cpu

@@ -1,0 +1,91 @@
+// What the two CPU bindings of the fused linear-divergence ops share (cpu_binding.cpp: dense teacher,
+// cpu_topk_binding.cpp: sparse teacher): argument parsing, the thread plan, running the typed kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "common/blas_gemm.h"
+#include "linear_divergence/args.h"
+#include "linear_divergence/cpu_kernel.h"
+
+namespace distillkit {
+namespace fld_binding {
+
+// The Divergence called `name`; the error lists every name `op` accepts (the first `count` of the table).
+inline Divergence parse_divergence(std::string_view name, const char* op, int count = kNumDivergences) {
+  Divergence kind = Divergence::kForwardKL;
+  if (divergence_from_name(name, &kind) && static_cast<int>(kind) < count) return kind;
+  std::string choices;
+  for (int i = 0; i < count; ++i) {
+    choices += i == 0 ? "" : (i + 1 == count ? " or " : ", ");
+    choices += kDivergenceNames[i];
+  }
+  TORCH_CHECK(false, op, ": unknown divergence '", std::string(name), "'; use ", choices);
+}
+
+// DISTILLKIT_FLD_ROWS=R forces the row-block size (tests use it to cross block boundaries).
+inline int64_t rows_override() {
+  const char* env = std::getenv("DISTILLKIT_FLD_ROWS");
+  return env != nullptr ? std::atoll(env) : 0;
+}
+
+constexpr int64_t kBufferBytes = int64_t(48) << 20;  // the [R, V] row-block buffers together
+constexpr int64_t kPartsPerThread = 4;
+constexpr int64_t kMinPartColumns = 512;
+
+// Runs body(item) for every item in [0, n) on at most `threads` workers taking items from a shared counter:
+// a core slowed by other work takes fewer items instead of holding up the others. One worker runs the items
+// in order, without entering the thread pool.
+inline cpu::fld::ParallelFor shared_counter_for(int64_t threads) {
+  return [threads](int64_t n, const std::function<void(int64_t)>& body) {
+    if (threads <= 1 || n <= 1) {
+      for (int64_t item = 0; item < n; ++item) body(item);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t worker = begin; worker < end; ++worker) {
+        for (int64_t item = next++; item < n; item = next++) body(item);
+      }
+    });
+  };
+}
+
+// Labels in [0, V) or -100, as int64; the error names the first bad row.
+inline at::Tensor checked_labels(const at::Tensor& labels, int64_t V) {
+  at::Tensor out = labels.to(at::kLong).contiguous();
+  const int64_t* l = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < out.numel(); ++r) {
+    TORCH_CHECK_INDEX(l[r] == -100 || (l[r] >= 0 && l[r] < V), "fused_linear_divergence: label ", l[r],
+                      " at row ", r, " is outside [0, ", V, ") and is not -100 (ignored)");
+  }
+  return out;
+}
+
+// Runs the dense (`topk` false) or sparse kernel on `args` with this process's threads; returns the loss.
+template <typename acc_t>
+double run_typed(const LinearDivergenceArgs& args, bool topk) {
+  const auto problem = cpu::fld::Problem<acc_t>::of(args);
+  const int64_t buffers = cpu::fld::block_buffers(problem);
+  const int64_t rows =
+      cpu::fld::plan_rows(args.N, args.V, sizeof(acc_t), buffers, kBufferBytes, rows_override());
+  // Several vocabulary parts per thread, so that the shared counter can balance them.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(threads * kPartsPerThread, args.V / kMinPartColumns));
+  const cpu::fld::ParallelFor par = shared_counter_for(threads);
+  const auto gemm = cpu_gemm::pick_gemm<acc_t>();
+  return topk ? cpu::fld::run_topk<acc_t>(problem, rows, parts, gemm, par)
+              : cpu::fld::run<acc_t>(problem, rows, parts, gemm, par);
+}
+
+}  // namespace fld_binding
+}  // namespace distillkit

@@ -1,0 +1,119 @@
+// CPU kernel of distillkit::fused_linear_divergence_topk_fwd (schema in csrc/registration.cpp): the fused
+// linear divergence against a sparse teacher (cpu_topk_kernel.cpp).
+//
+// Canonical inputs (the Python wrapper distillkit/ops/linear_divergence/topk.py produces them):
+//   student_hidden [N, Ds], student_weight [V, Ds]: floating tensors, converted to the accumulation type
+//     (float64 when student_hidden is float64, else float32);
+//   teacher_index [N, K] integer token ids, distinct within a row, in [0, V);
+//   teacher_logp [N, K] their log-probabilities (temperature 1), teacher_log_tail [N] log of the rest's mass;
+//   kd_weight [N], ce_weight [N] and labels [N] (both or neither) as for fused_linear_divergence_fwd;
+//   divergence: forward_kl, reverse_kl or jsd.
+// Outputs (accumulation type): loss [] and the loss's gradients grad_hidden [N, Ds], grad_weight [V, Ds].
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "linear_divergence/args.h"
+#include "linear_divergence/binding.h"
+
+namespace distillkit {
+namespace {
+
+constexpr const char* kOp = "fused_linear_divergence_topk_fwd";
+
+// Ids in [0, V) and distinct within each row, as int64.
+at::Tensor checked_index(const at::Tensor& index, int64_t V) {
+  TORCH_CHECK(!index.is_floating_point() && !index.is_complex(), kOp, ": teacher_index must hold integer ids");
+  at::Tensor out = index.to(at::kLong).contiguous();
+  const int64_t N = out.size(0), K = out.size(1);
+  const int64_t* ids = out.data_ptr<int64_t>();
+  std::vector<int64_t> seen(static_cast<size_t>(V), -1);  // the last row that used each id
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t id = ids[r * K + i];
+      TORCH_CHECK_INDEX(id >= 0 && id < V, kOp, ": teacher_index ", id, " at row ", r, " is outside [0, ", V,
+                        ")");
+      TORCH_CHECK(seen[id] != r, kOp, ": teacher_index repeats token ", id, " in row ", r,
+                  "; the top-k ids of a row must be distinct");
+      seen[id] = r;
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_topk_fwd_cpu(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_index,
+    const at::Tensor& teacher_logp, const at::Tensor& teacher_log_tail, const at::Tensor& kd_weight,
+    const std::optional<at::Tensor>& ce_weight, const std::optional<at::Tensor>& labels,
+    c10::string_view divergence, double temperature, double beta) {
+  TORCH_CHECK(student_hidden.dim() == 2 && student_weight.dim() == 2, kOp,
+              ": student_hidden and student_weight must be 2-D");
+  const int64_t N = student_hidden.size(0), Ds = student_hidden.size(1), V = student_weight.size(0);
+  TORCH_CHECK(student_weight.size(1) == Ds, kOp, ": student_weight is ", student_weight.sizes(), ", expected [V, ",
+              Ds, "]");
+  TORCH_CHECK(teacher_index.dim() == 2 && teacher_index.size(0) == N, kOp, ": teacher_index must be [", N,
+              ", K]");
+  const int64_t K = teacher_index.size(1);
+  TORCH_CHECK(K <= V, kOp, ": teacher_index has K = ", K, " entries per row, more than V = ", V);
+  TORCH_CHECK(teacher_logp.sizes() == teacher_index.sizes(), kOp, ": teacher_logp is ", teacher_logp.sizes(),
+              ", expected [", N, ", ", K, "]");
+  TORCH_CHECK(teacher_log_tail.dim() == 1 && teacher_log_tail.size(0) == N, kOp, ": teacher_log_tail must be [",
+              N, "]");
+  TORCH_CHECK(kd_weight.dim() == 1 && kd_weight.size(0) == N, kOp, ": kd_weight must be [", N, "]");
+  TORCH_CHECK(ce_weight.has_value() == labels.has_value(), kOp, ": ce_weight and labels go together");
+  TORCH_CHECK(temperature > 0, kOp, ": temperature must be > 0");
+  const Divergence kind = fld_binding::parse_divergence(std::string_view(divergence.data(), divergence.size()),
+                                                        kOp, 3);
+  const at::ScalarType acc = student_hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = student_hidden.options().dtype(acc);
+  at::Tensor hs = student_hidden.to(acc).contiguous(), ws = student_weight.to(acc).contiguous();
+  at::Tensor index = checked_index(teacher_index, V);
+  at::Tensor logp = teacher_logp.to(acc).contiguous(), log_tail = teacher_log_tail.to(acc).contiguous();
+  at::Tensor kw = kd_weight.to(acc).contiguous();
+  std::optional<at::Tensor> cw, lb;
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == N && ce_weight->dim() == 1 && ce_weight->size(0) == N,
+                kOp, ": ce_weight and labels must be [", N, "]");
+    cw = ce_weight->to(acc).contiguous();
+    lb = fld_binding::checked_labels(*labels, V);
+  }
+  at::Tensor loss = at::zeros({}, opts);
+  at::Tensor grad_hidden = at::empty({N, Ds}, opts);
+  at::Tensor grad_weight = at::empty({V, Ds}, opts);
+
+  LinearDivergenceArgs args;
+  args.dtype = acc == at::kDouble ? LinearDivergenceDType::kFloat64 : LinearDivergenceDType::kFloat32;
+  args.N = N;
+  args.V = V;
+  args.Ds = Ds;
+  args.K = K;
+  args.divergence = kind;
+  args.temperature = temperature;
+  args.beta = beta;
+  args.student_hidden = hs.data_ptr();
+  args.student_weight = ws.data_ptr();
+  args.teacher_index = index.data_ptr<int64_t>();
+  args.teacher_logp = logp.data_ptr();
+  args.teacher_log_tail = log_tail.data_ptr();
+  args.kd_weight = kw.data_ptr();
+  args.ce_weight = cw.has_value() ? cw->data_ptr() : nullptr;
+  args.labels = lb.has_value() ? lb->data_ptr<int64_t>() : nullptr;
+  args.grad_hidden = grad_hidden.data_ptr();
+  args.grad_weight = grad_weight.data_ptr();
+
+  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? fld_binding::run_typed<double>(args, true)
+                                                                     : fld_binding::run_typed<float>(args, true);
+  loss.fill_(value);
+  return {loss, grad_hidden, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
+  m.impl("fused_linear_divergence_topk_fwd", &fused_linear_divergence_topk_fwd_cpu);
+}
+
+}  // namespace distillkit
