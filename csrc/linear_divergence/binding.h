@@ -75,16 +75,14 @@ template <typename acc_t>
 double run_typed(const LinearDivergenceArgs& args, bool topk) {
   const auto problem = cpu::fld::Problem<acc_t>::of(args);
   const int64_t buffers = cpu::fld::block_buffers(problem);
-  const int64_t rows =
-      cpu::fld::plan_rows(args.N, args.V, sizeof(acc_t), buffers, kBufferBytes, rows_override());
+  cpu::fld::Plan plan;
+  plan.rows = cpu::fld::plan_rows(args.N, args.V, sizeof(acc_t), buffers, kBufferBytes, rows_override());
   // Several vocabulary parts per thread, so that the shared counter can balance them.
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts =
-      std::max<int64_t>(1, std::min<int64_t>(threads * kPartsPerThread, args.V / kMinPartColumns));
-  const cpu::fld::ParallelFor par = shared_counter_for(threads);
+  plan.threads = at::get_num_threads();
+  plan.parts = std::max<int64_t>(1, std::min<int64_t>(plan.threads * kPartsPerThread, args.V / kMinPartColumns));
+  const cpu::fld::ParallelFor par = shared_counter_for(plan.threads);
   const auto gemm = cpu_gemm::pick_gemm<acc_t>();
-  return topk ? cpu::fld::run_topk<acc_t>(problem, rows, parts, gemm, par)
-              : cpu::fld::run<acc_t>(problem, rows, parts, gemm, par);
+  return topk ? cpu::fld::run_topk<acc_t>(problem, plan, gemm, par) : cpu::fld::run<acc_t>(problem, plan, gemm, par);
 }
 
 }  // namespace fld_binding

@@ -123,6 +123,58 @@ void add_hidden_gradient(const Problem<acc_t>& p, const VocabParts& vocab, const
   }
 }
 
+// Groups of rows to run concurrently: 1 when the vocabulary gives every worker at least two parts; else up to
+// one group per worker, each of at least kMinGroupRows rows, their extra weight gradients within
+// kMaxGroupGradientBytes.
+constexpr int64_t kMinGroupRows = 32;
+constexpr int64_t kMaxGroupGradientBytes = int64_t(256) << 20;
+
+inline int64_t row_groups(const Plan& plan, int64_t active, int64_t V, int64_t Ds, int64_t elem_bytes) {
+  if (plan.threads <= 1 || plan.parts >= 2 * plan.threads) return 1;
+  int64_t groups = std::min(plan.threads, active / kMinGroupRows);
+  const int64_t gradient = std::max<int64_t>(1, V * Ds * elem_bytes);
+  groups = std::min(groups, 1 + kMaxGroupGradientBytes / gradient);
+  return std::max<int64_t>(1, groups);
+}
+
+// Runs `blocks(view, idx, count, par)` (the kernel's block loop over rows idx[0..count), returning their loss)
+// on all active rows: in one call with the workers on the parts, or, per row_groups, on concurrent groups of
+// rows each with one worker and its own weight gradient, summed into p.grad_weight after. grad_hidden and
+// grad_weight must be zero.
+template <typename acc_t, typename Blocks>
+double run_in_groups(const Problem<acc_t>& p, const Plan& plan, const std::vector<int64_t>& active,
+                     const ParallelFor& par, Blocks blocks) {
+  const int64_t count = static_cast<int64_t>(active.size());
+  const int64_t groups = row_groups(plan, count, p.V, p.Ds, sizeof(acc_t));
+  if (groups <= 1) return blocks(p, active.data(), count, par);
+  const int64_t size = p.V * p.Ds;
+  Buffer<acc_t> extra((groups - 1) * size);
+  std::vector<double> losses(static_cast<size_t>(groups), 0.0);
+  const ParallelFor serial = [](int64_t n, const std::function<void(int64_t)>& body) {
+    for (int64_t item = 0; item < n; ++item) body(item);
+  };
+  par(groups, [&](int64_t g) {
+    Problem<acc_t> view = p;
+    if (g > 0) {
+      view.grad_weight = extra.get() + (g - 1) * size;
+      std::fill(view.grad_weight, view.grad_weight + size, acc_t(0));
+    }
+    const int64_t begin = count * g / groups, end = count * (g + 1) / groups;
+    losses[g] = blocks(view, active.data() + begin, end - begin, serial);
+  });
+  par(groups, [&](int64_t g) {  // sum the extra gradients into grad_weight, one slice of rows per item
+    const int64_t begin = size * g / groups, end = size * (g + 1) / groups;
+    for (int64_t e = 0; e < groups - 1; ++e) {
+      const acc_t* src = extra.get() + e * size;
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) p.grad_weight[i] += src[i];
+    }
+  });
+  double loss = 0.0;
+  for (double part : losses) loss += part;
+  return loss;
+}
+
 }  // namespace fld
 }  // namespace cpu
 }  // namespace distillkit

@@ -44,16 +44,17 @@ int64_t block_buffers(const Problem<acc_t>& p) {
   return (p.teacher_index != nullptr ? 1 : 2) + ce;
 }
 
+namespace {
+
+// The block loop over the rows idx[0..count) (see cpu_kernel.h); returns their loss.
 template <typename acc_t>
-double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> gemm, const ParallelFor& par) {
-  const int64_t N = p.N, V = p.V, Ds = p.Ds, Dt = p.Dt;
-  std::fill(p.grad_hidden, p.grad_hidden + N * Ds, acc_t(0));
-  std::fill(p.grad_weight, p.grad_weight + V * Ds, acc_t(0));
-  const std::vector<int64_t> active = active_rows(p);
-  if (active.empty() || V == 0) return 0.0;
+double dense_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* rows, int64_t count,
+                    GemmFn<acc_t> gemm, const ParallelFor& par) {
+  const int64_t V = p.V, Ds = p.Ds, Dt = p.Dt;
+  const std::vector<int64_t> active(rows, rows + count);
   const RowKernels<acc_t>& rk = row_kernels<acc_t>();
-  const VocabParts vocab{V, std::max<int64_t>(1, std::min(parts, V))};
-  const int64_t P = vocab.count, R = std::max<int64_t>(1, rows);
+  const VocabParts vocab{V, std::max<int64_t>(1, std::min(plan.parts, V))};
+  const int64_t P = vocab.count, R = std::max<int64_t>(1, plan.rows);
   const acc_t T = p.temperature, inv_t = acc_t(1) / T;
   const Divergence kind = p.kind;
   // Without a counted divergence (a cross-entropy alone) the teacher's logits are not computed.
@@ -198,10 +199,24 @@ double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> g
   return loss;
 }
 
+}  // namespace
+
+template <typename acc_t>
+double run(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par) {
+  std::fill(p.grad_hidden, p.grad_hidden + p.N * p.Ds, acc_t(0));
+  std::fill(p.grad_weight, p.grad_weight + p.V * p.Ds, acc_t(0));
+  const std::vector<int64_t> active = active_rows(p);
+  if (active.empty() || p.V == 0) return 0.0;
+  return run_in_groups(p, plan, active, par,
+                       [&](const Problem<acc_t>& view, const int64_t* rows, int64_t count, const ParallelFor& each) {
+                         return dense_blocks(view, plan, rows, count, gemm, each);
+                       });
+}
+
 template int64_t block_buffers<float>(const Problem<float>&);
 template int64_t block_buffers<double>(const Problem<double>&);
-template double run<float>(const Problem<float>&, int64_t, int64_t, GemmFn<float>, const ParallelFor&);
-template double run<double>(const Problem<double>&, int64_t, int64_t, GemmFn<double>, const ParallelFor&);
+template double run<float>(const Problem<float>&, const Plan&, GemmFn<float>, const ParallelFor&);
+template double run<double>(const Problem<double>&, const Plan&, GemmFn<double>, const ParallelFor&);
 
 }  // namespace fld
 }  // namespace cpu

@@ -10,7 +10,8 @@
 // q * (g - sum(q * g)) with g = dD/dq (forward KL: q - p).
 //
 // Algorithm (run): the rows with a non-zero weight are processed in blocks of R rows. For one block, the
-// vocabulary is split into contiguous parts that the workers take in turn; for its part, a worker computes
+// vocabulary is split into contiguous parts that the workers take in turn (with a vocabulary too small to give
+// every worker parts, the rows are split among the workers instead); for its part, a worker computes
 // the [R, part] tiles of s and t with the caller's GEMM into the block buffers and runs the first sweep of
 // row_math.h on each row (the exponentials, one exp per logit and model, and per-part normalisers). The
 // parts' statistics merge into log-normalisers (online softmax). The divergences whose gradient needs the
@@ -93,6 +94,13 @@ struct Problem {
   }
 };
 
+// How one call is cut up: rows per block, vocabulary parts per block, and the workers `par` runs on.
+struct Plan {
+  int64_t rows = 1;     // R
+  int64_t parts = 1;    // vocabulary parts of a block (several per worker, so that slower cores take fewer)
+  int64_t threads = 1;  // workers
+};
+
 // Rows per block so that `buffers` [R, V] buffers take about `buffer_bytes`; `override_rows` > 0 forces R.
 int64_t plan_rows(int64_t N, int64_t V, int64_t elem_bytes, int64_t buffers, int64_t buffer_bytes,
                   int64_t override_rows);
@@ -101,15 +109,15 @@ int64_t plan_rows(int64_t N, int64_t V, int64_t elem_bytes, int64_t buffers, int
 template <typename acc_t>
 int64_t block_buffers(const Problem<acc_t>& p);
 
-// Computes the loss (returned) and writes grad_hidden and grad_weight (overwritten, not accumulated).
-// `parts` workers split the vocabulary; `rows` is the block size from plan_rows.
+// Computes the loss (returned) and writes grad_hidden and grad_weight (overwritten, not accumulated). The
+// workers split each block's vocabulary into plan.parts; when that gives them too few parts (a small
+// vocabulary), the rows are split into groups that run concurrently instead (block.h: run_in_groups).
 template <typename acc_t>
-double run(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> gemm, const ParallelFor& par);
+double run(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par);
 
 // The same with the sparse teacher (teacher_index, teacher_logp, teacher_log_tail) in place of the dense one.
 template <typename acc_t>
-double run_topk(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> gemm,
-                const ParallelFor& par);
+double run_topk(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par);
 
 }  // namespace fld
 }  // namespace cpu

@@ -94,19 +94,15 @@ double bucket_divergence(Divergence kind, double beta, std::vector<double>* lq_i
   return d;
 }
 
-}  // namespace
-
+// The block loop over the rows idx[0..count) (see the top of this file); returns their loss.
 template <typename acc_t>
-double run_topk(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc_t> gemm,
-                const ParallelFor& par) {
-  const int64_t N = p.N, V = p.V, Ds = p.Ds, K = p.K;
-  std::fill(p.grad_hidden, p.grad_hidden + N * Ds, acc_t(0));
-  std::fill(p.grad_weight, p.grad_weight + V * Ds, acc_t(0));
-  const std::vector<int64_t> active = active_rows(p);
-  if (active.empty() || V == 0) return 0.0;
+double topk_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* rows, int64_t count,
+                   GemmFn<acc_t> gemm, const ParallelFor& par) {
+  const int64_t V = p.V, Ds = p.Ds, K = p.K;
+  const std::vector<int64_t> active(rows, rows + count);
   const RowKernels<acc_t>& rk = row_kernels<acc_t>();
-  const VocabParts vocab{V, std::max<int64_t>(1, std::min(parts, V))};
-  const int64_t P = vocab.count, R = std::max<int64_t>(1, rows);
+  const VocabParts vocab{V, std::max<int64_t>(1, std::min(plan.parts, V))};
+  const int64_t P = vocab.count, R = std::max<int64_t>(1, plan.rows);
   const acc_t T = p.temperature, inv_t = acc_t(1) / T;
   const bool own_ce = separate_ce(p);
 
@@ -213,8 +209,22 @@ double run_topk(const Problem<acc_t>& p, int64_t rows, int64_t parts, GemmFn<acc
   return loss;
 }
 
-template double run_topk<float>(const Problem<float>&, int64_t, int64_t, GemmFn<float>, const ParallelFor&);
-template double run_topk<double>(const Problem<double>&, int64_t, int64_t, GemmFn<double>, const ParallelFor&);
+}  // namespace
+
+template <typename acc_t>
+double run_topk(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par) {
+  std::fill(p.grad_hidden, p.grad_hidden + p.N * p.Ds, acc_t(0));
+  std::fill(p.grad_weight, p.grad_weight + p.V * p.Ds, acc_t(0));
+  const std::vector<int64_t> active = active_rows(p);
+  if (active.empty() || p.V == 0) return 0.0;
+  return run_in_groups(p, plan, active, par,
+                       [&](const Problem<acc_t>& view, const int64_t* rows, int64_t count, const ParallelFor& each) {
+                         return topk_blocks(view, plan, rows, count, gemm, each);
+                       });
+}
+
+template double run_topk<float>(const Problem<float>&, const Plan&, GemmFn<float>, const ParallelFor&);
+template double run_topk<double>(const Problem<double>&, const Plan&, GemmFn<double>, const ParallelFor&);
 
 }  // namespace fld
 }  // namespace cpu

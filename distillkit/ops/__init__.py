@@ -17,17 +17,23 @@ from distillkit.ops.divergences import (
 )
 from distillkit.ops.infonce import membank_infonce, naive_membank_infonce, reference_membank_infonce
 from distillkit.ops.library import compiled_available
-from distillkit.ops.linear_divergence import fused_linear_divergence
+from distillkit.ops.linear_divergence import (
+    TOPK_DIVERGENCES,
+    fused_linear_divergence,
+    fused_linear_divergence_topk,
+)
 
 library.load()
 
 __all__ = [
     "DIVERGENCES",
+    "TOPK_DIVERGENCES",
     "check_divergence",
     "compiled_available",
     "divergence",
     "divergence_and_grad",
     "fused_linear_divergence",
+    "fused_linear_divergence_topk",
     "label_cross_entropy",
     "membank_infonce",
     "naive_membank_infonce",

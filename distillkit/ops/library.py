@@ -14,8 +14,9 @@ import torch
 
 from distillkit.ops.infonce import compiled as infonce_compiled
 from distillkit.ops.linear_divergence import compiled as linear_divergence_compiled
+from distillkit.ops.linear_divergence import topk_compiled as linear_divergence_topk_compiled
 
-OPS = (infonce_compiled, linear_divergence_compiled)
+OPS = (infonce_compiled, linear_divergence_compiled, linear_divergence_topk_compiled)
 """Each compiled op's Python parts: a module with ``OP_NAME``, ``fake``, ``setup_context``, ``backward``."""
 
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta", "mps": "MPS", "xpu": "XPU"}

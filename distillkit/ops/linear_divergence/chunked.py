@@ -58,14 +58,32 @@ def _chunk_terms(
     loss = temperature**2 * torch.where(counted, kd_weight * value, zero).sum()
     grad = torch.where(counted.unsqueeze(-1), (temperature * kd_weight).unsqueeze(-1) * dz, zero)
     if ce_weight is not None and labels is not None:
-        active = (ce_weight != 0) & (labels >= 0)
-        safe = labels.clamp_min(0).unsqueeze(-1)
-        log_softmax = F.log_softmax(s, dim=-1)
-        ce = -log_softmax.gather(-1, safe).squeeze(-1)
-        loss = loss + torch.where(active, ce_weight * ce, zero).sum()
-        ce_grad = log_softmax.exp() - F.one_hot(safe.squeeze(-1), s.shape[-1]).to(s.dtype)
-        grad = grad + torch.where(active.unsqueeze(-1), ce_weight.unsqueeze(-1) * ce_grad, zero)
+        ce_loss, ce_grad = ce_terms(s, ce_weight, labels)
+        loss, grad = loss + ce_loss, grad + ce_grad
     return loss, grad
+
+
+def ce_terms(
+    s: torch.Tensor, ce_weight: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted hard-label cross-entropy of one chunk and its logit gradient.
+
+    Args:
+        s: ``[n, V]`` student logits.
+        ce_weight: ``[n]`` each row's weight.
+        labels: ``[n]`` int64 labels, -100 ignored.
+
+    Returns:
+        ``(loss [], grad [n, V])``.
+    """
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    active = (ce_weight != 0) & (labels >= 0)
+    safe = labels.clamp_min(0).unsqueeze(-1)
+    log_softmax = F.log_softmax(s, dim=-1)
+    ce = -log_softmax.gather(-1, safe).squeeze(-1)
+    loss = torch.where(active, ce_weight * ce, zero).sum()
+    grad = log_softmax.exp() - F.one_hot(safe.squeeze(-1), s.shape[-1]).to(s.dtype)
+    return loss, torch.where(active.unsqueeze(-1), ce_weight.unsqueeze(-1) * grad, zero)
 
 
 class _ChunkedFunction(torch.autograd.Function):

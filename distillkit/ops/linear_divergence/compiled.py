@@ -1,9 +1,11 @@
-"""The Python parts of the compiled op ``distillkit::fused_linear_divergence_fwd``: fake, autograd, eager.
+"""The Python parts of the compiled ops ``distillkit::fused_linear_divergence_fwd`` and ``..._topk_fwd``.
 
-The op returns the loss and its gradients with respect to the student's hidden states and output weight;
-the backward pass scales them by the upstream gradient. :mod:`distillkit.ops.library` registers
-:func:`fake` and the autograd formula (:func:`setup_context`, :func:`backward`) with torch when the
-extension loads; :class:`EagerFunction` is the copy-free alternative for eager calls.
+Both ops return the loss and its gradients with respect to the student's hidden states and output weight
+(``student_hidden`` and ``student_weight`` are their first two inputs, and they take 11 inputs); the
+backward pass scales the gradients by the upstream gradient. :mod:`distillkit.ops.library` registers
+:func:`fake` and the autograd formula (:func:`setup_context`, :func:`backward`) of each with torch when the
+extension loads (this module for the dense op, :mod:`.topk_compiled` for the sparse-teacher one);
+:class:`EagerFunction` is the copy-free alternative for eager calls, and :func:`run_compiled` picks one.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import torch
 OP_NAME = "distillkit::fused_linear_divergence_fwd"
 _NON_DIFFERENTIABLE_INPUTS = 9  # every input after student_hidden and student_weight
 
+HANDOVER_ELEMENTS = 1 << 20
+"""From this many ``student_weight`` elements on, eager CPU calls hand the stored gradients to autograd
+without a copy, and the loss can then be backpropagated only once; smaller calls keep them reusable."""
 
-def fake(hs, ws, ht, wt, kd_weight, ce_weight, labels, divergence, temperature, beta, alpha):
+
+def fake(hs, ws, *_rest):
     """Output shapes and dtypes: ``loss []``, ``grad_hidden`` like ``hs``, ``grad_weight`` like ``ws``."""
     acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
     return hs.new_empty((), dtype=acc), hs.new_empty(hs.shape, dtype=acc), ws.new_empty(ws.shape, dtype=acc)
@@ -63,9 +69,9 @@ class EagerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, *rest):
-        """Runs the op on its inputs (``hs``, ``ws``, then the rest of the schema's); returns the loss."""
-        loss, grad_h, grad_w = torch.ops.distillkit.fused_linear_divergence_fwd(hs, ws, *rest)
+    def forward(ctx, op, hs, ws, *rest):
+        """Runs ``op`` on its inputs (``hs``, ``ws``, then the rest of the schema's); returns the loss."""
+        loss, grad_h, grad_w = op(hs, ws, *rest)
         ctx.gradients = [grad_h, grad_w]
         ctx.dtypes = (hs.dtype, ws.dtype)
         return loss
@@ -80,6 +86,17 @@ class EagerFunction(torch.autograd.Function):
             )
         grad_h, grad_w = ctx.gradients
         ctx.gradients.clear()
-        grads = _scaled(grad_loss, grad_h, grad_w, ctx.dtypes, ctx.needs_input_grad)
+        grads = _scaled(grad_loss, grad_h, grad_w, ctx.dtypes, ctx.needs_input_grad[1:])
         del grad_h, grad_w
-        return *grads, *(None,) * _NON_DIFFERENTIABLE_INPUTS
+        return None, *grads, *(None,) * _NON_DIFFERENTIABLE_INPUTS
+
+
+def run_compiled(op, args: tuple) -> torch.Tensor:
+    """The loss of the compiled ``op`` on ``args`` (``student_hidden``, ``student_weight``, the rest).
+
+    Traced calls and small weights go through the op's registered autograd formula (the loss may be
+    backpropagated again); eager calls with a large ``student_weight`` through :class:`EagerFunction`.
+    """
+    if torch.compiler.is_compiling() or args[1].numel() < HANDOVER_ELEMENTS:
+        return op(*args)[0]
+    return EagerFunction.apply(op, *args)

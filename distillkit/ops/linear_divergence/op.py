@@ -16,10 +16,6 @@ from distillkit.ops.linear_divergence import compiled
 from distillkit.ops.linear_divergence.chunked import chunked_linear_divergence
 from distillkit.ops.linear_divergence.validate import validate
 
-HANDOVER_ELEMENTS = 1 << 20
-"""From this many ``student_weight`` elements on, eager CPU calls hand the stored gradients to autograd
-without a copy, and the loss can then be backpropagated only once; smaller calls keep them reusable."""
-
 
 def kernel_available() -> bool:
     """Whether the compiled CPU kernel of the op is built and registered."""
@@ -85,18 +81,7 @@ def fused_linear_divergence(
         labels,
         ce_weight,
     )
-    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    n_rows = student_hidden.shape[0]
-    if mask is None:
-        kd_weight = student_hidden.new_full((n_rows,), 1.0 / max(n_rows, 1), dtype=acc)
-    else:
-        counted = mask.to(acc)
-        kd_weight = counted / counted.sum().clamp_min(1.0)
-    row_ce, row_labels = None, None
-    if ce_weight > 0:
-        row_labels = labels.to(torch.int64)
-        valid = (row_labels != -100).to(acc)
-        row_ce = valid * (ce_weight / valid.sum().clamp_min(1.0))
+    kd_weight, row_ce, row_labels = row_weights(student_hidden, mask, labels, ce_weight)
     args = (
         student_hidden,
         student_weight,
@@ -111,7 +96,35 @@ def fused_linear_divergence(
         alpha,
     )
     if student_hidden.device.type == "cpu" and kernel_available():
-        if torch.compiler.is_compiling() or student_weight.numel() < HANDOVER_ELEMENTS:
-            return torch.ops.distillkit.fused_linear_divergence_fwd(*args)[0]
-        return compiled.EagerFunction.apply(*args)
+        return compiled.run_compiled(torch.ops.distillkit.fused_linear_divergence_fwd, args)
     return chunked_linear_divergence(*args)
+
+
+def row_weights(
+    student_hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor | None, ce_weight: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Each row's weight of the divergence and of the cross-entropy, as the compiled ops take them.
+
+    Args:
+        student_hidden: ``[N, Ds]`` (its dtype picks the accumulation dtype, its device the device).
+        mask: ``[N]`` bool, the counted rows (all when None).
+        labels: ``[N]`` integer labels, -100 = none; used when ``ce_weight > 0``.
+        ce_weight: The cross-entropy's weight (0: none).
+
+    Returns:
+        ``(kd_weight [N], ce_weight [N] or None, labels [N] int64 or None)``: the divergence averaged over
+        the counted rows and the cross-entropy over the rows with a label.
+    """
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    n_rows = student_hidden.shape[0]
+    if mask is None:
+        kd_weight = student_hidden.new_full((n_rows,), 1.0 / max(n_rows, 1), dtype=acc)
+    else:
+        counted = mask.to(acc)
+        kd_weight = counted / counted.sum().clamp_min(1.0)
+    row_ce, row_labels = None, None
+    if ce_weight > 0:
+        row_labels = labels.to(torch.int64)
+        valid = (row_labels != -100).to(acc)
+        row_ce = valid * (ce_weight / valid.sum().clamp_min(1.0))
+    return kd_weight, row_ce, row_labels

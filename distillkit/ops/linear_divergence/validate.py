@@ -106,6 +106,20 @@ def validate(
             f"fused_linear_divergence: unknown divergence {divergence!r}; "
             f"choose one of {', '.join(DIVERGENCES)}"
         )
+    return _check_rest(hs, divergence, temperature, beta, alpha, mask, labels, ce_weight)
+
+
+def _check_rest(
+    hs: torch.Tensor,
+    divergence: str,
+    temperature: float,
+    beta: float,
+    alpha: float,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ce_weight: float,
+) -> tuple[float, float, float, float]:
+    """The checks both ops share: the numbers, ``mask``, ``labels`` and ``ce_weight``."""
     temperature = _check_number("temperature", temperature, 0.0)
     beta = _check_number("beta", beta, 0.0, 1.0)
     alpha = _check_number("alpha", alpha, 0.0, 1.0)
@@ -131,12 +145,95 @@ def validate(
         raise TypeError(
             f"fused_linear_divergence: mask must be bool (True = the row counts), got {mask.dtype}"
         )
-    if labels is not None and (
-        labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool
-    ):
+    if labels is not None and not _is_integer(labels):
         raise TypeError(
             f"fused_linear_divergence: labels must be integer token ids (int64), got {labels.dtype}"
         )
     if ce_weight > 0 and labels is None:
         raise ValueError("fused_linear_divergence: ce_weight > 0 needs labels ([N] int64, -100 = ignored)")
     return temperature, beta, alpha, ce_weight
+
+
+def _is_integer(tensor: torch.Tensor) -> bool:
+    return not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
+
+
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+"""The divergences the sparse-teacher op computes; the others need the teacher's whole distribution."""
+
+
+def validate_topk(
+    hs: torch.Tensor,
+    ws: torch.Tensor,
+    index: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    divergence: str,
+    temperature: float,
+    beta: float,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ce_weight: float,
+) -> tuple[float, float, float]:
+    """Checks the arguments of :func:`~distillkit.ops.fused_linear_divergence_topk`.
+
+    Args:
+        hs: ``[N, Ds]`` student_hidden.
+        ws: ``[V, Ds]`` student_weight.
+        index: ``[N, k]`` teacher_index, integer token ids.
+        logp: ``[N, k]`` teacher_logp.
+        log_tail: ``[N]`` teacher_log_tail.
+        divergence: One of :data:`TOPK_DIVERGENCES`.
+        temperature: ``T > 0``.
+        beta: JSD's mixing weight in ``(0, 1)``.
+        mask: ``[N]`` bool, or None.
+        labels: ``[N]`` integer token ids, or None.
+        ce_weight: ``>= 0``; above 0 it needs ``labels``.
+
+    Returns:
+        ``(temperature, beta, ce_weight)`` as floats.
+
+    Raises:
+        TypeError: A tensor or number of the wrong kind or dtype.
+        ValueError: Wrong shapes, devices or values, or a divergence that needs the dense teacher.
+    """
+    hs = _check_tensor("student_hidden", hs, 2)
+    ws = _check_tensor("student_weight", ws, 2)
+    if ws.shape[1] != hs.shape[1]:
+        raise ValueError(
+            f"fused_linear_divergence_topk: student_weight is {list(ws.shape)} but student_hidden has "
+            f"Ds = {hs.shape[1]} features; the weight must be [V, {hs.shape[1]}]"
+        )
+    if not isinstance(index, torch.Tensor) or not _is_integer(index):
+        raise TypeError("fused_linear_divergence_topk: teacher_index must be an integer tensor of token ids")
+    n_rows, vocab = hs.shape[0], ws.shape[0]
+    if index.dim() != 2 or index.shape[0] != n_rows or index.shape[1] > vocab:
+        raise ValueError(
+            f"fused_linear_divergence_topk: teacher_index must be [N, k] = [{n_rows}, k] with k <= V = "
+            f"{vocab}, got {list(index.shape)}"
+        )
+    logp = _check_tensor("teacher_logp", logp, 2)
+    log_tail = _check_tensor("teacher_log_tail", log_tail, 1)
+    if logp.shape != index.shape or log_tail.shape != (n_rows,):
+        raise ValueError(
+            f"fused_linear_divergence_topk: teacher_logp must be [N, k] = {list(index.shape)} and "
+            f"teacher_log_tail [N] = [{n_rows}], got {list(logp.shape)} and {list(log_tail.shape)}"
+        )
+    for name, tensor in (("student_weight", ws), ("teacher_index", index), ("teacher_logp", logp)):
+        if tensor.device != hs.device:
+            raise ValueError(
+                f"fused_linear_divergence_topk: {name} is on {tensor.device} but student_hidden is on "
+                f"{hs.device}; move every input to one device"
+            )
+    if log_tail.device != hs.device:
+        raise ValueError(f"fused_linear_divergence_topk: teacher_log_tail is on {log_tail.device}")
+    if divergence not in TOPK_DIVERGENCES:
+        raise ValueError(
+            f"fused_linear_divergence_topk: divergence {divergence!r} needs the teacher's whole "
+            f"distribution; a top-k teacher serves {', '.join(TOPK_DIVERGENCES)} (read dense teacher "
+            "logits for the others)"
+        )
+    temperature, beta, _, ce_weight = _check_rest(
+        hs, divergence, temperature, beta, 0.1, mask, labels, ce_weight
+    )
+    return temperature, beta, ce_weight
