@@ -17,7 +17,11 @@ positions for a masked LM), else every real token.
 When the loop gives the models' output layers in place of logits (``train.fused_logits``, see
 :mod:`distillkit.objective.output_layer`), the same loss is computed by
 :func:`distillkit.ops.fused_linear_divergence`
-without building either ``[B, T, V]`` tensor.
+without building either ``[B, T, V]`` tensor. A teacher read from a top-k cache then gives its top-k tokens
+and tail mass (``Taps.topk_logits``), and ``forward_kl``, ``reverse_kl`` and ``jsd`` compare the ``k + 1``
+buckets (each top-k token, and the rest) through :func:`distillkit.ops.fused_linear_divergence_topk`: no
+teacher GEMM, no ``[B, T, V]`` tensor. The other divergences need the teacher's whole distribution: with them
+a top-k cache is read as dense logits (the tail spread evenly), and ``train.fused_logits: always`` is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from distillkit import LossParams, LossTerm, TapRequest, Taps, hookimpl
-from distillkit.ops import DIVERGENCES, divergence, fused_linear_divergence, label_cross_entropy
+from distillkit.ops import (
+    DIVERGENCES,
+    TOPK_DIVERGENCES,
+    divergence,
+    fused_linear_divergence,
+    fused_linear_divergence_topk,
+    label_cross_entropy,
+)
 
 
 class KDParams(LossParams):
@@ -86,6 +97,10 @@ class KDLoss(LossTerm):
         """Teacher logits are read at ``temperature`` (several teachers are mixed at it)."""
         return self.params.temperature
 
+    def reads_topk_teacher(self) -> bool:
+        """A top-k teacher serves ``forward_kl``, ``reverse_kl`` and ``jsd`` (the tail as one bucket)."""
+        return self.params.divergence in TOPK_DIVERGENCES
+
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.
 
@@ -126,29 +141,49 @@ class KDLoss(LossTerm):
         return loss
 
     def _from_output_layers(self, student: Taps, teacher: Taps) -> torch.Tensor:
-        """The same loss from both models' output layers, never building the ``[B, T, V]`` logits."""
-        if teacher.output_hidden is None or teacher.output_weight is None:
+        """The same loss from both models' output layers (or a top-k teacher), never building the logits."""
+        topk = teacher.topk_logits
+        if topk is None and (teacher.output_hidden is None or teacher.output_weight is None):
             raise ValueError("kd reads the student's output layer, so it needs the teacher's too")
         params = self.params
+        if topk is not None and not self.reads_topk_teacher():
+            raise ValueError(
+                f"kd's divergence '{params.divergence}' needs the teacher's whole distribution, but the "
+                f"teacher is a top-k cache; choose {', '.join(TOPK_DIVERGENCES)} or set "
+                "train.fused_logits: never"
+            )
         rows = student.output_hidden.shape[:-1].numel()
-        labels = None
+        common = {
+            "divergence": params.divergence,
+            "temperature": params.temperature,
+            "beta": params.beta,
+            "mask": student.position_mask().reshape(rows).to(student.output_hidden.device) > 0,
+            "labels": None,
+            "ce_weight": params.ce_weight,
+        }
         if params.ce_weight > 0:
             if student.labels is None:
                 raise ValueError("kd with ce_weight > 0 needs labels in the batch")
-            labels = student.labels.reshape(rows)
+            common["labels"] = student.labels.reshape(rows)
+        hidden = student.output_hidden.reshape(rows, -1)
         with torch.autocast(student.output_hidden.device.type, enabled=False):
+            if topk is not None:
+                k = topk.index.shape[-1]
+                return fused_linear_divergence_topk(
+                    hidden,
+                    student.output_weight,
+                    topk.index.reshape(rows, k),
+                    topk.logp.reshape(rows, k),
+                    topk.log_tail.reshape(rows),
+                    **common,
+                )
             return fused_linear_divergence(
-                student.output_hidden.reshape(rows, -1),
+                hidden,
                 student.output_weight,
                 teacher.output_hidden.reshape(rows, -1),
                 teacher.output_weight,
-                divergence=params.divergence,
-                temperature=params.temperature,
-                beta=params.beta,
                 alpha=params.alpha,
-                mask=student.position_mask().reshape(rows).to(student.output_hidden.device) > 0,
-                labels=labels,
-                ce_weight=params.ce_weight,
+                **common,
             )
 
 

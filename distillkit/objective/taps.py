@@ -89,6 +89,24 @@ NOTHING = TapRequest()
 """The request of a term that does not read a model."""
 
 
+@dataclass(frozen=True)
+class TopKLogits:
+    """A token distribution as a top-k teacher cache stores it: ``k`` tokens per position and one tail bucket.
+
+    ``distillkit.ops.fused_linear_divergence_topk`` takes the three tensors (flattened to rows) as they are.
+
+    Attributes:
+        index: ``[B, T, k]`` int64 ids of the ``k`` most probable tokens at each position, distinct.
+        logp: ``[B, T, k]`` their log-probabilities (temperature 1).
+        log_tail: ``[B, T]`` log of the probability mass of the other ``V − k`` tokens.
+
+    """
+
+    index: torch.Tensor
+    logp: torch.Tensor
+    log_tail: torch.Tensor
+
+
 @dataclass
 class Taps:
     """What a loss term may read of one model's forward pass on a batch.
@@ -113,6 +131,8 @@ class Taps:
             final norm), when the output layer was asked for in place of logits; else None.
         output_weight: ``[V, D]`` the output layer's weight (``logits = output_hidden @ output_weight.T``),
             with ``output_hidden``; else None.
+        topk_logits: A teacher read from a top-k cache when the output layer was asked for: its distribution
+            as :class:`TopKLogits`, in place of ``output_hidden`` and ``output_weight``; else None.
 
     """
 
@@ -127,6 +147,7 @@ class Taps:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     output_hidden: torch.Tensor | None = None
     output_weight: torch.Tensor | None = None
+    topk_logits: TopKLogits | None = None
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, torch.Tensor] | None, **outputs: Any) -> Taps:
@@ -136,7 +157,7 @@ class Taps:
             batch: The batch dict; ``attention_mask``, ``labels``, ``example_ids`` and ``loss_mask`` go to
                 their fields, every other non-input key to ``extras``.
             **outputs: ``hidden_states``, ``logits``, ``attentions``, ``modules``, ``output_hidden``,
-                ``output_weight``.
+                ``output_weight``, ``topk_logits``.
 
         Returns:
             The taps.

@@ -119,7 +119,8 @@ class LossTerm(nn.Module):
     - :meth:`teacher_logit_temperature`: the temperature its teacher logits are read at, so that several
       teachers' distributions can be mixed into the one it reads (``teacher: [a, b]``).
     - ``reads_output_layer``: it also works from ``Taps.output_hidden`` and ``Taps.output_weight`` when
-      ``Taps.logits`` is None (the loop then never builds ``[B, T, V]`` logits).
+      ``Taps.logits`` is None (the loop then never builds ``[B, T, V]`` logits); :meth:`reads_topk_teacher`:
+      also from a teacher's ``Taps.topk_logits`` (a top-k teacher cache).
     - :meth:`check_task`: refuse a task it cannot work on, before any model loads.
     - :meth:`after_step` / :meth:`skip_step`: state after an applied or a skipped optimizer step.
 
@@ -212,6 +213,14 @@ class LossTerm(nn.Module):
         default; a term with a temperature parameter returns it.
         """
         return 1.0
+
+    def reads_topk_teacher(self) -> bool:
+        """Whether, reading output layers, it also works from a teacher read from a top-k cache.
+
+        Such a teacher gives ``Taps.topk_logits`` (its top-k tokens and tail mass) in place of its output
+        layer. False by default; ``kd`` says True for the divergences a top-k teacher serves.
+        """
+        return False
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the term.

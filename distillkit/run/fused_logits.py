@@ -5,6 +5,9 @@ a run where they do not, ``never`` keeps logits. A model qualifies when it has a
 bias and a base model to run without it (:func:`distillkit.objective.output_layer.output_layer_parts`), and
 when its logits on one training example equal ``hidden @ weight.T`` (which excludes, e.g., logit soft-capping
 or scaling after the product).
+
+A teacher read from a top-k cache qualifies when every term reading it works from its top-k logits (``kd``
+with forward KL, reverse KL or JSD): the cache then gives ``Taps.topk_logits`` in place of the output layer.
 """
 
 from __future__ import annotations
@@ -62,6 +65,24 @@ def check_output_layer(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> s
     return None
 
 
+def _cached_teacher_blocker(objective: Any, name: str, source: Any) -> str | None:
+    """Why the terms cannot read cached teacher ``name`` with the output layers, or None when they can.
+
+    They can when the cache holds top-k logits (``source.serves_topk``) and every term reading that teacher's
+    logits works from them (:meth:`~distillkit.objective.terms.LossTerm.reads_topk_teacher`).
+    """
+    if not getattr(source, "serves_topk", False):
+        return f"teacher '{name}' is read from a cache of logits, not of top-k logits"
+    for label in objective.logit_readers()["terms"]:
+        term = objective.terms[label]
+        if name in objective.term_teachers[label].names and not term.reads_topk_teacher():
+            return (
+                f"teacher '{name}' is read from a top-k cache, which objective term '{label}' (loss "
+                f"'{term.name}') cannot read without its logits"
+            )
+    return None
+
+
 def choose_output_layer(
     mode: str,
     objective: Any,
@@ -76,7 +97,8 @@ def choose_output_layer(
         mode: ``train.fused_logits``: ``auto``, ``always`` or ``never``.
         objective: The :class:`~distillkit.objective.objective.DistillationObjective`.
         student: The student.
-        teachers: Teacher name -> live model, or anything else for a teacher read from a cache.
+        teachers: Teacher name -> live model, or anything else (a
+            :class:`~distillkit.teacher_cache.TeacherCache`) for a teacher read from a cache.
         batch: A training batch (its first example checks each model's output layer).
         announce: Print one line when the output layers are used.
 
@@ -94,9 +116,10 @@ def choose_output_layer(
     if reason is None:
         models: list[tuple[str, Any]] = [("the student", student)] if readers["student"] else []
         models += [(f"teacher '{name}'", teachers.get(name)) for name in readers["teachers"]]
-        for role, model in models:
+        names = [None] * readers["student"] + readers["teachers"]
+        for (role, model), name in zip(models, names, strict=True):
             if not isinstance(model, nn.Module):
-                reason = f"{role} is read from a cache of logits"
+                reason = _cached_teacher_blocker(objective, name, model)
             else:
                 problem = check_output_layer(model, batch)
                 reason = None if problem is None else f"{role} cannot: {problem}"

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from distillkit.errors import ConfigError
-from distillkit.objective.taps import NOTHING, TapRequest, Taps
+from distillkit.objective.taps import NOTHING, TapRequest, Taps, TopKLogits
 from distillkit.teacher_cache.identity import CacheContents
 
 
@@ -92,6 +92,11 @@ class TeacherCache:
         self.shards = self.index["shards"][split]
         self._handles: dict[int, Any] = {}
 
+    @property
+    def serves_topk(self) -> bool:
+        """Whether the cache holds top-k logits, which it gives as ``Taps.topk_logits`` (see :meth:`taps`)."""
+        return self.contents.logits == "topk"
+
     # -- checks -----------------------------------------------------------------------------------------
     def check(
         self,
@@ -130,6 +135,8 @@ class TeacherCache:
             problems.append(f"a term reads the {who}'s attention maps, which the cache does not store")
         if request.logits and contents.logits is None:
             problems.append(f"a term reads the {who}'s logits, which the cache does not store")
+        if request.output_layer and not self.serves_topk:
+            problems.append(f"the terms read the {who}'s output layer, which only a top-k cache stands for")
         if request.logits and top_k is not None and contents.logits == "topk" and top_k != contents.top_k:
             problems.append(f"cache_top_k: cache {contents.top_k}, this run {top_k}")
         absent = [p for p in request.modules if p not in contents.modules]
@@ -167,7 +174,10 @@ class TeacherCache:
 
         Returns:
             Taps with ``hidden_states`` (a :class:`CachedLayers`), ``attentions``, ``logits`` and
-            ``modules`` as requested, on the batch's device; padded positions are zeros.
+            ``modules`` as requested, on the batch's device; padded positions are zeros. A request for the
+            output layer (the run reads output layers in place of logits) gets ``topk_logits`` from a top-k
+            cache: the stored top-k ids and log-probabilities and log tail, ``[B, T, k]`` and ``[B, T]``
+            (padded positions: ids ``0 … k−1``, log-probabilities ``−log k``, no tail).
 
         Raises:
             ConfigError: For an example id the cache does not hold, or cached tokens that differ from the
@@ -212,6 +222,13 @@ class TeacherCache:
             outputs["attentions"] = tuple(padded.unbind(0))
         if request.logits:
             outputs["logits"] = self._logits(ids, mask, device)
+        if request.output_layer:
+            if not self.serves_topk:
+                raise ConfigError(
+                    f"the teacher cache {self.directory} holds no top-k logits to stand for the teacher's "
+                    "output layer; write it with teacher.cache_top_k set, or set train.fused_logits: never"
+                )
+            outputs["topk_logits"] = self._topk(ids, mask, device)
         if request.modules:
             modules = {}
             for path in request.modules:
@@ -236,14 +253,26 @@ class TeacherCache:
             padded = flat.new_zeros(batch_size, seq_len, flat.shape[-1])
             padded[mask] = flat
             return padded
-        vocab = _vocab_size(self.index)
+        topk = self._topk(ids, mask, device)
+        flat = densify_topk(topk.logp[mask], topk.index[mask], topk.log_tail[mask], _vocab_size(self.index))
+        padded = flat.new_zeros(batch_size, seq_len, flat.shape[-1])
+        padded[mask] = flat
+        return padded
+
+    def _topk(self, ids: list[int], mask: torch.Tensor, device: torch.device) -> TopKLogits:
+        """The stored top-k of the batch's examples, padded to the batch (see :meth:`taps`)."""
+        batch_size, seq_len = mask.shape
+        k = int(self.contents.top_k)
         values = torch.cat([self._load(e, "topk_logp") for e in ids]).to(device)
         index = torch.cat([self._load(e, "topk_index") for e in ids]).to(device).long()
         log_tail = torch.cat([self._load(e, "log_tail") for e in ids]).to(device)
-        flat = densify_topk(values, index, log_tail, vocab)
-        padded = flat.new_zeros(batch_size, seq_len, vocab)
-        padded[mask] = flat
-        return padded
+        padded_index = torch.arange(k, device=device).expand(batch_size, seq_len, k).clone()
+        padded_index[mask] = index
+        padded_logp = values.new_full((batch_size, seq_len, k), -math.log(k))
+        padded_logp[mask] = values
+        padded_tail = log_tail.new_full((batch_size, seq_len), float("-inf"))
+        padded_tail[mask] = log_tail
+        return TopKLogits(index=padded_index, logp=padded_logp, log_tail=padded_tail)
 
     def __len__(self) -> int:
         return len(self.entries)
