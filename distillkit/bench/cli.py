@@ -43,8 +43,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["infonce", "vocab"],
         help="compare op implementations: InfoNCE vs bank size (default), or vocab: linear divergence",
     )
-    parser.add_argument("--vocab-shape", default="2048,49152,576,576", help="with --op vocab: N,V,Ds,Dt")
+    parser.add_argument(
+        "--vocab-shape",
+        default="2048,49152,576,576",
+        help="with --op vocab: N,V,Ds,Dt (several: separated by ';')",
+    )
     parser.add_argument("--divergence", default="forward_kl", help="with --op vocab: the divergence")
+    parser.add_argument("--temperature", type=float, default=2.0, help="with --op vocab: the temperature")
+    parser.add_argument("--beta", type=float, default=0.5, help="with --op vocab: jsd's beta")
+    parser.add_argument(
+        "--variants", help="with --op vocab: comma-separated variants (default: all; naive always runs)"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="with --op vocab: time only")
     parser.add_argument("--op-k", default="4096,16384,65536", help="bank sizes for --op")
     parser.add_argument("--op-b", type=int, default=256, help="queries for --op")
     parser.add_argument("--op-d", type=int, default=128, help="vector size for --op")
@@ -147,9 +157,12 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     if args.op == "vocab":
         from distillkit.bench.vocab import VocabCase, run_vocab_table
 
-        n, v, ds, dt = (int(x) for x in args.vocab_shape.split(","))
-        case = VocabCase(n, v, ds, dt, divergence=args.divergence)
-        return run_vocab_table(case, repeats=args.repeat)
+        only = tuple(args.variants.split(",")) if args.variants else ()
+        cases = []
+        for shape in args.vocab_shape.split(";"):
+            n, v, ds, dt = (int(x) for x in shape.split(","))
+            cases.append(VocabCase(n, v, ds, dt, args.divergence, args.temperature, args.beta, only))
+        return run_vocab_table(cases, repeats=args.repeat, memory=not args.no_memory)
     if args.op:
         if args.device != "cpu":
             raise SystemExit("--op measures CPU time and memory; on a GPU use benchmarks/cuda_bench.py")
