@@ -37,7 +37,9 @@ inline int64_t rows_override() {
   return env != nullptr ? std::atoll(env) : 0;
 }
 
-constexpr int64_t kBufferBytes = int64_t(48) << 20;  // the [R, V] row-block buffers together
+// The [R, V] row-block buffers together. Each block reads W_s (twice) and W_t and reads and writes grad_W, so
+// larger blocks save memory traffic: at V = 49,152 this gives R = 240 (the rows are capped at 256).
+constexpr int64_t kBufferBytes = int64_t(96) << 20;
 constexpr int64_t kPartsPerThread = 4;
 constexpr int64_t kMinPartColumns = 512;
 

@@ -94,13 +94,15 @@ void gather_rows(const acc_t* x, int64_t D, const int64_t* idx, int64_t nb, acc_
   for (int64_t r = 0; r < nb; ++r) std::memcpy(dst + r * D, x + idx[r] * D, sizeof(acc_t) * D);
 }
 
-// The gradient GEMMs of one part: grad_W[v0:v1] += G^T h and gh = G W_s[v0:v1] (G: [nb, nv] at g, stride V).
+// The gradient GEMMs of one part: grad_W[v0:v1] += G^T h (= on the first block, so that grad_W needs no
+// zero fill) and gh = G W_s[v0:v1] (G: [nb, nv] at g, stride V).
 template <typename acc_t>
 void fold_gradient(const Problem<acc_t>& p, GemmFn<acc_t> gemm, const acc_t* h, const acc_t* g, int64_t nb,
-                   int64_t v0, int64_t nv, acc_t* gh) {
+                   int64_t v0, int64_t nv, acc_t* gh, bool first_block) {
   const int64_t Ds = p.Ds, V = p.V;
   // grad_W[v0:v1] (column-major [Ds, nv]) += h^T (col-major [Ds, nb]) * G (col-major [nv, nb])^T
-  gemm(false, true, Ds, nv, nb, acc_t(1), h, Ds, g, V, acc_t(1), p.grad_weight + v0 * Ds, Ds);
+  gemm(false, true, Ds, nv, nb, acc_t(1), h, Ds, g, V, first_block ? acc_t(0) : acc_t(1),
+       p.grad_weight + v0 * Ds, Ds);
   // gh (column-major [Ds, nb]) = W[v0:v1]^T (col-major [Ds, nv]) * G^T (col-major [nv, nb])
   gemm(false, false, Ds, nb, nv, acc_t(1), p.student_weight + v0 * Ds, Ds, g, V, acc_t(0), gh, Ds);
 }
@@ -137,10 +139,10 @@ inline int64_t row_groups(const Plan& plan, int64_t active, int64_t V, int64_t D
   return std::max<int64_t>(1, groups);
 }
 
-// Runs `blocks(view, idx, count, par)` (the kernel's block loop over rows idx[0..count), returning their loss)
-// on all active rows: in one call with the workers on the parts, or, per row_groups, on concurrent groups of
-// rows each with one worker and its own weight gradient, summed into p.grad_weight after. grad_hidden and
-// grad_weight must be zero.
+// Runs `blocks(view, idx, count, par)` (the kernel's block loop over rows idx[0..count), returning their loss;
+// it overwrites view.grad_weight and adds to view.grad_hidden) on all active rows: in one call with the
+// workers on the parts, or, per row_groups, on concurrent groups of rows each with one worker and its own
+// weight gradient, summed into p.grad_weight after. grad_hidden must be zero.
 template <typename acc_t, typename Blocks>
 double run_in_groups(const Problem<acc_t>& p, const Plan& plan, const std::vector<int64_t>& active,
                      const ParallelFor& par, Blocks blocks) {
@@ -155,10 +157,7 @@ double run_in_groups(const Problem<acc_t>& p, const Plan& plan, const std::vecto
   };
   par(groups, [&](int64_t g) {
     Problem<acc_t> view = p;
-    if (g > 0) {
-      view.grad_weight = extra.get() + (g - 1) * size;
-      std::fill(view.grad_weight, view.grad_weight + size, acc_t(0));
-    }
+    if (g > 0) view.grad_weight = extra.get() + (g - 1) * size;
     const int64_t begin = count * g / groups, end = count * (g + 1) / groups;
     losses[g] = blocks(view, active.data() + begin, end - begin, serial);
   });

@@ -192,7 +192,7 @@ double topk_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* row
         const int64_t label = p.ce_weight != nullptr ? p.labels[row] : -1;
         if (c_ce != 0 && label >= v0 && label < v1) s[label - v0] -= c_ce;
       }
-      fold_gradient(p, gemm, hs.get(), sbuf.get() + v0, nb, v0, nv, gh.get() + part * R * Ds);
+      fold_gradient(p, gemm, hs.get(), sbuf.get() + v0, nb, v0, nv, gh.get() + part * R * Ds, start == 0);
     });
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t row = idx[r];
@@ -214,9 +214,11 @@ double topk_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* row
 template <typename acc_t>
 double run_topk(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par) {
   std::fill(p.grad_hidden, p.grad_hidden + p.N * p.Ds, acc_t(0));
-  std::fill(p.grad_weight, p.grad_weight + p.V * p.Ds, acc_t(0));
   const std::vector<int64_t> active = active_rows(p);
-  if (active.empty() || p.V == 0) return 0.0;
+  if (active.empty() || p.V == 0) {
+    std::fill(p.grad_weight, p.grad_weight + p.V * p.Ds, acc_t(0));
+    return 0.0;
+  }
   return run_in_groups(p, plan, active, par,
                        [&](const Problem<acc_t>& view, const int64_t* rows, int64_t count, const ParallelFor& each) {
                          return topk_blocks(view, plan, rows, count, gemm, each);
