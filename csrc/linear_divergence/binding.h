@@ -41,6 +41,7 @@ inline int64_t rows_override() {
 // larger blocks save memory traffic: at V = 49,152 this gives R = 240 (the rows are capped at 256).
 constexpr int64_t kBufferBytes = int64_t(96) << 20;
 constexpr int64_t kPartsPerThread = 4;
+constexpr double kMinParallelFlops = 64e6;  // about a millisecond of GEMM on one core
 constexpr int64_t kMinPartColumns = 512;
 
 // Runs body(item) for every item in [0, n) on at most `threads` workers taking items from a shared counter:
@@ -80,7 +81,10 @@ double run_typed(const LinearDivergenceArgs& args, bool topk) {
   cpu::fld::Plan plan;
   plan.rows = cpu::fld::plan_rows(args.N, args.V, sizeof(acc_t), buffers, kBufferBytes, rows_override());
   // Several vocabulary parts per thread, so that the shared counter can balance them.
-  plan.threads = at::get_num_threads();
+  // A call smaller than kMinParallelFlops runs on this thread: waking the pool would cost more than the work
+  // (and much more on a busy machine, where a worker may wait for a core).
+  const double flops = 2.0 * args.N * args.V * (3.0 * args.Ds + (topk ? 0.0 : args.Dt));
+  plan.threads = flops < kMinParallelFlops ? 1 : at::get_num_threads();
   plan.parts = std::max<int64_t>(1, std::min<int64_t>(plan.threads * kPartsPerThread, args.V / kMinPartColumns));
   const cpu::fld::ParallelFor par = shared_counter_for(plan.threads);
   const auto gemm = cpu_gemm::pick_gemm<acc_t>();

@@ -219,7 +219,7 @@ def format_table(rows: Sequence[dict]) -> str:
         (
             r["case"],
             r["variant"],
-            f"{r['ms']:.0f}",
+            f"{r['ms']:.0f}" if r["ms"] >= 10 else f"{r['ms']:.2g}",
             f"{r['speedup']:.2f}x",
             f"{r['fused_speedup']:.2f}x" if "fused_speedup" in r else "-",
             f"{100 * r['gemm_share']:.0f}%" if "gemm_share" in r else "-",
