@@ -56,7 +56,8 @@ def output_layers(config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
         _, h_t, w_t = run_to_output_layer(run.teacher, inputs)
     mask = (batch["labels"] != -100).reshape(-1)
     rows = mask.numel()
-    return h_s.reshape(rows, -1).float(), w_s.float(), h_t.reshape(rows, -1).float(), w_t.float(), mask
+    flat = (h_s.reshape(rows, -1), w_s, h_t.reshape(rows, -1), w_t)
+    return (*(t.detach().float() for t in flat), mask)
 
 
 def teacher_topk(
@@ -73,7 +74,7 @@ def loss_and_grads(
     fn, h_s: torch.Tensor, w_s: torch.Tensor
 ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
     """``(loss, grad W_s, grad h_s, seconds)`` of ``fn(h, w)``."""
-    h, w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    h, w = h_s.detach().clone().requires_grad_(), w_s.detach().clone().requires_grad_()
     started = time.perf_counter()
     loss = fn(h, w)
     seconds = time.perf_counter() - started

@@ -96,6 +96,7 @@ def trl_side(config: DistillConfig, repeats: int, warmup: int) -> dict[str, Any]
             data_collator=lambda rows: rows,
         )
         trainer.create_optimizer_and_scheduler(num_training_steps=warmup + repeats + 2)
+        trainer.current_gradient_accumulation_steps = 1  # what Trainer's own loop sets before each step
         sampler, loader = train_loader(run)
         batches = micro_batches(loader, sampler, 0, torch.device("cpu"))
         losses: list[float] = []

@@ -19,12 +19,13 @@ TORCH_LIBRARY(distillkit, m) {
       "fused_linear_divergence_fwd(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, "
       "Tensor teacher_weight, Tensor kd_weight, Tensor? ce_weight, Tensor? labels, str divergence, "
       "float temperature, float beta, float alpha) -> (Tensor loss, Tensor grad_hidden, Tensor grad_weight)");
-  // The same against a sparse teacher: top-k ids and log-probabilities plus the log tail mass
-  // (csrc/linear_divergence/cpu_topk_binding.cpp).
+  // The same against a sparse teacher: top-k ids and log-probabilities plus the log tail mass, the tail spread
+  // evenly or one bucket (csrc/linear_divergence/cpu_topk_binding.cpp).
   m.def(
       "fused_linear_divergence_topk_fwd(Tensor student_hidden, Tensor student_weight, Tensor teacher_index, "
       "Tensor teacher_logp, Tensor teacher_log_tail, Tensor kd_weight, Tensor? ce_weight, Tensor? labels, "
-      "str divergence, float temperature, float beta) -> (Tensor loss, Tensor grad_hidden, Tensor grad_weight)");
+      "str divergence, float temperature, float beta, float alpha, str tail) -> (Tensor loss, "
+      "Tensor grad_hidden, Tensor grad_weight)");
 }
 
 extern "C" {

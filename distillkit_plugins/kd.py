@@ -18,10 +18,12 @@ When the loop gives the models' output layers in place of logits (``train.fused_
 :mod:`distillkit.objective.output_layer`), the same loss is computed by
 :func:`distillkit.ops.fused_linear_divergence`
 without building either ``[B, T, V]`` tensor. A teacher read from a top-k cache then gives its top-k tokens
-and tail mass (``Taps.topk_logits``), and ``forward_kl``, ``reverse_kl`` and ``jsd`` compare the ``k + 1``
-buckets (each top-k token, and the rest) through :func:`distillkit.ops.fused_linear_divergence_topk`: no
-teacher GEMM, no ``[B, T, V]`` tensor. The other divergences need the teacher's whole distribution: with them
-a top-k cache is read as dense logits (the tail spread evenly), and ``train.fused_logits: always`` is refused.
+and tail mass (``Taps.topk_logits``) and the loss goes through
+:func:`distillkit.ops.fused_linear_divergence_topk` (no teacher GEMM, no ``[B, T, V]`` tensor), with the tail
+as ``topk_tail`` says: ``spread`` (default) spreads it evenly over the other tokens, exactly the teacher the
+cache's dense logits give, for any divergence;
+``bucket`` compares the student's mass outside the top k with the teacher's tail as one bucket (as verl and
+DistillKit do; ``forward_kl``, ``reverse_kl``, ``jsd``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from pydantic import Field, model_validator
 
 from distillkit import LossParams, LossTerm, TapRequest, Taps, hookimpl
 from distillkit.ops import (
+    BUCKET_DIVERGENCES,
     DIVERGENCES,
-    TOPK_DIVERGENCES,
+    TOPK_TAILS,
     divergence,
     fused_linear_divergence,
     fused_linear_divergence_topk,
@@ -52,6 +55,8 @@ class KDParams(LossParams):
         beta: ``jsd``'s mixing weight ``β`` in ``(0, 1)``; accepted only with ``divergence: jsd``.
         alpha: The skew weight ``α`` in ``(0, 1)``; accepted only with the ``skew_*`` divergences.
         ce_weight: Weight of the hard-label cross-entropy added to the soft term (0 disables it).
+        topk_tail: With a teacher read from a top-k cache through the output layers: ``spread`` its tail mass
+            evenly over the other tokens (the cache's dense logits), or compare it as one ``bucket``.
 
     """
 
@@ -60,6 +65,7 @@ class KDParams(LossParams):
     beta: float = Field(default=0.5, gt=0.0, lt=1.0)
     alpha: float = Field(default=0.1, gt=0.0, lt=1.0)
     ce_weight: float = Field(default=0.0, ge=0.0)
+    topk_tail: Literal[TOPK_TAILS] = "spread"  # the names distillkit.ops.TOPK_TAILS lists
 
     @model_validator(mode="after")
     def _mixing_weights_match_divergence(self) -> KDParams:
@@ -73,6 +79,11 @@ class KDParams(LossParams):
             raise ValueError(
                 f"alpha applies only to divergences 'skew_forward_kl' and 'skew_reverse_kl' (got divergence "
                 f"'{self.divergence}'); remove alpha or choose a skew divergence"
+            )
+        if self.topk_tail == "bucket" and self.divergence not in BUCKET_DIVERGENCES:
+            raise ValueError(
+                f"topk_tail: bucket has {', '.join(BUCKET_DIVERGENCES)}, not divergence '{self.divergence}'; "
+                "use topk_tail: spread"
             )
         return self
 
@@ -98,8 +109,8 @@ class KDLoss(LossTerm):
         return self.params.temperature
 
     def reads_topk_teacher(self) -> bool:
-        """A top-k teacher serves ``forward_kl``, ``reverse_kl`` and ``jsd`` (the tail as one bucket)."""
-        return self.params.divergence in TOPK_DIVERGENCES
+        """Reads a top-k teacher in every divergence (``topk_tail: bucket`` checks its own at config time)."""
+        return True
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.
@@ -146,17 +157,12 @@ class KDLoss(LossTerm):
         if topk is None and (teacher.output_hidden is None or teacher.output_weight is None):
             raise ValueError("kd reads the student's output layer, so it needs the teacher's too")
         params = self.params
-        if topk is not None and not self.reads_topk_teacher():
-            raise ValueError(
-                f"kd's divergence '{params.divergence}' needs the teacher's whole distribution, but the "
-                f"teacher is a top-k cache; choose {', '.join(TOPK_DIVERGENCES)} or set "
-                "train.fused_logits: never"
-            )
         rows = student.output_hidden.shape[:-1].numel()
         common = {
             "divergence": params.divergence,
             "temperature": params.temperature,
             "beta": params.beta,
+            "alpha": params.alpha,
             "mask": student.position_mask().reshape(rows).to(student.output_hidden.device) > 0,
             "labels": None,
             "ce_weight": params.ce_weight,
@@ -175,6 +181,7 @@ class KDLoss(LossTerm):
                     topk.index.reshape(rows, k),
                     topk.logp.reshape(rows, k),
                     topk.log_tail.reshape(rows),
+                    tail=params.topk_tail,
                     **common,
                 )
             return fused_linear_divergence(
@@ -182,7 +189,6 @@ class KDLoss(LossTerm):
                 student.output_weight,
                 teacher.output_hidden.reshape(rows, -1),
                 teacher.output_weight,
-                alpha=params.alpha,
                 **common,
             )
 

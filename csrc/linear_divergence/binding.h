@@ -73,22 +73,23 @@ inline at::Tensor checked_labels(const at::Tensor& labels, int64_t V) {
   return out;
 }
 
-// Runs the dense (`topk` false) or sparse kernel on `args` with this process's threads; returns the loss.
+// Runs the kernel on `args` with this process's threads (`buckets`: the sparse teacher's tail as one bucket,
+// run_topk; else run, with a dense teacher or a sparse one spread evenly); returns the loss.
 template <typename acc_t>
-double run_typed(const LinearDivergenceArgs& args, bool topk) {
+double run_typed(const LinearDivergenceArgs& args, bool buckets) {
   const auto problem = cpu::fld::Problem<acc_t>::of(args);
-  const int64_t buffers = cpu::fld::block_buffers(problem);
+  const int64_t buffers = cpu::fld::block_buffers(problem, buckets);
   cpu::fld::Plan plan;
   plan.rows = cpu::fld::plan_rows(args.N, args.V, sizeof(acc_t), buffers, kBufferBytes, rows_override());
   // Several vocabulary parts per thread, so that the shared counter can balance them.
   // A call smaller than kMinParallelFlops runs on this thread: waking the pool would cost more than the work
   // (and much more on a busy machine, where a worker may wait for a core).
-  const double flops = 2.0 * args.N * args.V * (3.0 * args.Ds + (topk ? 0.0 : args.Dt));
+  const double flops = 2.0 * args.N * args.V * (3.0 * args.Ds + args.Dt);
   plan.threads = flops < kMinParallelFlops ? 1 : at::get_num_threads();
   plan.parts = std::max<int64_t>(1, std::min<int64_t>(plan.threads * kPartsPerThread, args.V / kMinPartColumns));
   const cpu::fld::ParallelFor par = shared_counter_for(plan.threads);
   const auto gemm = cpu_gemm::pick_gemm<acc_t>();
-  return topk ? cpu::fld::run_topk<acc_t>(problem, plan, gemm, par) : cpu::fld::run<acc_t>(problem, plan, gemm, par);
+  return buckets ? cpu::fld::run_topk<acc_t>(problem, plan, gemm, par) : cpu::fld::run<acc_t>(problem, plan, gemm, par);
 }
 
 }  // namespace fld_binding

@@ -39,12 +39,30 @@ int64_t plan_rows(int64_t N, int64_t V, int64_t elem_bytes, int64_t buffers, int
 }
 
 template <typename acc_t>
-int64_t block_buffers(const Problem<acc_t>& p) {
-  const int64_t ce = separate_ce(p) ? 1 : 0;
-  return (p.teacher_index != nullptr ? 1 : 2) + ce;
+int64_t block_buffers(const Problem<acc_t>& p, bool buckets) {
+  return (buckets ? 1 : 2) + (separate_ce(p) ? 1 : 0);
 }
 
 namespace {
+
+// A sparse teacher's rows as logits, in place of the teacher's GEMM: its top-k log-probabilities, and the
+// tail mass spread evenly over the other V - K tokens (log(r / (V - K)) each), for columns [v0, v1).
+template <typename acc_t>
+void spread_teacher_rows(const Problem<acc_t>& p, const int64_t* idx, int64_t nb, int64_t v0, int64_t v1,
+                         acc_t* t) {
+  const int64_t K = p.K, V = p.V;
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t row = idx[r];
+    acc_t* out = t + r * V;
+    const acc_t tail = V > K ? p.teacher_log_tail[row] - static_cast<acc_t>(std::log(static_cast<double>(V - K)))
+                             : neg_inf<acc_t>();
+    std::fill(out, out + (v1 - v0), tail);
+    const int64_t* ids = p.teacher_index + row * K;
+    for (int64_t i = 0; i < K; ++i) {
+      if (ids[i] >= v0 && ids[i] < v1) out[ids[i] - v0] = p.teacher_logp[row * K + i];
+    }
+  }
+}
 
 // The block loop over the rows idx[0..count) (see cpu_kernel.h); returns their loss.
 template <typename acc_t>
@@ -63,7 +81,9 @@ double dense_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* ro
   const bool own_ce = separate_ce(p);
 
   Buffer<acc_t> sbuf(R * V), tbuf(any_kd ? R * V : 0), cbuf(own_ce ? R * V : 0);
-  Buffer<acc_t> hs(R * Ds), ht(any_kd ? R * Dt : 0), gh(P * R * Ds);
+  // A sparse teacher (teacher_index set) stands in for the teacher's GEMM: spread_teacher_rows.
+  const bool sparse = p.teacher_index != nullptr;
+  Buffer<acc_t> hs(R * Ds), ht(any_kd && !sparse ? R * Dt : 0), gh(P * R * Ds);
   std::vector<PartRow<acc_t>> stats(static_cast<size_t>(P * R));
   std::vector<RowState<acc_t>> state(static_cast<size_t>(R));
   auto stat = [&](int64_t part, int64_t r) -> PartRow<acc_t>& { return stats[part * R + r]; };
@@ -73,7 +93,7 @@ double dense_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* ro
     const int64_t nb = std::min<int64_t>(R, static_cast<int64_t>(active.size()) - start);
     const int64_t* idx = active.data() + start;
     gather_rows(p.student_hidden, Ds, idx, nb, hs.get());
-    if (any_kd) gather_rows(p.teacher_hidden, Dt, idx, nb, ht.get());
+    if (any_kd && !sparse) gather_rows(p.teacher_hidden, Dt, idx, nb, ht.get());
     // Sweep 1: both models' logits for this part, their exponentials and the part statistics.
     par(P, [&](int64_t part) {
       int64_t v0, v1;
@@ -86,7 +106,9 @@ double dense_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* ro
       // Row-major S[nb, V] is column-major S^T[V, nb]: S^T[v0:v1] = W[v0:v1] h^T.
       gemm(true, false, nv, nb, Ds, acc_t(1), p.student_weight + v0 * Ds, Ds, hs.get(), Ds, acc_t(0),
            sbuf.get() + v0, V);
-      if (any_kd) {
+      if (any_kd && sparse) {
+        spread_teacher_rows(p, idx, nb, v0, v1, tbuf.get() + v0);
+      } else if (any_kd) {
         gemm(true, false, nv, nb, Dt, acc_t(1), p.teacher_weight + v0 * Dt, Dt, ht.get(), Dt, acc_t(0),
              tbuf.get() + v0, V);
       }
@@ -215,8 +237,8 @@ double run(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const 
                        });
 }
 
-template int64_t block_buffers<float>(const Problem<float>&);
-template int64_t block_buffers<double>(const Problem<double>&);
+template int64_t block_buffers<float>(const Problem<float>&, bool);
+template int64_t block_buffers<double>(const Problem<double>&, bool);
 template double run<float>(const Problem<float>&, const Plan&, GemmFn<float>, const ParallelFor&);
 template double run<double>(const Problem<double>&, const Plan&, GemmFn<double>, const ParallelFor&);
 

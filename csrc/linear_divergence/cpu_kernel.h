@@ -20,10 +20,11 @@
 // of a [V, Ds] gradient) and grad_h += G W_s[part] (a small [R, Ds] partial per part, summed after). The
 // N x V logits are never stored: the buffers hold two [R, V] tiles (three with the cross-entropy at T != 1).
 //
-// Sparse teacher (run_topk): the teacher is given as its top-k token ids and log-probabilities per row plus
-// the log of the remaining mass; no teacher GEMM runs. D compares the k + 1 buckets (each top-k token, and
-// the rest) of p with the same buckets of q, whose tail is the student's mass outside the top k. See
-// cpu_topk_kernel.cpp.
+// Sparse teacher: the teacher is given as its top-k token ids and log-probabilities per row plus the log of
+// the remaining mass; no teacher GEMM runs. Either the tail is spread evenly over the other tokens and the
+// dense algorithm runs on those teacher logits (run with teacher_index set), or D compares the k + 1 buckets
+// (each top-k token, and the rest) of p with the same buckets of q, whose tail is the student's mass outside
+// the top k (run_topk, cpu_topk_kernel.cpp).
 #pragma once
 
 #include <cstdint>
@@ -105,17 +106,21 @@ struct Plan {
 int64_t plan_rows(int64_t N, int64_t V, int64_t elem_bytes, int64_t buffers, int64_t buffer_bytes,
                   int64_t override_rows);
 
-// The [R, V] buffers `run` (or `run_topk`) needs for problem `p`: 2 or 3 (dense), 1 or 2 (sparse).
+// The [R, V] buffers `run` (2, or 3 with a cross-entropy at T != 1) or `run_topk` (`buckets`: 1 or 2) needs.
 template <typename acc_t>
-int64_t block_buffers(const Problem<acc_t>& p);
+int64_t block_buffers(const Problem<acc_t>& p, bool buckets);
 
 // Computes the loss (returned) and writes grad_hidden and grad_weight (overwritten, not accumulated). The
 // workers split each block's vocabulary into plan.parts; when that gives them too few parts (a small
-// vocabulary), the rows are split into groups that run concurrently instead (block.h: run_in_groups).
+// vocabulary), the rows are split into groups that run concurrently instead (block.h: run_in_groups). With
+// teacher_index set (a sparse teacher, teacher_hidden and teacher_weight unused), the teacher's logits are its
+// top-k log-probabilities and its tail mass spread evenly over the other tokens ("spread" tail): the dense
+// divergence against the densified teacher, any divergence, without the teacher's GEMM.
 template <typename acc_t>
 double run(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par);
 
-// The same with the sparse teacher (teacher_index, teacher_logp, teacher_log_tail) in place of the dense one.
+// The sparse teacher (teacher_index, teacher_logp, teacher_log_tail) with its tail as one bucket ("bucket"
+// tail; forward KL, reverse KL and JSD).
 template <typename acc_t>
 double run_topk(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par);
 

@@ -7,12 +7,15 @@
 //   teacher_index [N, K] integer token ids, distinct within a row, in [0, V);
 //   teacher_logp [N, K] their log-probabilities (temperature 1), teacher_log_tail [N] log of the rest's mass;
 //   kd_weight [N], ce_weight [N] and labels [N] (both or neither) as for fused_linear_divergence_fwd;
-//   divergence: forward_kl, reverse_kl or jsd.
+//   divergence: one of kDivergenceNames (forward_kl, reverse_kl or jsd with tail "bucket");
+//   tail: "spread" (the tail mass spread evenly over the other V - K tokens: the dense divergence against
+//     that teacher, cpu_kernel.cpp) or "bucket" (the tail as one bucket, cpu_topk_kernel.cpp).
 // Outputs (accumulation type): loss [] and the loss's gradients grad_hidden [N, Ds], grad_weight [V, Ds].
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -48,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_topk_fwd_
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_index,
     const at::Tensor& teacher_logp, const at::Tensor& teacher_log_tail, const at::Tensor& kd_weight,
     const std::optional<at::Tensor>& ce_weight, const std::optional<at::Tensor>& labels,
-    c10::string_view divergence, double temperature, double beta) {
+    c10::string_view divergence, double temperature, double beta, double alpha, c10::string_view tail) {
   TORCH_CHECK(student_hidden.dim() == 2 && student_weight.dim() == 2, kOp,
               ": student_hidden and student_weight must be 2-D");
   const int64_t N = student_hidden.size(0), Ds = student_hidden.size(1), V = student_weight.size(0);
@@ -65,8 +68,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_topk_fwd_
   TORCH_CHECK(kd_weight.dim() == 1 && kd_weight.size(0) == N, kOp, ": kd_weight must be [", N, "]");
   TORCH_CHECK(ce_weight.has_value() == labels.has_value(), kOp, ": ce_weight and labels go together");
   TORCH_CHECK(temperature > 0, kOp, ": temperature must be > 0");
+  const std::string_view tail_name(tail.data(), tail.size());
+  TORCH_CHECK(tail_name == "spread" || tail_name == "bucket", kOp, ": tail must be 'spread' or 'bucket', got '",
+              std::string(tail_name), "'");
+  const bool buckets = tail_name == "bucket";
+  // The bucket form has forward KL, reverse KL and JSD (the first three of the table); spread has them all.
   const Divergence kind = fld_binding::parse_divergence(std::string_view(divergence.data(), divergence.size()),
-                                                        kOp, 3);
+                                                        kOp, buckets ? 3 : kNumDivergences);
   const at::ScalarType acc = student_hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = student_hidden.options().dtype(acc);
   at::Tensor hs = student_hidden.to(acc).contiguous(), ws = student_weight.to(acc).contiguous();
@@ -93,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_topk_fwd_
   args.divergence = kind;
   args.temperature = temperature;
   args.beta = beta;
+  args.alpha = alpha;
   args.student_hidden = hs.data_ptr();
   args.student_weight = ws.data_ptr();
   args.teacher_index = index.data_ptr<int64_t>();
@@ -104,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_topk_fwd_
   args.grad_hidden = grad_hidden.data_ptr();
   args.grad_weight = grad_weight.data_ptr();
 
-  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? fld_binding::run_typed<double>(args, true)
-                                                                     : fld_binding::run_typed<float>(args, true);
+  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? fld_binding::run_typed<double>(args, buckets)
+                                                                     : fld_binding::run_typed<float>(args, buckets);
   loss.fill_(value);
   return {loss, grad_hidden, grad_weight};
 }

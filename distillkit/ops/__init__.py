@@ -18,7 +18,8 @@ from distillkit.ops.divergences import (
 from distillkit.ops.infonce import membank_infonce, naive_membank_infonce, reference_membank_infonce
 from distillkit.ops.library import compiled_available
 from distillkit.ops.linear_divergence import (
-    TOPK_DIVERGENCES,
+    BUCKET_DIVERGENCES,
+    TOPK_TAILS,
     fused_linear_divergence,
     fused_linear_divergence_topk,
 )
@@ -27,7 +28,8 @@ library.load()
 
 __all__ = [
     "DIVERGENCES",
-    "TOPK_DIVERGENCES",
+    "BUCKET_DIVERGENCES",
+    "TOPK_TAILS",
     "check_divergence",
     "compiled_available",
     "divergence",

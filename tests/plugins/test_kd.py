@@ -194,5 +194,5 @@ def test_defaults_are_today_behaviour_and_listed():
     from distillkit_plugins.kd import KDLoss
 
     names = [row[0] for row in KDLoss.describe_params()]
-    assert names == ["divergence", "temperature", "beta", "alpha", "ce_weight"]
+    assert names == ["divergence", "temperature", "beta", "alpha", "ce_weight", "topk_tail"]
     assert KDLoss.parse_params({}).divergence == "forward_kl"

@@ -11,7 +11,7 @@ import torch
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
 from distillkit.models import freeze, load_model, load_tokenizer
-from distillkit.objective.taps import TapRequest, Taps, TopKLogits, collect_taps
+from distillkit.objective.taps import TapRequest, TopKLogits, collect_taps
 from distillkit.ops import fused_linear_divergence_topk
 from distillkit.run.cache_teacher import cache_teacher
 from distillkit.run.distill import distill
@@ -65,8 +65,10 @@ def test_the_cache_gives_the_teachers_top_k_at_real_positions(tmp_path):
         assert torch.all(topk.logp[~mask] == -math.log(K)) and torch.all(topk.log_tail[~mask] == -math.inf)
 
 
-def test_kd_reads_the_sparse_teacher_through_the_top_k_op(tmp_path):
-    cfg = _cached(tmp_path, [{"loss": "kd", "temperature": 2.0, "divergence": "jsd", "beta": 0.3}])
+@pytest.mark.parametrize("tail", ["spread", "bucket"])
+def test_kd_reads_the_sparse_teacher_through_the_top_k_op(tmp_path, tail):
+    term = {"loss": "kd", "temperature": 2.0, "divergence": "jsd", "beta": 0.3, "topk_tail": tail}
+    cfg = _cached(tmp_path, [term])
     cache = TeacherCache(tmp_path / "cache")
     teacher, batch = _live_teacher_and_batch(cfg)
     run = Run.from_config(cfg, finetune_teacher=False, announce=False)
@@ -86,25 +88,34 @@ def test_kd_reads_the_sparse_teacher_through_the_top_k_op(tmp_path):
         beta=0.3,
         temperature=2.0,
         mask=student_taps.position_mask().reshape(rows) > 0,
+        tail=tail,
     )
     torch.testing.assert_close(got, expected)
 
 
-def test_divergences_without_a_sparse_form_keep_the_logits(tmp_path):
+def test_a_term_that_cannot_read_a_top_k_teacher_keeps_the_logits(tmp_path, monkeypatch):
     cfg = _cached(tmp_path, [{"loss": "kd", "temperature": 1.0, "divergence": "tvd"}])
     cache = TeacherCache(tmp_path / "cache")
     _, batch = _live_teacher_and_batch(cfg)
     run = Run.from_config(cfg, finetune_teacher=False, announce=False)
+    kd = run.objective.terms["kd"]
+    assert kd.reads_topk_teacher()  # the spread tail has every divergence
+    monkeypatch.setattr(type(kd), "reads_topk_teacher", lambda self: False)
     assert not choose_output_layer("auto", run.objective, run.student, {"teacher": cache}, batch)
     with pytest.raises(
         ConfigError, match="objective term 'kd' \\(loss 'kd'\\) cannot read without its logits"
     ):
         choose_output_layer("always", run.objective, run.student, {"teacher": cache}, batch)
-    kd = run.objective.terms["kd"]
-    topk = TopKLogits(torch.zeros(1, 2, K, dtype=torch.long), torch.zeros(1, 2, K), torch.zeros(1, 2))
-    student = Taps(output_hidden=torch.zeros(1, 2, 16), output_weight=torch.zeros(40, 16))
-    with pytest.raises(ValueError, match="kd's divergence 'tvd' needs the teacher's whole distribution"):
-        kd(student, Taps(topk_logits=topk))
+
+
+def test_the_bucket_tail_has_only_its_divergences():
+    from distillkit_plugins.kd import KDLoss
+
+    assert KDLoss.parse_params({"divergence": "jsd", "topk_tail": "bucket"}).topk_tail == "bucket"
+    with pytest.raises(
+        ValueError, match="topk_tail: bucket has forward_kl, reverse_kl, jsd, not divergence 'tvd'"
+    ):
+        KDLoss.parse_params({"divergence": "tvd", "topk_tail": "bucket"})
 
 
 def test_a_dense_cache_cannot_stand_for_the_output_layer(tmp_path):
@@ -135,3 +146,19 @@ def test_a_run_on_a_top_k_cache_of_all_but_one_token_equals_the_live_run(tmp_pat
     assert capsys.readouterr().out.count("read(s) the models' output layers") == 2
     assert len(logged["cached"]) == 3
     assert logged["cached"] == pytest.approx(logged["live"], rel=1e-4, abs=1e-6)
+
+
+def test_the_spread_tail_trains_as_the_caches_dense_logits_do(tmp_path):
+    """A top-8 cache: reading it through the output layers (spread tail) or as dense logits gives the same
+    losses step by step (the same teacher distribution, without building it)."""
+    objective = [{"loss": "kd", "temperature": 2.0, "divergence": "skew_reverse_kl", "alpha": 0.2}]
+    logged = {}
+    for mode in ("auto", "never"):
+        (tmp_path / mode).mkdir()
+        cfg = _cached(tmp_path / mode, objective, top_k=8, batch_size=4)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fused_logits": mode})})
+        distill(cfg)
+        records = (tmp_path / mode / "run" / "metrics.jsonl").read_text().splitlines()
+        logged[mode] = [r["kd"] for r in map(json.loads, records) if r.get("split") == "train"]
+    assert len(logged["auto"]) == 3
+    assert logged["auto"] == pytest.approx(logged["never"], rel=1e-4, abs=1e-7)

@@ -11,10 +11,11 @@ parts). The kernels live in ``csrc/linear_divergence/``; the divergence math is
 
 from distillkit.ops.linear_divergence.chunked import chunked_linear_divergence, naive_linear_divergence
 from distillkit.ops.linear_divergence.op import fused_linear_divergence
-from distillkit.ops.linear_divergence.topk import TOPK_DIVERGENCES, fused_linear_divergence_topk
+from distillkit.ops.linear_divergence.topk import BUCKET_DIVERGENCES, TOPK_TAILS, fused_linear_divergence_topk
 
 __all__ = [
-    "TOPK_DIVERGENCES",
+    "BUCKET_DIVERGENCES",
+    "TOPK_TAILS",
     "chunked_linear_divergence",
     "fused_linear_divergence",
     "fused_linear_divergence_topk",

@@ -23,7 +23,7 @@ def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _chunk_terms(
+def chunk_terms(
     s: torch.Tensor,
     t: torch.Tensor,
     kd_weight: torch.Tensor,
@@ -105,7 +105,7 @@ class _ChunkedFunction(torch.autograd.Function):
             h = hs[rows].detach().to(acc)
             s = h @ ws_acc.T
             t = ht[rows].detach().to(acc) @ wt_acc.T
-            chunk_loss, grad = _chunk_terms(
+            chunk_loss, grad = chunk_terms(
                 s,
                 t,
                 kd_weight[rows].to(acc),

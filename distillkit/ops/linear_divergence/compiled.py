@@ -1,7 +1,7 @@
 """The Python parts of the compiled ops ``distillkit::fused_linear_divergence_fwd`` and ``..._topk_fwd``.
 
 Both ops return the loss and its gradients with respect to the student's hidden states and output weight
-(``student_hidden`` and ``student_weight`` are their first two inputs, and they take 11 inputs); the
+(``student_hidden`` and ``student_weight`` are their first two inputs, the only differentiable ones); the
 backward pass scales the gradients by the upstream gradient. :mod:`distillkit.ops.library` registers
 :func:`fake` and the autograd formula (:func:`setup_context`, :func:`backward`) of each with torch when the
 extension loads (this module for the dense op, :mod:`.topk_compiled` for the sparse-teacher one);
@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 OP_NAME = "distillkit::fused_linear_divergence_fwd"
-_NON_DIFFERENTIABLE_INPUTS = 9  # every input after student_hidden and student_weight
 
 HANDOVER_ELEMENTS = 1 << 20
 """From this many ``student_weight`` elements on, eager CPU calls hand the stored gradients to autograd
@@ -32,6 +31,7 @@ def setup_context(ctx, inputs, output):
     _loss, grad_h, grad_w = output
     ctx.save_for_backward(grad_h, grad_w)
     ctx.dtypes = (hs.dtype, ws.dtype)
+    ctx.rest = len(inputs) - 2  # the inputs after student_hidden and student_weight
     ctx.mark_non_differentiable(grad_h, grad_w)
 
 
@@ -56,7 +56,7 @@ def backward(ctx, grad_loss, _grad_h, _grad_w):
     """Gradients of ``student_hidden`` and ``student_weight``; None for the other inputs."""
     grad_h, grad_w = ctx.saved_tensors
     grads = _scaled(grad_loss, grad_h, grad_w, ctx.dtypes, ctx.needs_input_grad)
-    return *grads, *(None,) * _NON_DIFFERENTIABLE_INPUTS
+    return *grads, *(None,) * ctx.rest
 
 
 class EagerFunction(torch.autograd.Function):
@@ -74,6 +74,7 @@ class EagerFunction(torch.autograd.Function):
         loss, grad_h, grad_w = op(hs, ws, *rest)
         ctx.gradients = [grad_h, grad_w]
         ctx.dtypes = (hs.dtype, ws.dtype)
+        ctx.rest = len(rest)
         return loss
 
     @staticmethod
@@ -88,7 +89,7 @@ class EagerFunction(torch.autograd.Function):
         ctx.gradients.clear()
         grads = _scaled(grad_loss, grad_h, grad_w, ctx.dtypes, ctx.needs_input_grad[1:])
         del grad_h, grad_w
-        return None, *grads, *(None,) * _NON_DIFFERENTIABLE_INPUTS
+        return None, *grads, *(None,) * ctx.rest
 
 
 def run_compiled(op, args: tuple) -> torch.Tensor:

@@ -1,18 +1,24 @@
-"""The fused linear divergence against a sparse teacher: its top-k tokens per row and one tail bucket.
+"""The fused linear divergence against a sparse teacher: its top-k tokens per row and its tail mass.
 
 A top-k teacher cache stores, per token, the teacher's ``k`` most probable token ids, their
 log-probabilities and the log of the remaining mass ``r``. :func:`fused_linear_divergence_topk` compares the
-``k + 1`` buckets (each top-k token, and the rest) of the two distributions, as verl and DistillKit do:
+student with that teacher without the teacher's GEMM and without any ``[N, V]`` tensor (the student's logits
+are taken in blocks, as in the dense op), in one of two ways (``tail``):
 
-``P = (p_1 … p_k, r)`` and ``Q = (q_1 … q_k, 1 − Σ q_i)`` with ``q = softmax(student_hidden @ student_weight.T
-/ T)``: the student's mass outside the top ``k`` is compared with the teacher's tail. No teacher GEMM runs and
-no ``[N, V]`` tensor is built (the student's logits are taken in blocks, as in the dense op). At a temperature
-``T ≠ 1`` the teacher's known logits are ``logp / T`` and its tail is taken as spread evenly over the other
-``V − k`` tokens (each ``log(r / (V − k)) / T``), exactly the distribution the dense reading of the cache
-(:func:`distillkit.teacher_cache.densify_topk`) gives; at ``T = 1`` the buckets are the stored values.
+- ``spread`` (the default): the tail mass is spread evenly over the other ``V − k`` tokens, each
+  ``log(r / (V − k))``: the teacher is the distribution the dense reading of the cache gives
+  (:func:`distillkit.teacher_cache.densify_topk`), and ``D`` is the full-vocabulary divergence against it, any
+  of :data:`~distillkit.ops.divergences.DIVERGENCES`. At ``T ≠ 1`` the known logits and the spread tail are
+  divided by ``T``.
+- ``bucket``: the ``k + 1`` buckets (each top-k token, and the rest) of the two distributions are compared,
+  as verl and DistillKit do: ``P = (p_1 … p_k, r)``, ``Q = (q_1 … q_k, 1 − Σ q_i)``, so the student's mass
+  outside the top ``k`` meets the teacher's tail and the shape of either tail does not count. Forward KL,
+  reverse KL and JSD (:data:`BUCKET_DIVERGENCES`). At ``T ≠ 1`` the teacher's buckets are those of the spread
+  teacher at ``T``; at ``T = 1`` they are the stored values.
 
 On CPU the compiled kernel ``distillkit::fused_linear_divergence_topk_fwd`` runs
-(``csrc/linear_divergence/cpu_topk_kernel.cpp``); elsewhere :func:`chunked_topk_linear_divergence`.
+(``csrc/linear_divergence/``: the dense kernel with the spread teacher's logits in place of its GEMM, or
+``cpu_topk_kernel.cpp``); elsewhere :func:`chunked_topk_linear_divergence`.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ import torch
 from distillkit.ops import library
 from distillkit.ops.divergences import divergence_and_grad
 from distillkit.ops.linear_divergence import compiled, topk_compiled
-from distillkit.ops.linear_divergence.chunked import CHUNK_ELEMENTS, ce_terms
+from distillkit.ops.linear_divergence.chunked import CHUNK_ELEMENTS, ce_terms, chunk_terms
 from distillkit.ops.linear_divergence.op import row_weights
-from distillkit.ops.linear_divergence.validate import TOPK_DIVERGENCES, validate_topk
+from distillkit.ops.linear_divergence.validate import BUCKET_DIVERGENCES, TOPK_TAILS, validate_topk
 
 __all__ = [
-    "TOPK_DIVERGENCES",
+    "BUCKET_DIVERGENCES",
+    "TOPK_TAILS",
     "chunked_topk_linear_divergence",
     "fused_linear_divergence_topk",
+    "spread_logits",
     "topk_buckets",
 ]
 
@@ -51,16 +59,19 @@ def fused_linear_divergence_topk(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
+    alpha: float = 0.1,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ce_weight: float = 0.0,
+    tail: str = "spread",
 ) -> torch.Tensor:
     """``kd``'s token-level loss against a top-k teacher, from the student's output layer (see the module).
 
-    ``loss = T² · mean_{counted rows} D(P ‖ Q) + ce_weight · mean_{rows with a label} CE(softmax(s), label)``
-    over the ``k + 1`` buckets, ``s = student_hidden @ student_weight.T``. Gradients reach ``student_hidden``
-    and ``student_weight`` only; like :func:`~distillkit.ops.fused_linear_divergence` they are computed in the
-    forward pass, so the result may be backpropagated once.
+    ``loss = T² · mean_{counted rows} D(p ‖ q) + ce_weight · mean_{rows with a label} CE(softmax(s), label)``
+    with ``s = student_hidden @ student_weight.T``, ``p`` the teacher of the ``tail`` form (over all tokens,
+    or over the ``k + 1`` buckets). Gradients reach ``student_hidden`` and ``student_weight`` only; like
+    :func:`~distillkit.ops.fused_linear_divergence` they are computed in the forward pass, so the result may
+    be backpropagated once.
 
     Example::
 
@@ -74,22 +85,24 @@ def fused_linear_divergence_topk(
         teacher_index: ``[N, k]`` the teacher's top-k token ids per row, distinct, in ``[0, V)``.
         teacher_logp: ``[N, k]`` their log-probabilities under the teacher (temperature 1).
         teacher_log_tail: ``[N]`` log of the teacher's mass outside the top k (``-inf``: none).
-        divergence: One of :data:`TOPK_DIVERGENCES` (``forward_kl``, ``reverse_kl``, ``jsd``); the others
-            need the teacher's whole distribution.
+        divergence: One of :data:`~distillkit.ops.divergences.DIVERGENCES`; with ``tail="bucket"`` one of
+            :data:`BUCKET_DIVERGENCES` (``forward_kl``, ``reverse_kl``, ``jsd``).
         temperature: ``T > 0``.
         beta: JSD's mixing weight in ``(0, 1)``.
+        alpha: The skew weight in ``(0, 1)`` (the skew forms, spread tail).
         mask: ``[N]`` bool, the rows whose divergence counts (all when None).
         labels: ``[N]`` next-token ids, -100 for none; needed when ``ce_weight > 0``.
         ce_weight: Weight of the hard-label cross-entropy on the student's logits (0 disables it).
+        tail: ``spread`` or ``bucket`` (:data:`TOPK_TAILS`; see the module).
 
     Returns:
         Scalar loss, float32 (float64 when ``student_hidden`` is float64).
 
     Raises:
         TypeError: A tensor or number of the wrong kind or dtype.
-        ValueError: Wrong shapes or devices, or a divergence other than those of :data:`TOPK_DIVERGENCES`.
+        ValueError: Wrong shapes or devices, or a divergence the ``tail`` form does not have.
     """
-    temperature, beta, ce_weight = validate_topk(
+    temperature, beta, alpha, ce_weight = validate_topk(
         student_hidden,
         student_weight,
         teacher_index,
@@ -98,9 +111,11 @@ def fused_linear_divergence_topk(
         divergence,
         temperature,
         beta,
+        alpha,
         mask,
         labels,
         ce_weight,
+        tail,
     )
     kd_weight, row_ce, row_labels = row_weights(student_hidden, mask, labels, ce_weight)
     args = (
@@ -115,10 +130,34 @@ def fused_linear_divergence_topk(
         divergence,
         temperature,
         beta,
+        alpha,
+        tail,
     )
     if student_hidden.device.type == "cpu" and topk_kernel_available():
         return compiled.run_compiled(torch.ops.distillkit.fused_linear_divergence_topk_fwd, args)
     return chunked_topk_linear_divergence(*args)
+
+
+def spread_logits(
+    teacher_index: torch.Tensor, teacher_logp: torch.Tensor, teacher_log_tail: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """The spread teacher's log-probabilities over all tokens: the top k as given, the tail spread evenly.
+
+    Args:
+        teacher_index: ``[n, k]`` int64.
+        teacher_logp: ``[n, k]``.
+        teacher_log_tail: ``[n]``.
+        vocab: ``V``.
+
+    Returns:
+        ``[n, V]`` in ``teacher_logp``'s dtype (``-inf`` off the top k when ``k = V``).
+    """
+    k = teacher_index.shape[-1]
+    fill = (
+        teacher_log_tail - math.log(vocab - k) if k < vocab else torch.full_like(teacher_log_tail, -math.inf)
+    )
+    dense = fill.unsqueeze(-1).expand(teacher_index.shape[0], vocab).clone()
+    return dense.scatter_(-1, teacher_index, teacher_logp)
 
 
 def topk_buckets(
@@ -192,7 +231,9 @@ class _TopKChunkedFunction(torch.autograd.Function):
     """Loss forward with the gradients computed chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hs, ws, index, logp, log_tail, kd_weight, ce_weight, labels, kind, temperature, beta):
+    def forward(
+        ctx, hs, ws, index, logp, log_tail, kd_weight, ce_weight, labels, kind, temperature, beta, alpha, tail
+    ):
         acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
         ws_acc = ws.detach().to(acc)
         grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device)
@@ -203,12 +244,27 @@ class _TopKChunkedFunction(torch.autograd.Function):
             rows = slice(start, min(start + step, hs.shape[0]))
             h = hs[rows].detach().to(acc)
             s = h @ ws_acc.T
-            chunk, grad = _topk_chunk_terms(
-                s, index[rows], logp[rows], log_tail[rows], kd_weight[rows].to(acc), kind, temperature, beta
-            )
-            if ce_weight is not None:
-                ce_loss, ce_grad = ce_terms(s, ce_weight[rows].to(acc), labels[rows])
-                chunk, grad = chunk + ce_loss, grad + ce_grad
+            row_ce = None if ce_weight is None else ce_weight[rows].to(acc)
+            if tail == "spread":
+                teacher = spread_logits(index[rows], logp[rows].to(acc), log_tail[rows].to(acc), s.shape[-1])
+                chunk, grad = chunk_terms(
+                    s, teacher, kd_weight[rows].to(acc), row_ce, labels_rows(labels, rows), kind, temperature,
+                    beta, alpha,
+                )  # fmt: skip
+            else:
+                chunk, grad = _topk_chunk_terms(
+                    s,
+                    index[rows],
+                    logp[rows],
+                    log_tail[rows],
+                    kd_weight[rows].to(acc),
+                    kind,
+                    temperature,
+                    beta,
+                )
+                if row_ce is not None:
+                    ce_loss, ce_grad = ce_terms(s, row_ce, labels[rows])
+                    chunk, grad = chunk + ce_loss, grad + ce_grad
             loss = loss + chunk
             grad_h[rows] = grad @ ws_acc
             grad_w.addmm_(grad.T, h)
@@ -222,7 +278,12 @@ class _TopKChunkedFunction(torch.autograd.Function):
         scale = grad_loss.to(grad_h.dtype)
         grad_hs = (grad_h * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_ws = (grad_w * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_hs, grad_ws, *([None] * 9)
+        return grad_hs, grad_ws, *([None] * 12)
+
+
+def labels_rows(labels: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """``labels[rows]``, or None."""
+    return None if labels is None else labels[rows]
 
 
 def chunked_topk_linear_divergence(
@@ -237,6 +298,8 @@ def chunked_topk_linear_divergence(
     divergence_name: str,
     temperature: float,
     beta: float,
+    alpha: float = 0.1,
+    tail: str = "spread",
 ) -> torch.Tensor:
     """The sparse-teacher loss on any device, in chunks of rows (canonical inputs, as the compiled op).
 
@@ -249,9 +312,11 @@ def chunked_topk_linear_divergence(
         kd_weight: ``[N]`` weight of each row's divergence.
         ce_weight: ``[N]`` weight of each row's cross-entropy, or None.
         labels: ``[N]`` int64 in ``[0, V)`` or -100, or None.
-        divergence_name: One of :data:`TOPK_DIVERGENCES`.
+        divergence_name: The divergence (of :data:`BUCKET_DIVERGENCES` with ``tail="bucket"``).
         temperature: ``T``.
         beta: JSD's mixing weight.
+        alpha: The skew weight.
+        tail: ``spread`` or ``bucket``.
 
     Returns:
         Scalar loss in the accumulation dtype.
@@ -268,4 +333,6 @@ def chunked_topk_linear_divergence(
         divergence_name,
         temperature,
         beta,
+        alpha,
+        tail,
     )

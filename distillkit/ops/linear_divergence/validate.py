@@ -158,8 +158,11 @@ def _is_integer(tensor: torch.Tensor) -> bool:
     return not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
 
 
-TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-"""The divergences the sparse-teacher op computes; the others need the teacher's whole distribution."""
+BUCKET_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+"""The divergences the sparse-teacher op has with the tail as one bucket (the spread tail has them all)."""
+
+TOPK_TAILS = ("spread", "bucket")
+"""How the sparse-teacher op treats the teacher's mass outside its top k (see its module)."""
 
 
 def validate_topk(
@@ -171,10 +174,12 @@ def validate_topk(
     divergence: str,
     temperature: float,
     beta: float,
+    alpha: float,
     mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     ce_weight: float,
-) -> tuple[float, float, float]:
+    tail: str,
+) -> tuple[float, float, float, float]:
     """Checks the arguments of :func:`~distillkit.ops.fused_linear_divergence_topk`.
 
     Args:
@@ -183,15 +188,18 @@ def validate_topk(
         index: ``[N, k]`` teacher_index, integer token ids.
         logp: ``[N, k]`` teacher_logp.
         log_tail: ``[N]`` teacher_log_tail.
-        divergence: One of :data:`TOPK_DIVERGENCES`.
+        divergence: One of :data:`~distillkit.ops.divergences.DIVERGENCES` (of :data:`BUCKET_DIVERGENCES`
+            with ``tail="bucket"``).
         temperature: ``T > 0``.
         beta: JSD's mixing weight in ``(0, 1)``.
+        alpha: The skew weight in ``(0, 1)``.
         mask: ``[N]`` bool, or None.
         labels: ``[N]`` integer token ids, or None.
         ce_weight: ``>= 0``; above 0 it needs ``labels``.
+        tail: One of :data:`TOPK_TAILS`.
 
     Returns:
-        ``(temperature, beta, ce_weight)`` as floats.
+        ``(temperature, beta, alpha, ce_weight)`` as floats.
 
     Raises:
         TypeError: A tensor or number of the wrong kind or dtype.
@@ -227,13 +235,18 @@ def validate_topk(
             )
     if log_tail.device != hs.device:
         raise ValueError(f"fused_linear_divergence_topk: teacher_log_tail is on {log_tail.device}")
-    if divergence not in TOPK_DIVERGENCES:
+    if tail not in TOPK_TAILS:
         raise ValueError(
-            f"fused_linear_divergence_topk: divergence {divergence!r} needs the teacher's whole "
-            f"distribution; a top-k teacher serves {', '.join(TOPK_DIVERGENCES)} (read dense teacher "
-            "logits for the others)"
+            f"fused_linear_divergence_topk: tail must be one of {', '.join(TOPK_TAILS)}, got {tail!r}"
         )
-    temperature, beta, _, ce_weight = _check_rest(
-        hs, divergence, temperature, beta, 0.1, mask, labels, ce_weight
-    )
-    return temperature, beta, ce_weight
+    if divergence not in DIVERGENCES:
+        raise ValueError(
+            f"fused_linear_divergence_topk: unknown divergence {divergence!r}; "
+            f"choose one of {', '.join(DIVERGENCES)}"
+        )
+    if tail == "bucket" and divergence not in BUCKET_DIVERGENCES:
+        raise ValueError(
+            f"fused_linear_divergence_topk: divergence {divergence!r} has no form with the tail as one "
+            f"bucket; use {', '.join(BUCKET_DIVERGENCES)}, or tail='spread'"
+        )
+    return _check_rest(hs, divergence, temperature, beta, alpha, mask, labels, ce_weight)

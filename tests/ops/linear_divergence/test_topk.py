@@ -1,4 +1,4 @@
-"""fused_linear_divergence_topk (sparse teacher) against a float64 formula with the tail bucket."""
+"""fused_linear_divergence_topk (sparse teacher) against float64 formulas, the tail spread and as a bucket."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from distillkit.ops import TOPK_DIVERGENCES, fused_linear_divergence_topk
+from distillkit.ops import BUCKET_DIVERGENCES, DIVERGENCES, fused_linear_divergence_topk
 
 TOPK = importlib.import_module("distillkit.ops.linear_divergence.topk")
 
@@ -26,40 +26,53 @@ def path(request, monkeypatch):
     return request.param
 
 
-def float64_topk_loss(
-    hs, ws, index, logp, log_tail, kind, temperature, beta=0.5, mask=None, labels=None, ce=0.0
-):
-    """The loss from its definition, in float64: k + 1 buckets of two distributions over V tokens.
-
-    The teacher over V: its top-k log-probabilities, the tail mass spread evenly over the other tokens, at
-    temperature T; the student: softmax(s / T). Bucket i is token index[i]; the tail bucket sums the rest.
-    """
-    s = hs.double() @ ws.double().T
-    n, vocab = s.shape
-    k = index.shape[1]
-    teacher = torch.empty(n, vocab, dtype=torch.float64)
-    if k < vocab:
-        teacher[:] = (log_tail.double() - math.log(vocab - k)).unsqueeze(1)
-    teacher.scatter_(1, index, logp.double())
-    p_full = torch.softmax(teacher / temperature, -1)
-    q_full = torch.softmax(s / temperature, -1)
-    in_top = torch.zeros(n, vocab, dtype=torch.bool).scatter_(1, index, True)
-    buckets = [p_full.gather(1, index), q_full.gather(1, index)]
-    if k < vocab:
-        buckets[0] = torch.cat([buckets[0], (p_full * ~in_top).sum(-1, keepdim=True)], 1)
-        buckets[1] = torch.cat([buckets[1], (q_full * ~in_top).sum(-1, keepdim=True)], 1)
-    p, q = buckets
+def float64_rows(p, q, kind, beta, alpha):
+    """D(p ‖ q) per row of two float64 distributions, from the definitions."""
 
     def kl(a, b):
         return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
 
     if kind == "forward_kl":
-        per_row = kl(p, q)
-    elif kind == "reverse_kl":
-        per_row = kl(q, p)
-    else:
+        return kl(p, q)
+    if kind == "reverse_kl":
+        return kl(q, p)
+    if kind == "jsd":
         m = beta * p + (1 - beta) * q
-        per_row = beta * kl(p, m) + (1 - beta) * kl(q, m)
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if kind == "skew_forward_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    return kl(q, alpha * q + (1 - alpha) * p)
+
+
+def float64_topk_loss(
+    hs, ws, index, logp, log_tail, kind, temperature, beta=0.5, alpha=0.1, mask=None, labels=None, ce=0.0,
+    tail="spread",
+):  # fmt: skip
+    """The loss from its definition, in float64.
+
+    The teacher over V: its top-k log-probabilities, the tail mass spread evenly over the other tokens, at
+    temperature T; the student: softmax(s / T). ``spread``: D over the V tokens. ``bucket``: D over k + 1
+    buckets, bucket i being token index[i] and the tail bucket the sum over the rest.
+    """
+    s = hs.double() @ ws.double().T
+    n, vocab = s.shape
+    k = index.shape[1]
+    teacher = torch.full((n, vocab), float("-inf"), dtype=torch.float64)
+    if k < vocab:
+        teacher[:] = (log_tail.double() - math.log(vocab - k)).unsqueeze(1)
+    teacher.scatter_(1, index, logp.double())
+    p = torch.softmax(teacher / temperature, -1)
+    q = torch.softmax(s / temperature, -1)
+    if tail == "bucket":
+        in_top = torch.zeros(n, vocab, dtype=torch.bool).scatter_(1, index, True)
+        buckets = [p.gather(1, index), q.gather(1, index)]
+        if k < vocab:
+            buckets[0] = torch.cat([buckets[0], (p * ~in_top).sum(-1, keepdim=True)], 1)
+            buckets[1] = torch.cat([buckets[1], (q * ~in_top).sum(-1, keepdim=True)], 1)
+        p, q = buckets
+    per_row = float64_rows(p, q, kind, beta, alpha)
     counted = torch.ones(n, dtype=torch.bool) if mask is None else mask
     loss = temperature**2 * per_row[counted].sum() / max(int(counted.sum()), 1)
     if ce:
@@ -67,6 +80,14 @@ def float64_topk_loss(
         nll = -torch.log_softmax(s, -1)[valid.nonzero().squeeze(-1), labels[valid]]
         loss = loss + ce * nll.sum() / max(int(valid.sum()), 1)
     return loss
+
+
+CASES = [("bucket", kind) for kind in BUCKET_DIVERGENCES] + [("spread", kind) for kind in DIVERGENCES]
+"""Every (tail, divergence) the op has."""
+
+
+def mixing(kind):
+    return {"beta": 0.3} if kind == "jsd" else {"alpha": 0.2} if kind.startswith("skew_") else {}
 
 
 def make(n, vocab, dim, k, dtype=torch.float32, seed=0, spread=3.0):
@@ -97,9 +118,11 @@ def check(hs, ws, index, logp, log_tail, rtol=1e-4, atol=1e-6, **kwargs):
         kwargs.get("divergence", "forward_kl"),
         kwargs.get("temperature", 1.0),
         beta=kwargs.get("beta", 0.5),
+        alpha=kwargs.get("alpha", 0.1),
         mask=kwargs.get("mask"),
         labels=kwargs.get("labels"),
         ce=kwargs.get("ce_weight", 0.0),
+        tail=kwargs.get("tail", "spread"),
     )
     expected.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=rtol, atol=atol)
@@ -108,7 +131,7 @@ def check(hs, ws, index, logp, log_tail, rtol=1e-4, atol=1e-6, **kwargs):
     return loss
 
 
-@pytest.mark.parametrize("kind", TOPK_DIVERGENCES)
+@pytest.mark.parametrize(("tail", "kind"), CASES)
 @pytest.mark.parametrize(
     ("n", "vocab", "dim", "k", "temperature"),
     [
@@ -119,13 +142,15 @@ def check(hs, ws, index, logp, log_tail, rtol=1e-4, atol=1e-6, **kwargs):
         (6, 12, 4, 12, 1.5),
     ],
 )
-def test_matches_float64_formula_with_the_tail_bucket(path, kind, n, vocab, dim, k, temperature):
+def test_matches_float64_formula(path, tail, kind, n, vocab, dim, k, temperature):
     hs, ws, index, logp, log_tail = make(n, vocab, dim, k, seed=n + vocab)
-    check(hs, ws, index, logp, log_tail, divergence=kind, temperature=temperature, beta=0.3)
+    if kind == "tvd":  # keep away from |p - q|'s kinks at float32 resolution
+        hs = (3 * hs.detach()).requires_grad_()
+    check(hs, ws, index, logp, log_tail, divergence=kind, temperature=temperature, tail=tail, **mixing(kind))
 
 
-@pytest.mark.parametrize("kind", TOPK_DIVERGENCES)
-def test_mask_and_cross_entropy(path, kind):
+@pytest.mark.parametrize(("tail", "kind"), CASES)
+def test_mask_and_cross_entropy(path, tail, kind):
     hs, ws, index, logp, log_tail = make(17, 301, 15, 8, seed=3)
     labels = torch.randint(0, 301, (17,), generator=torch.Generator().manual_seed(4))
     labels[[0, 5]] = -100
@@ -135,29 +160,44 @@ def test_mask_and_cross_entropy(path, kind):
         hs.grad = ws.grad = None
         check(
             hs, ws, index, logp, log_tail, divergence=kind, temperature=temperature, mask=mask, labels=labels,
-            ce_weight=0.4,
+            ce_weight=0.4, tail=tail, **mixing(kind),
         )  # fmt: skip
 
 
-def test_top_k_equal_to_the_vocabulary_is_the_dense_divergence(path):
+@pytest.mark.parametrize("tail", ["bucket", "spread"])
+def test_top_k_equal_to_the_vocabulary_is_the_dense_divergence(path, tail):
     from distillkit.ops import divergence
 
     hs, ws, index, logp, log_tail = make(5, 11, 4, 11, seed=5)
-    loss = fused_linear_divergence_topk(hs, ws, index, logp, log_tail, divergence="jsd", temperature=1.0)
+    loss = fused_linear_divergence_topk(hs, ws, index, logp, log_tail, divergence="jsd", tail=tail)
     dense_teacher = torch.empty(5, 11, dtype=torch.float64).scatter_(1, index, logp.double())
     log_q = torch.log_softmax(hs.detach().double() @ ws.detach().double().T, -1)
     expected = divergence(dense_teacher, log_q, "jsd").mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_no_teacher_mass_in_the_tail(path):
+@pytest.mark.parametrize("tail", ["bucket", "spread"])
+def test_no_teacher_mass_in_the_tail(path, tail):
     hs, ws, index, logp, _ = make(6, 40, 5, 6, seed=6)
     logp = torch.log_softmax(logp, -1)  # the top k hold all the mass
     log_tail = torch.full((6,), float("-inf"))
-    check(hs, ws, index, logp, log_tail, divergence="forward_kl", temperature=1.0)
+    check(hs, ws, index, logp, log_tail, divergence="forward_kl", temperature=1.0, tail=tail)
 
 
-@pytest.mark.parametrize("kind", TOPK_DIVERGENCES)
+def test_the_spread_tail_is_the_dense_op_on_the_densified_teacher(path):
+    """The spread form is fused_linear_divergence with the densified log-probabilities as teacher logits."""
+    from distillkit.ops import fused_linear_divergence
+    from distillkit.teacher_cache import densify_topk
+
+    hs, ws, index, logp, log_tail = make(7, 90, 6, 9, seed=12)
+    dense = densify_topk(logp, index, log_tail, 90)
+    for kind in DIVERGENCES:
+        got = fused_linear_divergence_topk(hs, ws, index, logp, log_tail, divergence=kind, temperature=1.5)
+        want = fused_linear_divergence(hs, ws, dense, torch.eye(90), divergence=kind, temperature=1.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", BUCKET_DIVERGENCES)
 def test_gradcheck_float64(path, kind):
     hs, ws, index, logp, log_tail = make(6, 13, 4, 3, dtype=torch.float64, seed=7)
     mask = torch.tensor([True, False, True, True, True, False])
@@ -178,7 +218,9 @@ def test_row_groups_on_two_threads_match_one_thread():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        check(hs, ws, index, logp, log_tail, divergence="jsd", temperature=1.5)
+        for tail in ("bucket", "spread"):
+            hs.grad = ws.grad = None
+            check(hs, ws, index, logp, log_tail, divergence="jsd", temperature=1.5, tail=tail)
     finally:
         torch.set_num_threads(threads)
 
@@ -221,15 +263,22 @@ def test_opcheck():
     hs, ws, index, logp, log_tail = make(6, 29, 5, 4, seed=11)
     kd = torch.full((6,), 1 / 6)
     labels = torch.tensor([1, 2, -100, 28, 0, 5])
-    for ce, lab in ((None, None), ((labels >= 0).float() * 0.3, labels)):
-        args = (hs, ws, index, logp, log_tail, kd, ce, lab, "jsd", 1.5, 0.4)
-        torch.library.opcheck(torch.ops.distillkit.fused_linear_divergence_topk_fwd, args)
+    for tail in ("bucket", "spread"):
+        for ce, lab in ((None, None), ((labels >= 0).float() * 0.3, labels)):
+            args = (hs, ws, index, logp, log_tail, kd, ce, lab, "jsd", 1.5, 0.4, 0.1, tail)
+            torch.library.opcheck(torch.ops.distillkit.fused_linear_divergence_topk_fwd, args)
 
 
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
-        ({"divergence": "tvd"}, ValueError, "divergence 'tvd' needs the teacher's whole distribution"),
+        (
+            {"divergence": "tvd", "tail": "bucket"},
+            ValueError,
+            "divergence 'tvd' has no form with the tail as one",
+        ),
+        ({"tail": "uniform"}, ValueError, "tail must be one of spread, bucket, got 'uniform'"),
+        ({"divergence": "kl"}, ValueError, "unknown divergence 'kl'"),
         ({"index": torch.zeros(4, 3)}, TypeError, "teacher_index must be an integer tensor"),
         ({"index": torch.zeros(4, 12, dtype=torch.int64)}, ValueError, "with k <= V = 11"),
         ({"logp": torch.zeros(4, 2)}, ValueError, "teacher_logp must be [N, k] = [4, 3]"),
