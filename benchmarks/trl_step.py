@@ -9,7 +9,7 @@ given unshifted: TRL shifts them itself). Each side runs in a fresh process with
 and reports its median step time, the peak resident memory one step adds, and its loss on the first batch
 before any update; the two losses must agree. With ``--topk-cache DIR`` distillkit also runs with the
 teacher read from a top-k cache (written first when missing; that is not timed), whose first-step loss is
-compared with the dense one.
+compared with the dense one (``--topk-tail spread,bucket``: each form of kd's sparse teacher).
 
 The kd term must be what TRL computes: ``jsd`` (``beta``), ``forward_kl`` (TRL's β = 0) or ``reverse_kl``
 (β = 1), at temperature 1 (its trainer calls the loss without one), without ``ce_weight``.
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--topk-cache", help="also time distillkit reading its teacher from this top-k cache")
     parser.add_argument("--top-k", type=int, default=64, help="k of the top-k cache")
+    parser.add_argument(
+        "--topk-tail",
+        default="spread",
+        help="with --topk-cache: kd's topk_tail values to time (comma-separated)",
+    )
     parser.add_argument("--child", choices=["trl", "distillkit"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -198,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.topk_cache:
         cached = with_topk_cache(config, args.topk_cache, args.top_k)
-        sides[f"distillkit, top-{args.top_k} cache"] = in_fresh_process("distillkit", cached, args)
+        for tail in args.topk_tail.split(","):
+            term = cached.objective[0].model_copy(update={"topk_tail": tail})
+            side = cached.model_copy(update={"objective": [term]})
+            sides[f"distillkit, top-{args.top_k} cache, {tail} tail"] = in_fresh_process(
+                "distillkit", side, args
+            )
     print(report(sides, args))
     return 0
 
