@@ -39,6 +39,7 @@ study: demo-data
 embed-study: demo-data
 	$(BIN)/distillkit study configs/embed_study.yaml
 
-# Tests that start processes use this interpreter (python -m torch.distributed.run), so nothing depends on PATH.
+# Tests that start processes run this interpreter (python -m ...), so none depends on PATH; the venv's bin
+# still goes first on PATH, as it would for a user with the venv activated.
 test: demo-data
-	$(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
