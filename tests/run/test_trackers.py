@@ -95,5 +95,6 @@ def test_report_to_refuses_an_unknown_tracker(tmp_path):
 
 
 def test_hyperparameters_are_flat_scalars():
-    flat = flat_hyperparameters({"train": {"lr": 1e-3, "report_to": ["mlflow"]}, "objective": [{"loss": "kd"}]})
+    config = {"train": {"lr": 1e-3, "report_to": ["mlflow"]}, "objective": [{"loss": "kd"}]}
+    flat = flat_hyperparameters(config)
     assert flat == {"train.lr": 1e-3, "train.report_to.0": "mlflow", "objective.0.loss": "kd"}
