@@ -40,5 +40,7 @@ embed-study: demo-data
 	$(BIN)/distillkit study configs/embed_study.yaml
 
 # Tests that start processes use this interpreter (python -m torch.distributed.run), so nothing depends on PATH.
+# TRL (tests only, never a dependency) runs the SFTTrainer example's test; --no-deps keeps our pins.
 test: demo-data
+	$(BIN)/pip install --quiet --no-deps trl==1.16.0
 	$(BIN)/python -m pytest -q

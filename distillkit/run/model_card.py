@@ -158,10 +158,10 @@ def render_model_card(info: CardInfo) -> str:
         teacher = f"[{info.base_model}](https://huggingface.co/{info.base_model})"
     elif " " not in teacher:
         teacher = f"`{teacher}`"
-    data = info.dataset_id or info.data.get("path") or info.data.get("name") or "its training data"
+    data = info.dataset_id or info.data.get("path") or info.data.get("name")
     library = "[distillkit](https://pypi.org/project/distillkit/)"
     lines = [f"---\n{front}---", "", f"# {info.model_name}", ""]
-    lines.append(f"A student distilled from {teacher} with {library} on `{data}`.")
+    lines.append(f"A student distilled from {teacher} with {library}" + (f" on `{data}`." if data else "."))
     if len(info.teachers) > 1:
         named = [f"{name} (`{source}`)" for name, source in info.teachers.items()]
         lines.append("Teachers: " + ", ".join(named) + ".")
