@@ -5,29 +5,16 @@ import os
 import sys
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers import TrainingArguments
 
 from distillkit.hf import DistillationTrainer
-
-
-def bert(layers, hidden, seed):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=40,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
+from tests.conftest import tiny_bert
 
 
 def main(output_dir):
     generator = torch.Generator().manual_seed(0)
     rows = [
-        {"input_ids": torch.randint(1, 40, (10,), generator=generator).tolist(), "labels": i % 2}
+        {"input_ids": torch.randint(1, 64, (10,), generator=generator).tolist(), "labels": i % 2}
         for i in range(32)
     ]
     args = TrainingArguments(
@@ -49,8 +36,8 @@ def main(output_dir):
         {"loss": "minilm_v2", "weight": 0.5},  # module taps, through the DDP wrapper
     ]
     trainer = DistillationTrainer(
-        model=bert(2, 16, seed=2),
-        teacher=bert(4, 32, seed=1),
+        model=tiny_bert(2, 16, num_labels=2, seed=2),
+        teacher=tiny_bert(4, 32, num_labels=2, seed=1),
         objective=objective,
         args=args,
         train_dataset=rows,

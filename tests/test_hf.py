@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import AutoConfig, LlamaForCausalLM, TrainingArguments
 
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
@@ -17,6 +17,7 @@ from distillkit.hf import OBJECTIVE_STATE, DistillationTrainer
 from distillkit.run import Run, fit
 from distillkit.run.loaders import train_loader
 from distillkit.run.runlog import read_jsonl
+from tests.distill_fixtures import llama as llama_config
 from tests.distill_fixtures import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,16 +26,8 @@ KD_L2 = [{"loss": "kd", "weight": 1.0, "temperature": 2.0}, {"loss": "l2", "weig
 
 def llama(layers, hidden, vocab=40, seed=0, name=None):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
+    settings = {**llama_config(layers, hidden), "vocab_size": vocab}
+    model = LlamaForCausalLM(AutoConfig.for_model(**settings))
     if name:
         model.config._name_or_path = name
     return model

@@ -12,6 +12,7 @@ cards ``transformers.Trainer`` writes.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import re
 from dataclasses import dataclass, field
@@ -114,8 +115,6 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def card_metadata(info: CardInfo) -> dict[str, Any]:
     """The YAML front matter of the card."""
-    from distillkit import __version__
-
     metadata: dict[str, Any] = {"library_name": "transformers"}
     if info.base_model:
         metadata["base_model"] = info.base_model
@@ -134,7 +133,7 @@ def card_metadata(info: CardInfo) -> dict[str, Any]:
             {"name": info.model_name, "results": [{"task": task, "dataset": dataset, "metrics": metrics}]}
         ]
     metadata["distillation"] = {
-        "library": f"distillkit {__version__}",
+        "library": f"distillkit {_version()}",
         "teachers": dict(info.teachers),
         "objective": info.objective,
         "data": dict(info.data),
@@ -149,8 +148,6 @@ def render_model_card(info: CardInfo) -> str:
     """The card: YAML front matter, then results, objective, training and versions in markdown."""
     import torch
     import transformers
-
-    from distillkit import __version__
 
     front = yaml.safe_dump(card_metadata(info), sort_keys=False, allow_unicode=True)
     teacher = info.teachers.get(DEFAULT_TEACHER) or next(iter(info.teachers.values()), "a teacher")
@@ -188,9 +185,16 @@ def render_model_card(info: CardInfo) -> str:
         lines.append("- final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in info.final_losses.items()))
     if info.results_table:
         lines += ["", "### Training results", "", info.results_table.strip()]
-    lines += ["", "## Framework versions", "", f"- distillkit {__version__}"]
+    lines += ["", "## Framework versions", "", f"- distillkit {_version()}"]
     lines += [f"- Transformers {transformers.__version__}", f"- PyTorch {torch.__version__}", ""]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("distillkit")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _cell(value: Any) -> str:
