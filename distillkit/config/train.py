@@ -12,6 +12,9 @@ from distillkit.config.base import Strict
 TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
 """The experiment trackers ``train.report_to`` accepts (accelerate's trackers of those names)."""
 
+_NOTICES: dict = {}
+"""The warnings registry of the notices below (each is shown once per process)."""
+
 
 class TrainConfig(Strict):
     """Optimisation and bookkeeping.
@@ -80,11 +83,14 @@ class TrainConfig(Strict):
         if self.tensorboard is None:
             return self
         given, read = ("true", "[tensorboard]") if self.tensorboard else ("false", "[]")
-        warnings.warn(
+        warnings.warn_explicit(  # one line, shown once: no source line of pydantic's to point at
             f"train.tensorboard is now train.report_to: read `tensorboard: {given}` as `report_to: {read}`; "
             "rename it in the config",
             FutureWarning,
-            stacklevel=2,
+            filename="config",
+            lineno=0,
+            module=__name__,
+            registry=_NOTICES,
         )
         if self.tensorboard and "tensorboard" not in self.report_to:
             self.report_to.append("tensorboard")
