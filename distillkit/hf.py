@@ -243,7 +243,8 @@ class DistillationMixin:
                 "add trainer.objective.parameters() to the optimizer, or let the trainer create both"
             )
         decay = set(self.get_decay_parameter_names(self.objective))
-        named = [(n, p) for n, p in self.objective.named_parameters() if id(p) in {id(m) for m in missing}]
+        wanted = {id(p) for p in missing}
+        named = [(n, p) for n, p in self.objective.named_parameters() if id(p) in wanted]
         for weight_decay, params in (
             (self.args.weight_decay, [p for n, p in named if n in decay]),
             (0.0, [p for n, p in named if n not in decay]),
@@ -294,6 +295,11 @@ class DistillationMixin:
                 means = self._eval_terms.pop(self.accelerator)
                 logs.update({f"{prefix}_loss_{k}": v for k, v in means.items()})
         super().log(logs, *args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's ``evaluate``, with ``<prefix>_loss_<term>`` for each term over these batches only."""
+        self._eval_terms = TermMeans()
+        return super().evaluate(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

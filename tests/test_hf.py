@@ -236,6 +236,28 @@ def test_resuming_restores_the_objective(tmp_path):
     assert all(torch.allclose(state[k], final[k], rtol=1e-5, atol=1e-7) for k in final)
 
 
+def test_an_optimizer_given_in_gets_the_heads_or_a_clear_error(tmp_path):
+    def trainer(optimizers):
+        student = llama(2, 16, seed=2)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return DistillationTrainer(
+            model=student,
+            teacher=llama(4, 32, seed=1),
+            objective=KD_L2,
+            args=arguments(tmp_path, max_steps=1),
+            train_dataset=token_rows(),
+            optimizers=(optimizer, scheduler if optimizers == "both" else None),
+        )
+
+    alone = trainer("optimizer")
+    alone.train()
+    held = {id(p) for group in alone.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in alone.objective.parameters())
+    with pytest.raises(ConfigError, match="do not hold the objective's learned parts"):
+        trainer("both").train()
+
+
 @pytest.mark.parametrize(
     ("teacher", "objective", "message"),
     [
