@@ -40,6 +40,8 @@ embed-study: demo-data
 	$(BIN)/distillkit study configs/embed_study.yaml
 
 # Tests that start processes run this interpreter (python -m ...), so none depends on PATH; the venv's bin
-# still goes first on PATH, as it would for a user with the venv activated.
+# still goes first on PATH, as it would for a user with the venv activated. TRL (tests only, never a
+# dependency) runs the SFTTrainer example's test; --no-deps keeps our pins.
 test: demo-data
+	$(BIN)/pip install --quiet --no-deps trl==1.16.0
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q

@@ -98,8 +98,17 @@ setup(
         "scipy>=1.9",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],
+        # the trackers' tests run on real TensorBoard event files and a real MLflow file store
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "pytest-benchmark>=4",
+            "numpy",
+            "tensorboard",
+            "mlflow-skinny",
+        ],
         "tensorboard": ["tensorboard"],
+        "tracking": ["tensorboard", "mlflow-skinny", "trackio", "wandb"],
         "dev": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "ruff>=0.4", "ninja"],
     },
     entry_points={

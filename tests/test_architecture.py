@@ -30,6 +30,10 @@ LAYERS = {
         "errors", "config", "contract", "objective", "ops", "run", "registry", "plugin_manager", "hookspecs",
         "models",
     },
+    "hf": {
+        "errors", "config", "contract", "objective", "ops", "run", "registry", "plugin_manager", "hookspecs",
+        "models",
+    },
     "study": {
         "errors", "config", "contract", "objective", "registry", "run", "tasks", "teacher_cache", "data",
         "models",

@@ -73,7 +73,7 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
                 "eval_every": None,
                 "save_every": None,
                 "progress": False,
-                "tensorboard": False,
+                "report_to": [],
                 "log_every": 10**9,
             }
         )

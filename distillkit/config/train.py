@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from distillkit.config.base import Strict
+
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
+"""The experiment trackers ``train.report_to`` accepts (accelerate's trackers of those names)."""
+
+_NOTICES: dict = {}
+"""The warnings registry of the notices below (each is shown once per process)."""
 
 
 class TrainConfig(Strict):
@@ -28,7 +35,11 @@ class TrainConfig(Strict):
         seed: Seed of initialisation, data order and dropout.
         on_nonfinite: On a NaN/inf loss term or gradient: ``stop`` the run or ``skip`` the step.
         progress: Show a tqdm progress bar.
-        tensorboard: Also write TensorBoard scalars when ``tensorboard`` is installed.
+        report_to: Experiment trackers that receive the resolved config, every term's loss, the learning rate
+            and the evaluation metrics (besides ``metrics.jsonl``): ``tensorboard``, ``mlflow``, ``trackio``,
+            ``wandb``. A tracker whose package is missing stops the run before any weights load.
+        tensorboard: The former switch for TensorBoard scalars, read as ``report_to: [tensorboard]`` (true) or
+            nothing (false), with a notice.
         eval_batch_size: Examples per evaluation batch (default: ``batch_size``).
         fused_logits: Compute the logit-reading terms (``kd``, ``ce``) from the models' output layers with
             the fused linear-divergence op, never building ``[tokens, vocab]`` logits for training: ``auto``
@@ -52,6 +63,36 @@ class TrainConfig(Strict):
     seed: int = 0
     on_nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
-    tensorboard: bool = True
+    report_to: list[Literal[TRACKERS]] = Field(default_factory=list)
+    tensorboard: bool | None = None
     eval_batch_size: int | None = Field(default=None, ge=1)
     fused_logits: Literal["auto", "always", "never"] = "auto"
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        """``report_to: tensorboard`` is one tracker; ``null`` none."""
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _former_tensorboard_switch(self) -> TrainConfig:
+        """Reads ``tensorboard: true|false`` as ``report_to``, once, and says so."""
+        self.report_to = list(dict.fromkeys(self.report_to))
+        if self.tensorboard is None:
+            return self
+        given, read = ("true", "[tensorboard]") if self.tensorboard else ("false", "[]")
+        warnings.warn_explicit(  # one line, shown once: no source line of pydantic's to point at
+            f"train.tensorboard is now train.report_to: read `tensorboard: {given}` as `report_to: {read}`; "
+            "rename it in the config",
+            FutureWarning,
+            filename="config",
+            lineno=0,
+            module=__name__,
+            registry=_NOTICES,
+        )
+        if self.tensorboard and "tensorboard" not in self.report_to:
+            self.report_to.append("tensorboard")
+        self.tensorboard = None
+        return self

@@ -2,7 +2,8 @@
 
 :func:`distill` builds a :class:`~distillkit.run.run.Run` (every config mistake is reported before any
 weights load), trains it with :func:`~distillkit.run.loop.fit`, then scores the teacher, lets the task add its
-report (speed, samples, probes), saves the student with its tokenizer and writes ``summary.json``.
+report (speed, samples, probes), saves the student with its tokenizer and model card (``README.md``, see
+:mod:`~distillkit.run.model_card`) and writes ``summary.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from distillkit.models import count_parameters, quiet_loading
 from distillkit.run.engine import autocast_factory
 from distillkit.run.loaders import eval_loader
 from distillkit.run.loop import FitResult, fit
+from distillkit.run.model_card import run_card, write_model_card
 from distillkit.run.run import Run
 from distillkit.tasks import EvalContext, ReportContext
 
@@ -90,6 +92,7 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
         with quiet_loading():
             student.save_pretrained(final)
             run.tokenizer.save_pretrained(final)
+        write_model_card(final, run_card(run, summary))
         summary["student"]["path"] = str(final)
     accelerator.wait_for_everyone()
     return summary

@@ -57,6 +57,7 @@ from distillkit.run.step import (
     micro_batches,
     param_groups,
 )
+from distillkit.run.trackers import RunTrackers
 from distillkit.tasks.base import EvalContext
 
 
@@ -158,7 +159,7 @@ class TrainingLoop:
         self.log = RunLog(
             self.run.output_dir,
             enabled=self.main,
-            tensorboard=self.train.tensorboard,
+            trackers=RunTrackers.for_run(self.run) if self.main else None,
             resume_step=self.step_count if resumed else None,
         )
         self.batches = micro_batches(

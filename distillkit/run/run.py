@@ -130,7 +130,7 @@ class Run:
 
         """
         config = self.config
-        self.accelerator = accelerator or make_accelerator()
+        self.accelerator = accelerator or make_accelerator(config.train.report_to, self.output_dir)
         with quiet_loading():
             teacher, self.teacher_info = load_teacher(self, config.teacher, finetune_teacher)
             others = self._other_teachers(finetune_teacher)

@@ -131,6 +131,7 @@ def load_teacher(run: Run, spec: ModelConfig, finetune: bool = True) -> tuple[nn
             "eval_every": None,
             "save_every": None,
             "seed": config.data.split_seed,
+            "report_to": [],  # the trackers follow the distillation, not the teacher's fine-tuning
         }
     )
     from distillkit.run.loop import fit

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def test_two_processes(tmp_path):
-    raw = tiny_config(tmp_path, steps=4, save_every=2, batch_size=4, tensorboard=False)
+    raw = tiny_config(tmp_path, steps=4, save_every=2, batch_size=4)
     raw["objective"].append({"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 16}})
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(raw), encoding="utf-8")

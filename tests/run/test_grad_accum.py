@@ -63,9 +63,7 @@ def test_two_processes_gather_every_micro_batch(tmp_path):
     import subprocess
     import sys
 
-    raw = tiny_config(
-        tmp_path, steps=STEPS, grad_accum=ACCUM, batch_size=BATCH, eval_every=None, tensorboard=False
-    )
+    raw = tiny_config(tmp_path, steps=STEPS, grad_accum=ACCUM, batch_size=BATCH, eval_every=None)
     codir = {"loss": "codir", "weight": 0.1, "dim": 8, "layer_map": "last", "negatives": "other_labels"}
     raw["objective"] = [
         {"loss": "ce", "weight": 1.0},

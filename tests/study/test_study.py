@@ -13,7 +13,7 @@ from tests.distill_fixtures import bert, tiny_config
 
 
 def _write_study(tmp_path, variants=None, student=None, **extra):
-    base = tiny_config(tmp_path, steps=3, tensorboard=False)
+    base = tiny_config(tmp_path, steps=3)
     base["student"] = student or base["student"]
     base["teacher"]["finetune"] = {
         "steps": 3,
