@@ -69,14 +69,20 @@ def test_disagreeing_kernel_warns_once_and_reference_is_used(checked_cpu):
     torch.testing.assert_close(again, loss)
 
 
-def test_agreeing_kernel_passes_and_is_used(checked_cpu):
+def _count_kernel_calls(monkeypatch) -> list:
+    """Makes the kernel under check the real CPU kernel, counted: one list item per call."""
     calls = []
 
     def counting(args):
         calls.append(1)
         return torch.ops.distillkit.membank_infonce_fwd(*args.op_inputs())
 
-    checked_cpu.setattr(selfcheck, "kernel_forward", counting)
+    monkeypatch.setattr(selfcheck, "kernel_forward", counting)
+    return calls
+
+
+def test_agreeing_kernel_passes_and_is_used(checked_cpu):
+    calls = _count_kernel_calls(checked_cpu)
     q, p, bank = _inputs(1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -225,13 +231,7 @@ def test_tf32_tolerance_passes_the_tensor_core_arithmetic_and_catches_a_dropped_
 
 
 def test_each_tf32_setting_gets_its_own_verdict(checked_cpu):
-    calls = []
-
-    def counting(args):
-        calls.append(1)
-        return torch.ops.distillkit.membank_infonce_fwd(*args.op_inputs())
-
-    checked_cpu.setattr(selfcheck, "kernel_forward", counting)
+    calls = _count_kernel_calls(checked_cpu)
     cpu = torch.device("cpu")
     checked_cpu.setattr(selfcheck, "kernel_uses_tf32", lambda device: False)
     assert selfcheck.kernel_allowed(cpu) and selfcheck.kernel_allowed(cpu)
