@@ -311,7 +311,7 @@ constexpr MembankPath kTC = MembankPath::kTensorCore;
 constexpr Tol kF32{2e-4, 2e-5}, kF64{1e-9, 1e-9}, kBF16{2e-3, 6e-3}, kF16{2e-3, 2e-3};
 // tf32 against a reference on tf32-rounded operands: the self-check's tf32 tolerance (selfcheck.TOLERANCE,
 // with its 1e-5 relative part at |lse| <= 20).
-constexpr Tol kTF32{1e-4, 2e-3, 0, 3e-4};
+constexpr Tol kTF32{2e-4, 2e-3, 0, 4e-4};
 
 void all_generic(const Case& c) {
   run<float>(c, kG, false, "gen-f32", kF32);

@@ -378,3 +378,11 @@ def test_bank_with_more_than_2_31_elements(path):
 def test_self_check_passes_on_this_device():
     result = selfcheck.run_check(torch.device("cuda"))
     assert result.passed, result
+
+
+def test_self_check_passes_with_tf32_and_under_autocast(tf32):
+    """tf32 allowed (fp32 on the tensor cores) and the caller's bf16 autocast, as in training."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result = selfcheck.run_check(torch.device("cuda"))
+    assert result.passed and result.tf32, result
+    assert torch.backends.cuda.matmul.allow_tf32  # the check left the caller's setting alone
