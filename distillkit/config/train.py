@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distillkit.config.base import Strict
+
+
+class FSDPConfig(Strict):
+    """Settings of ``train.strategy: fsdp`` (``train.fsdp``).
+
+    Attributes:
+        teacher_offload: Keep each live teacher's sharded transformer blocks in CPU memory between uses;
+            a block is copied to the device and all-gathered only while it runs (FSDP2's
+            ``CPUOffloadPolicy``). Its embeddings, final norm and output layer stay on the device.
+
+    """
+
+    teacher_offload: bool = False
 
 
 class TrainConfig(Strict):
@@ -34,6 +47,11 @@ class TrainConfig(Strict):
             the fused linear-divergence op, never building ``[tokens, vocab]`` logits for training: ``auto``
             where every logit-reading term can and each model's logits are its last hidden state times its
             output embedding (causal LMs), ``always`` (refuse the run where not), ``never``.
+        strategy: How several processes share the work: ``ddp`` replicates the student, its optimizer state
+            and the teachers in every process and averages gradients; ``fsdp`` shards the student, the
+            objective's heads, their gradients and optimizer state, and every live teacher's transformer
+            blocks across processes (PyTorch FSDP2), gathering one block at a time while it runs.
+        fsdp: Settings of the ``fsdp`` strategy.
 
     """
 
@@ -55,3 +73,14 @@ class TrainConfig(Strict):
     tensorboard: bool = True
     eval_batch_size: int | None = Field(default=None, ge=1)
     fused_logits: Literal["auto", "always", "never"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+
+    @model_validator(mode="after")
+    def _fsdp_settings_need_fsdp(self) -> TrainConfig:
+        if self.strategy != "fsdp" and self.fsdp.model_fields_set:
+            raise ValueError(
+                f"train.fsdp ({', '.join(sorted(self.fsdp.model_fields_set))}) applies to train.strategy: "
+                f"fsdp, but the strategy is '{self.strategy}'; set train.strategy: fsdp or remove train.fsdp"
+            )
+        return self
