@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS)
     )
+    parser.add_argument("--json", type=Path, help="also write every record to this file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -153,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(scratch) / name.replace(" ", "_").replace("+", "plus")
             results[name] = launch(args.processes, [*common, *VARIANTS[name]], args.steps, out, args.config)
     print(table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
 
 

@@ -19,6 +19,7 @@ each forward of a sharded model (a report run by the main process alone would wa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 
 from distillkit.config import DistillConfig, TrainConfig
 from distillkit.errors import ConfigError
@@ -46,6 +48,7 @@ from distillkit.run.sharding import (
     shard_teacher,
     shard_trainable,
 )
+from distillkit.run.step import Unwalked
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 """Builds the optimizer over a (wrapped or sharded) trainable module's parameters."""
@@ -156,10 +159,14 @@ class FSDPStrategy(Strategy):
 
     def __init__(self, accelerator: Accelerator, train: TrainConfig) -> None:
         super().__init__(accelerator)
-        self.mesh = data_parallel_mesh(self.device)
         self.policy = mixed_precision(uses_bf16(train.precision, self.device))
         self.offload = train.fsdp.teacher_offload
         self.root: nn.Module | None = None
+
+    @functools.cached_property
+    def mesh(self) -> DeviceMesh:
+        """The processes the models are sharded over (made on first use: a run that only reads is not)."""
+        return data_parallel_mesh(self.device)
 
     def _place(self, model: nn.Module) -> nn.Module:
         return shard_teacher(freeze(model), self.mesh, self.policy, self.offload, self.device)
@@ -170,16 +177,16 @@ class FSDPStrategy(Strategy):
         """Shards the student's blocks and ``trainable`` (the root); builds the optimizer over the shards."""
         shard_trainable(trainable, student, self.mesh, self.policy)
         self.root = trainable
-        return trainable, make_optimizer(trainable)
+        return _TeachersUnwalked(trainable), make_optimizer(trainable)
 
     @contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:
         """Gradients accumulate unsharded in the backward; the next synchronised one reduce-scatters them."""
-        model.set_requires_gradient_sync(False)
+        self.root.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            self.root.set_requires_gradient_sync(True)
 
     def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float | None) -> float:
         """Clips the sharded gradients by their global norm (computed across processes)."""
@@ -229,6 +236,22 @@ class FSDPStrategy(Strategy):
         """Gathers the student's whole weights to the main process's CPU memory (every process calls it)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(student, options=options)
+
+
+class _TeachersUnwalked(nn.Module):
+    """Calls the sharded root with the teachers' taps in an :class:`~distillkit.run.step.Unwalked`.
+
+    FSDP's root pre-forward looks for tensors that need gradients in its arguments; the teachers' taps hold
+    none (they are detached), and a cache's taps raise for the layers it does not store.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.root = root
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher: Any) -> Any:
+        """``root(batch, Unwalked(teacher))``."""
+        return self.root(batch, Unwalked(teacher))
 
 
 def make_strategy(train: TrainConfig, accelerator: Accelerator) -> Strategy:
