@@ -9,15 +9,19 @@ steps and reports, per process:
   parameter, the size of its shard) and AdamW's state after the steps, and of the teacher's parameters
   (device / host-offloaded): shards count as their own size, replicated tensors whole;
 - its resident memory once the models are placed, and the peak of resident memory during the steps above
-  it (``VmHWM`` after resetting the mark; the allocator returns large tensors, so it follows what is live).
+  it (``VmHWM`` after resetting the mark). The processes run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at
+  64 KiB, so every tensor of more than 64 KiB is its own mapping, given back to the system when freed, and
+  resident memory follows what is live (with the default, adaptive threshold the full weights every process
+  reads before sharding stay resident as free heap after they are freed).
 
 The driver prints one markdown table. On a CPU-only machine the "device" is the CPU, so teacher offload
 moves nothing (the shards already are in host memory): it shows in the table only where they are counted.
 
-Usage (about 10 minutes on a 2-core CPU; the reduced run of the tests takes one)::
+Usage (12 minutes on a 2-core CPU shared with other jobs, 4 minutes of CPU time; the reduced run in
+``tests/run/test_fsdp.py`` takes under one)::
 
     python benchmarks/fsdp_memory.py                                  # 2 processes, 15-layer student
-    python benchmarks/fsdp_memory.py --processes 2 --student-layers 15 --steps 3 --batch-size 4
+    python benchmarks/fsdp_memory.py --processes 2 --student-layers 15 --steps 2 --batch-size 4
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ def launch(processes: int, overrides: Sequence[str], steps: int, out: Path, conf
     command += [__file__, "--worker", "--out", str(out), "--steps", str(steps), "--config", config]
     command += [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     subprocess.run(command, check=True, env=env, cwd=ROOT)
     return [json.loads(p.read_text()) for p in sorted(out.parent.glob(f"{out.stem}-rank*.json"))]
 
@@ -119,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=str(ROOT / "configs" / "lm.yaml"))
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--student-layers", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument(

@@ -105,6 +105,9 @@ def test_fsdp_trains_like_ddp_step_for_step(runs):
     for one, two in zip(_records(runs["ddp"], "eval"), _records(runs["fsdp"], "eval"), strict=True):
         assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)  # gathered evaluation
         assert two["positions"] == one["positions"] == 30 and two["agreement"] == one["agreement"]
+    summaries = [json.loads((runs[s] / "summary.json").read_text(encoding="utf-8")) for s in ("ddp", "fsdp")]
+    for side in ("student", "teacher"):  # whole models counted, not shards
+        assert summaries[1][side]["parameters"] == summaries[0][side]["parameters"]
     replicated, sharded = _student(runs["ddp"]), _student(runs["fsdp"])  # transformers loads the student
     assert replicated.keys() == sharded.keys()
     for name, value in replicated.items():
