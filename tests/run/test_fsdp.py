@@ -22,6 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from distillkit.bench.step import compare_logit_paths
 from distillkit.config import config_from_dict
 from distillkit.errors import ConfigError
 from distillkit.run.cache_teacher import cache_teacher
@@ -160,7 +161,7 @@ def test_a_checkpoint_of_the_other_strategy_is_refused(runs, tmp_path):
     assert "written with train.strategy: fsdp" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_several_teachers_one_cached_train_alike_under_fsdp_and_ddp(tmp_path):
+def test_a_finetuned_teacher_and_a_cached_one_train_alike_under_fsdp_and_ddp(tmp_path):
     raw = tiny_config(tmp_path, steps=3, batch_size=4, precision="fp32", tensorboard=False, save_every=3)
     raw["teacher"]["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     raw["teachers"] = {"wide": {"config": bert(2, 48), "cache": str(tmp_path / "wide-cache")}}
@@ -171,13 +172,15 @@ def test_several_teachers_one_cached_train_alike_under_fsdp_and_ddp(tmp_path):
     ]
     cache_teacher(config_from_dict(raw), name="wide")
     runs = {}
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", "fsdp"):  # each fine-tunes the main teacher (replicated), then distils
+        raw["teacher"]["finetune"] = {"steps": 2, "batch_size": 8, "cache_dir": str(tmp_path / strategy)}
         raw["train"]["strategy"] = strategy
-        raw["output_dir"] = str(tmp_path / strategy)
+        raw["output_dir"] = str(tmp_path / strategy / "run")
         path = tmp_path / f"{strategy}.yaml"
         path.write_text(json.dumps(raw), encoding="utf-8")
-        assert "outputs read from the cache" in _launch(path).stdout
-        runs[strategy] = tmp_path / strategy
+        output = _launch(path).stdout
+        assert "fine-tuning the teacher for 2 steps" in output and "outputs read from the cache" in output
+        runs[strategy] = tmp_path / strategy / "run"
     for one, two in zip(_records(runs["ddp"]), _records(runs["fsdp"]), strict=True):
         for term in ("total", "kd", "l2", "ce"):
             assert two[term] == pytest.approx(one[term], rel=1e-5, abs=1e-6), (one["step"], term)
@@ -221,3 +224,13 @@ def test_fsdp_settings_without_fsdp_and_unshardable_models_are_refused_before_lo
         ConfigError, match="train.strategy: fsdp shards each transformer block, but the student"
     ):
         Run.prepare(config_from_dict(raw))
+
+
+def test_the_step_benchmark_times_an_fsdp_step_with_either_logit_path(tmp_path):
+    raw = text_config(tmp_path, "causal_lm", llama(2, 32), [{"loss": "kd", "ce_weight": 0.5}], batch_size=4)
+    raw["train"].update(strategy="fsdp", precision="fp32")
+    results = compare_logit_paths(config_from_dict(raw), repeats=1, warmup=0)  # one fresh process each
+    assert not results["never"]["fused_logits"] and results["always"]["fused_logits"]
+    assert results["always"]["first_losses"]["kd"] == pytest.approx(
+        results["never"]["first_losses"]["kd"], rel=1e-5
+    )  # the fused op on the sharded root's output layer computes what the logits give
