@@ -78,9 +78,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _fsdp_settings_need_fsdp(self) -> TrainConfig:
-        if self.strategy != "fsdp" and self.fsdp.model_fields_set:
+        changed = sorted(k for k, v in self.fsdp if v != FSDPConfig.model_fields[k].default)
+        if self.strategy != "fsdp" and changed:
             raise ValueError(
-                f"train.fsdp ({', '.join(sorted(self.fsdp.model_fields_set))}) applies to train.strategy: "
-                f"fsdp, but the strategy is '{self.strategy}'; set train.strategy: fsdp or remove train.fsdp"
+                f"train.fsdp ({', '.join(changed)}) applies to train.strategy: fsdp, but the strategy is "
+                f"'{self.strategy}'; set train.strategy: fsdp or remove train.fsdp"
             )
         return self

@@ -122,7 +122,6 @@ class Strategy:
         """
         if not self.accelerator.is_main_process:
             return None
-        parts.pop("model", None)
         return save_checkpoint(directory, step, **parts)
 
     def load_checkpoint(self, path: Path, **parts: Any) -> dict[str, Any]:
@@ -137,7 +136,6 @@ class Strategy:
                 f"the checkpoint {path} was written with train.strategy: fsdp (sharded), and this run uses "
                 f"{self.name}; resume it with train.strategy: fsdp, or use another output_dir"
             )
-        parts.pop("model", None)
         return load_checkpoint(path, **parts)
 
     def full_state_dict(self, student: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -287,8 +285,9 @@ def check_strategy(config: DistillConfig, num_labels: int) -> None:
             model = auto.from_config(model_config)
         try:
             layer_stack_prefix(model)
-        except ConfigError as exc:
+        except ConfigError:
             raise ConfigError(
-                f"train.strategy: fsdp shards each transformer block, but the {role}: {exc}. "
-                "Use train.strategy: ddp for this model"
+                f"train.strategy: fsdp shards each transformer block, but the {role} "
+                f"({type(model).__name__}) has no module list of its {model_config.num_hidden_layers} layers "
+                "(e.g. it shares one layer group across its depth); use train.strategy: ddp for this model"
             ) from None

@@ -215,6 +215,8 @@ def test_fsdp_settings_without_fsdp_and_unshardable_models_are_refused_before_lo
     raw["train"]["fsdp"] = {"teacher_offload": True}
     with pytest.raises(ConfigError, match="train.fsdp \\(teacher_offload\\) applies to train.strategy: fsdp"):
         config_from_dict(raw)
+    raw["train"]["fsdp"] = {"teacher_offload": False}  # the default, as a dumped config holds it: accepted
+    assert config_from_dict(raw).train.strategy == "ddp"
     raw = tiny_config(tmp_path, strategy="fsdp")
     raw["teacher"]["config"] = {  # ALBERT shares one layer group across its depth: no block per layer
         "model_type": "albert", "vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2,
