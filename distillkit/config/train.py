@@ -16,6 +16,19 @@ _NOTICES: dict = {}
 """The warnings registry of the notices below (each is shown once per process)."""
 
 
+class FSDPConfig(Strict):
+    """Settings of ``train.strategy: fsdp`` (``train.fsdp``).
+
+    Attributes:
+        teacher_offload: Keep each live teacher's sharded transformer blocks in CPU memory between uses;
+            a block is copied to the device and all-gathered only while it runs (FSDP2's
+            ``CPUOffloadPolicy``). Its embeddings, final norm and output layer stay on the device.
+
+    """
+
+    teacher_offload: bool = False
+
+
 class TrainConfig(Strict):
     """Optimisation and bookkeeping.
 
@@ -45,6 +58,11 @@ class TrainConfig(Strict):
             the fused linear-divergence op, never building ``[tokens, vocab]`` logits for training: ``auto``
             where every logit-reading term can and each model's logits are its last hidden state times its
             output embedding (causal LMs), ``always`` (refuse the run where not), ``never``.
+        strategy: How several processes share the work: ``ddp`` replicates the student, its optimizer state
+            and the teachers in every process and averages gradients; ``fsdp`` shards the student, the
+            objective's heads, their gradients and optimizer state, and every live teacher's transformer
+            blocks across processes (PyTorch FSDP2), gathering one block at a time while it runs.
+        fsdp: Settings of the ``fsdp`` strategy.
 
     """
 
@@ -67,6 +85,8 @@ class TrainConfig(Strict):
     tensorboard: bool | None = None
     eval_batch_size: int | None = Field(default=None, ge=1)
     fused_logits: Literal["auto", "always", "never"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -95,4 +115,14 @@ class TrainConfig(Strict):
         if self.tensorboard and "tensorboard" not in self.report_to:
             self.report_to.append("tensorboard")
         self.tensorboard = None
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_settings_need_fsdp(self) -> TrainConfig:
+        changed = sorted(k for k, v in self.fsdp if v != FSDPConfig.model_fields[k].default)
+        if self.strategy != "fsdp" and changed:
+            raise ValueError(
+                f"train.fsdp ({', '.join(changed)}) applies to train.strategy: fsdp, but the strategy is "
+                f"'{self.strategy}'; set train.strategy: fsdp or remove train.fsdp"
+            )
         return self

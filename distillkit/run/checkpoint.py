@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-_PREFIX = "step-"
+CHECKPOINT_PREFIX = "step-"
+"""A checkpoint directory's name: this prefix and the step, ``step-00000042``."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flushes a directory's entries to disk (after files were written or renamed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -36,14 +38,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` and fsyncs it."""
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes ``tensors`` to a safetensors file (on the CPU) and fsyncs it."""
     # clone: tied weights share storage, which safetensors refuses
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
     with open(path, "rb+") as handle:
@@ -137,17 +141,17 @@ def save_checkpoint(
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:08d}"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_tensors(tmp / "student.safetensors", student.state_dict())
-    _save_tensors(tmp / "objective.safetensors", objective.state_dict())
+    save_tensors(tmp / "student.safetensors", student.state_dict())
+    save_tensors(tmp / "objective.safetensors", objective.state_dict())
     opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
-    _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     rng_tensors, rng_meta = rng_state()
-    _save_tensors(tmp / "rng.safetensors", rng_tensors)
+    save_tensors(tmp / "rng.safetensors", rng_tensors)
     state = {
         "step": step,
         "optimizer": opt_meta,
@@ -155,12 +159,12 @@ def save_checkpoint(
         "rng": rng_meta,
         "extra": extra or {},
     }
-    _write_bytes(tmp / "state.json", json.dumps(state).encode("utf-8"))
-    _fsync_dir(tmp)
+    write_bytes(tmp / "state.json", json.dumps(state).encode("utf-8"))
+    fsync_dir(tmp)
     if final.exists():  # a re-run of the same step: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -172,9 +176,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").exists()
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").exists()
     ]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

@@ -74,7 +74,8 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
         "eval_examples": len(data.eval),
         "train_examples": len(data.train),
     }
-    if accelerator.is_main_process:
+    strategy = run.strategy
+    if accelerator.is_main_process or strategy.sharded:  # sharded models run on every process together
         report = ReportContext(
             student=student,
             teacher=teacher,
@@ -84,13 +85,18 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
             accelerator=accelerator,
             autocast=autocast,
         )
-        summary.update(task.report(report))
+        with strategy.gathered():
+            reported = task.report(report)
+        if accelerator.is_main_process:
+            summary.update(reported)
+    weights = strategy.full_state_dict(student)  # the whole student, gathered when it is sharded
+    if accelerator.is_main_process:
         final = run.output_dir / "student"
         if data.label_names:
             student.config.id2label = dict(enumerate(data.label_names))
             student.config.label2id = {name: i for i, name in enumerate(data.label_names)}
         with quiet_loading():
-            student.save_pretrained(final)
+            student.save_pretrained(final, state_dict=weights)
             run.tokenizer.save_pretrained(final)
         write_model_card(final, run_card(run, summary))
         summary["student"]["path"] = str(final)

@@ -34,15 +34,18 @@ def make_accelerator(report_to: Sequence[str] = (), output_dir: str | Path | Non
     )
 
 
-def autocast_factory(precision: str, device: torch.device) -> Autocast:
-    """Returns a no-argument context-manager factory for the run's precision.
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``train.precision`` computes in bf16 on ``device``.
 
     ``auto`` is bf16 on CUDA devices that support it and fp32 elsewhere (CPU bf16 is slow without AMX).
     """
     if precision == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        use_bf16 = precision == "bf16"
-    if not use_bf16:
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def autocast_factory(precision: str, device: torch.device) -> Autocast:
+    """Returns a no-argument context-manager factory for the run's precision (:func:`uses_bf16`)."""
+    if not uses_bf16(precision, device):
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)

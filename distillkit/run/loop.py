@@ -16,10 +16,12 @@ One optimizer step (:meth:`TrainingLoop.step`), in the order the code runs it:
 5. ``save``: every ``save_every`` steps and at the end, an atomic checkpoint.
 
 :class:`~distillkit.run.callbacks.Callback` objects hear of each step, log record, evaluation and checkpoint.
-Device placement, DDP wrapping and cross-process gathering are done by ``accelerate``; launched with
-``torchrun``/``accelerate launch`` each process reads its own shard of every epoch (``DistributedSampler``)
-and only the main process logs and writes checkpoints. The data order depends only on the seed and the step,
-and every random generator is checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+Device placement and cross-process gathering are done by ``accelerate``; replicating (DDP) or sharding
+(FSDP2) the models, gradient clipping and the checkpoint format are the run's
+:class:`~distillkit.run.strategy.Strategy` (``train.strategy``). Launched with ``torchrun``/``accelerate
+launch`` each process reads its own shard of every epoch (``DistributedSampler``) and only the main process
+logs. The data order depends only on the seed and the step, and every random generator is checkpointed, so
+a resumed run reproduces an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -37,13 +39,12 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from distillkit.errors import ConfigError, DistillkitError
-from distillkit.models import freeze
 from distillkit.objective.taps import Taps, collect_taps
 from distillkit.run.callbacks import Callback, CallbackList
-from distillkit.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distillkit.run.checkpoint import latest_checkpoint
 from distillkit.run.engine import autocast_factory
 from distillkit.run.fused_logits import choose_output_layer
-from distillkit.run.loaders import eval_loader, frozen_sources, train_loader
+from distillkit.run.loaders import eval_loader, train_loader
 from distillkit.run.phases import PhaseTimer
 from distillkit.run.run import Run
 from distillkit.run.runlog import RunLog
@@ -57,6 +58,7 @@ from distillkit.run.step import (
     micro_batches,
     param_groups,
 )
+from distillkit.run.strategy import Strategy
 from distillkit.run.trackers import RunTrackers
 from distillkit.tasks.base import EvalContext
 
@@ -110,8 +112,8 @@ class TrainingLoop:
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self.autocast = autocast_factory(self.train.precision, self.device)
-        self.sources = frozen_sources(run.teachers, self.device)
-        self.teacher = freeze(run.teacher).to(self.device) if run.teacher is not None else None
+        self.strategy = run.strategy or Strategy(accelerator)
+        self.sources, self.teacher = self.strategy.place_teachers(run.teachers, run.teacher)
         live = {n: s for n, s in self.sources.items() if isinstance(s, nn.Module)}
         self.objective.prepare_models(self.student, live, announce=self.main)
         data, collator = run.data, run.collator
@@ -129,11 +131,14 @@ class TrainingLoop:
             assert not teacher_ids & {id(p) for p in trainable.parameters()}, (
                 "the teacher shares student weights"
             )
-        optimizer = torch.optim.AdamW(param_groups(trainable, self.train.weight_decay), lr=self.train.lr)
-        self.scheduler = get_linear_schedule_with_warmup(
-            optimizer, int(self.train.warmup_ratio * self.train.steps), self.train.steps
+        self.model, self.optimizer = self.strategy.prepare(
+            trainable,
+            self.student,
+            lambda module: torch.optim.AdamW(param_groups(module, self.train.weight_decay), lr=self.train.lr),
         )
-        self.model, self.optimizer = accelerator.prepare(trainable, optimizer)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(self.train.warmup_ratio * self.train.steps), self.train.steps
+        )
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.checkpoints = run.output_dir / "checkpoints"
         self.step_count, self.skipped = 0, 0
@@ -229,7 +234,7 @@ class TrainingLoop:
             if self.main:
                 print(f"distillkit: no checkpoint in {self.checkpoints}; starting from step 0")
             return False
-        state = load_checkpoint(
+        state = self.strategy.load_checkpoint(
             last,
             student=self.student,
             objective=self.objective,
@@ -282,7 +287,7 @@ class TrainingLoop:
             batch = next(batches)
             with timer.phase("teacher"):
                 teacher = self.teacher_taps(batch)
-            sync = self.accelerator.no_sync(self.model) if micro < accum - 1 else nullcontext()
+            sync = self.strategy.no_sync(self.model) if micro < accum - 1 else nullcontext()
             with sync:
                 with self.autocast():
                     out, student = self.model(batch, teacher)
@@ -301,10 +306,7 @@ class TrainingLoop:
                 problem = describe_nonfinite(bad[0], losses[bad[0]], self.step_count + 1, student, teacher)
             losses = mean_across_processes(self.accelerator, losses)
         with timer.phase("optimizer"):
-            grad_norm = self.accelerator.clip_grad_norm_(
-                self.params, self.train.max_grad_norm or float("inf")
-            )
-            grad_norm = float(grad_norm)
+            grad_norm = self.strategy.clip_grad_norm(self.params, self.train.max_grad_norm)
         if problem is None and not math.isfinite(grad_norm):
             problem = f"gradient norm is {grad_norm} at step {self.step_count + 1} (all loss terms finite)"
         return StepValues(losses=losses, grad_norm=grad_norm, problem=problem)
@@ -369,7 +371,8 @@ class TrainingLoop:
     def evaluate(self, log: bool = True) -> dict[str, float]:
         """Evaluates the student (with the teacher for comparisons) and logs the metrics."""
         context = EvalContext(accelerator=self.accelerator, autocast=self.autocast, teacher=self.teacher)
-        self.result.eval = self.run.task.evaluate(self.student, self.eval_loader, context)
+        with self.strategy.gathered():
+            self.result.eval = self.run.task.evaluate(self.student, self.eval_loader, context)
         if log:
             self.log.log("eval", self.step_count, self.result.eval)
         if self.main:
@@ -380,24 +383,22 @@ class TrainingLoop:
 
     # -- phase 5: save -----------------------------------------------------------------------------------
     def save(self) -> None:
-        """Writes a checkpoint (main process), after checking the banks agree across processes."""
+        """Writes a checkpoint, after checking the banks agree across processes."""
         checksums = buffer_checksums(self.accelerator, self.objective, self.step_count)
-        path = None
-        if self.main:
-            path = save_checkpoint(
-                self.checkpoints,
-                self.step_count,
-                student=self.student,
-                objective=self.objective,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                extra={
-                    "fingerprint": self.run.fingerprint,
-                    "skipped": self.skipped,
-                    "buffer_checksums": checksums,
-                },
-                keep_last=self.train.keep_last,
-            )
+        path = self.strategy.save_checkpoint(
+            self.checkpoints,
+            self.step_count,
+            student=self.student,
+            objective=self.objective,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra={
+                "fingerprint": self.run.fingerprint,
+                "skipped": self.skipped,
+                "buffer_checksums": checksums,
+            },
+            keep_last=self.train.keep_last,
+        )
         self.accelerator.wait_for_everyone()
         self.callbacks.emit("on_save", self, path)
 

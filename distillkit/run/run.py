@@ -6,8 +6,9 @@ build their runs here, the same way, in two stages:
 1. :meth:`Run.prepare` (no weights): the task, the tokenizer, the tokenised data, the collator and the
    objective, sized from the model configs alone, so every mistake in a config (fields, data columns,
    loss parameters, layer maps, task/loss combinations) is reported before any weights load;
-2. :meth:`Run.load`: the accelerator, the teachers (fine-tuned first where asked), the student, and where
-   each teacher's taps come from (its model, or its cache).
+2. :meth:`Run.load`: the accelerator, the teachers (fine-tuned first where asked), the student, where
+   each teacher's taps come from (its model, or its cache), and the strategy that spreads the models over
+   the processes (``train.strategy``: :mod:`~distillkit.run.strategy`).
 
 The training loop (:func:`distillkit.run.loop.fit`) then takes the run as it is.
 """
@@ -38,6 +39,7 @@ from distillkit.models import (
 from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.terms import ModelDims
 from distillkit.run.engine import make_accelerator
+from distillkit.run.strategy import Strategy, check_strategy, make_strategy
 from distillkit.run.teachers import CACHE_FIELDS, fingerprint, load_teacher, teacher_sources
 from distillkit.tasks import Task, make_task
 from distillkit.teacher_cache import TeacherCache
@@ -66,6 +68,7 @@ class Run:
         teacher_info: What is known of the main teacher (``source``; ``eval`` of a fine-tuned one).
         fingerprint: Identifies the model/objective/data setup; a checkpoint of another setup is refused.
         description: The label of the progress bar.
+        strategy: Replicated or sharded training over the processes (None before :meth:`load`).
 
     """
 
@@ -84,6 +87,7 @@ class Run:
     teacher_info: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     description: str = "distill"
+    strategy: Strategy | None = None
 
     @classmethod
     def prepare(cls, config: DistillConfig) -> Run:
@@ -99,6 +103,7 @@ class Run:
         collator = task.collator(tokenizer)
         set_seed(config.train.seed)  # the objective's learned parts are initialised from the run's seed
         objective = build_objective(config, task, data)
+        check_strategy(config, data.num_labels)
         return cls(
             config=config,
             task=task,
@@ -145,6 +150,7 @@ class Run:
         if config.teacher.cache:
             self.teacher_info["cache"] = config.teacher.cache
         self.fingerprint = run_fingerprint(config)
+        self.strategy = make_strategy(self.train, self.accelerator)
         return self
 
     def derived(self, **changes: Any) -> Run:

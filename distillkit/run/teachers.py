@@ -148,6 +148,7 @@ def load_teacher(run: Run, spec: ModelConfig, finetune: bool = True) -> tuple[nn
         output_dir=cache / "run",
         fingerprint="",
         description="fine-tune teacher",
+        strategy=None,  # replicated (ddp): the fine-tuned teacher is saved whole, then sharded if the run is
     )
     result = fit(tuning)
     info = {
