@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from distillkit.errors import ConfigError, close_matches
+from distillkit.errors import ConfigError, close_matches, quote_input
 from distillkit.objective.mapping import LayerMapSpec, LayerPairs, resolve_layer_map
 from distillkit.objective.taps import NOTHING, TapRequest, Taps
 
@@ -162,7 +162,8 @@ class LossTerm(nn.Module):
         if unknown:
             key = unknown[0]
             raise ConfigError(
-                f"loss '{cls.name}' does not accept parameter '{key}'{close_matches(key, accepted)}. "
+                f"loss '{cls.name}' does not accept parameter {quote_input(key)}"
+                f"{close_matches(key, accepted)}. "
                 f"Accepted parameters: {', '.join(accepted) or 'none'}."
             )
         try:
