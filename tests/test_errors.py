@@ -1,6 +1,9 @@
 import os
+import re
 
-from distillkit.errors import one_line, quote_input, resolved_against
+import pytest
+
+from distillkit.errors import ConfigError, one_line, quote_input, resolved_against
 
 
 def test_quote_input_keeps_a_message_on_one_line():
@@ -22,3 +25,18 @@ def test_relative_paths_say_what_they_were_resolved_against(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert resolved_against("models/nope") == f" (resolved against {os.getcwd()})"
     assert resolved_against(tmp_path / "x") == ""
+
+
+def test_relative_paths_in_errors_say_what_they_were_resolved_against(tmp_path, monkeypatch):
+    from distillkit.config import load_config
+    from distillkit.study.spec import load_study
+    from distillkit.teacher_cache import TeacherCache
+
+    monkeypatch.chdir(tmp_path)
+    where = f"(resolved against {tmp_path})"
+    with pytest.raises(ConfigError, match=re.escape(f"config file 'cfg/x.yaml' does not exist {where}")):
+        load_config("cfg/x.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"study file 'study.yaml' does not exist {where}")):
+        load_study("study.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"teacher.cache 'cache' {where} holds no teacher cache")):
+        TeacherCache("cache")

@@ -32,13 +32,13 @@ from distillkit.models import (
     load_model,
     load_tokenizer,
     quiet_loading,
-    student_config,
     student_from_teacher,
 )
 from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.terms import ModelDims
 from distillkit.run.engine import make_accelerator
 from distillkit.run.teachers import CACHE_FIELDS, fingerprint, load_teacher, teacher_sources
+from distillkit.run.vocabulary import check_vocabularies, model_configs
 from distillkit.tasks import Task, make_task
 from distillkit.teacher_cache import TeacherCache
 
@@ -99,6 +99,7 @@ class Run:
         collator = task.collator(tokenizer)
         set_seed(config.train.seed)  # the objective's learned parts are initialised from the run's seed
         objective = build_objective(config, task, data)
+        check_vocabularies(config, tokenizer, data.num_labels, objective)
         return cls(
             config=config,
             task=task,
@@ -188,12 +189,7 @@ def build_objective(config: DistillConfig, task: Task, data: TaskData) -> Distil
         ConfigError: Naming the term and the fix.
 
     """
-    teacher_config = load_config_of(config.teacher, "teacher", config.task, data.num_labels)
-    spec = config.student
-    if spec.path is not None or spec.config is not None:
-        student_cfg = load_config_of(spec, "student", config.task, data.num_labels)
-    else:
-        student_cfg = student_config(teacher_config, spec)[0]
+    teacher_config, student_cfg = model_configs(config, data.num_labels)
     dims = {}
     for name, teacher_spec in config.teacher_specs().items():
         if name == "teacher":
