@@ -15,7 +15,7 @@ LAYERS = {
     "tokenizers": {"errors"},
     "hookspecs": set(),
     "config": {"errors"},
-    "plugin_manager": {"hookspecs"},
+    "plugin_manager": {"hookspecs", "errors"},
     "registry": {"errors", "plugin_manager", "contract"},
     "ops": {"errors"},
     "contract": {"errors", "config", "ops"},
