@@ -27,6 +27,10 @@ class LayerMapError(ConfigError):
     """A layer map names a layer a model does not have."""
 
 
+class MissingOutputError(DistillkitError, ValueError):
+    """A model's output lacks something a loss term reads; the message names it and how to ask for it."""
+
+
 class LossTermError(DistillkitError, RuntimeError):
     """A loss term raised while computing; the message names the term and the plugin that provides it."""
 
