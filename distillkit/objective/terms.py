@@ -214,6 +214,15 @@ class LossTerm(nn.Module):
         """
         return 1.0
 
+    def topk_logits_note(self) -> str | None:
+        """Why this term is approximate when the teacher's logits come from a top-k cache, or None.
+
+        A top-k cache (``teacher.cache_top_k``) keeps each token's k largest probabilities and spreads the
+        remaining mass evenly over the other tokens (``docs/teachers.md``); the run prints the note once
+        before training. The default says nothing; a term whose value depends on the tail overrides it.
+        """
+        return None
+
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the term.
 

@@ -37,12 +37,11 @@ from distillkit.models import (
 from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.terms import ModelDims
 from distillkit.run.engine import make_accelerator
-from distillkit.run.teachers import CACHE_FIELDS, fingerprint, load_teacher, teacher_sources
+from distillkit.run.output_dir import run_fingerprint as identity_fingerprint
+from distillkit.run.teachers import load_teacher, teacher_sources
 from distillkit.run.vocabulary import check_vocabularies, model_configs
 from distillkit.tasks import Task, make_task
 from distillkit.teacher_cache import TeacherCache
-
-_TERM_TEACHER_FIELDS = {"teacher", "teacher_weights", "teacher_mix"}
 
 
 @dataclass
@@ -231,17 +230,7 @@ def student_origin(config: DistillConfig) -> str:
 def run_fingerprint(config: DistillConfig) -> str:
     """Identifies what a checkpoint of this run holds: task, models, objective and data.
 
-    Where a teacher's outputs come from (model or cache) and the schedule are left out.
+    Where a teacher's outputs come from (model or cache) and the schedule are left out (the fields:
+    :func:`~distillkit.run.output_dir.run_identity`).
     """
-    return fingerprint(
-        config.task,
-        config.student.model_dump(),
-        config.teacher.model_dump(exclude=CACHE_FIELDS),
-        [t.model_dump(exclude=_TERM_TEACHER_FIELDS - t.model_fields_set) for t in config.objective],
-        config.data.model_dump(),
-        *(
-            [{n: s.model_dump(exclude=CACHE_FIELDS) for n, s in config.teachers.items()}]
-            if config.teachers
-            else []
-        ),
-    )
+    return identity_fingerprint(config)
