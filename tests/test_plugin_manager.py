@@ -80,13 +80,7 @@ def dims_equal():
 
 def test_cli_lists_third_party_plugin(installed_example):
     env_path = f"{installed_example}"
-    result = subprocess.run(
-        [sys.executable, "-m", "distillkit.cli", "losses"],
-        capture_output=True,
-        text=True,
-        env={**_env(), "PYTHONPATH": env_path},
-        check=True,
-    )
+    result = _losses_cli(env_path)
     assert "token_cosine  (distillkit-cosine 0.1.0, plugin 'token_cosine')" in result.stdout
     assert "codir  (distillkit" in result.stdout
 
@@ -95,6 +89,17 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k != "DISTILLKIT_PLUGINS"}
+
+
+def _losses_cli(python_path: str) -> subprocess.CompletedProcess:
+    """``distillkit losses`` in a fresh process that finds plugins on ``python_path``."""
+    return subprocess.run(
+        [sys.executable, "-m", "distillkit.cli", "losses"],
+        capture_output=True,
+        text=True,
+        env={**_env(), "PYTHONPATH": python_path},
+        check=True,
+    )
 
 
 BROKEN = "raise ImportError('needs a library that is not installed: frobnicate')\n"
@@ -107,13 +112,7 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path):
         assert "frobnicate" in failed["broken"].error
         assert failed["broken"].distribution == "distillkit-broken"
         assert {"l2", "kd", "codir"} <= set(loss_registry())
-        result = subprocess.run(
-            [sys.executable, "-m", "distillkit.cli", "losses"],
-            capture_output=True,
-            text=True,
-            env={**_env(), "PYTHONPATH": str(tmp_path)},
-            check=True,
-        )
+        result = _losses_cli(str(tmp_path))
     assert "plugins that failed to load" in result.stdout
     assert "broken (distillkit-broken 0.1): ImportError: needs a library" in result.stdout
     assert "kd  (distillkit" in result.stdout
@@ -199,13 +198,7 @@ def test_one_module_under_two_entry_points_registers_both_losses_quietly(tmp_pat
         assert registry["first_loss"].plugin.distribution == "distillkit-two"
         assert registry["second_loss"].cls.__name__ == "Second"
         assert {info.name for info in plugin_infos()} >= {"first_loss", "second_loss"}
-        result = subprocess.run(
-            [sys.executable, "-m", "distillkit.cli", "losses"],
-            capture_output=True,
-            text=True,
-            env={**_env(), "PYTHONPATH": str(tmp_path)},
-            check=True,
-        )
+        result = _losses_cli(str(tmp_path))
     assert "already registered" not in result.stdout + result.stderr
     assert "failed to load" not in result.stdout
     assert "first_loss  (distillkit-two 0.1, plugin 'first_loss')" in result.stdout

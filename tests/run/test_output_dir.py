@@ -51,47 +51,40 @@ def finished_run(tmp_path):
     return config, raw, out
 
 
-def test_a_second_run_into_a_used_output_dir_is_refused_and_changes_nothing(finished_run, tmp_path, capsys):
-    config, raw, out = finished_run
+def refused(out: Path, capsys, *argv: str) -> str:
+    """Runs ``distillkit distill ARGV``: it must exit 2 and leave every byte of ``out`` as it was."""
     before = tree_hashes(out)
-    shorter, _ = write_config(tmp_path, "shorter.yaml", steps=4, save_every=2, keep_last=2)
     capsys.readouterr()
-    assert distill_cli(shorter) == 2
-    err = capsys.readouterr().err
-    assert err == (
+    assert cli.main(["distill", *argv]) == 2
+    assert tree_hashes(out) == before
+    return capsys.readouterr().err
+
+
+def test_a_second_run_into_a_used_output_dir_is_refused_and_changes_nothing(finished_run, tmp_path, capsys):
+    _, _, out = finished_run
+    shorter, _ = write_config(tmp_path, "shorter.yaml", steps=4, save_every=2, keep_last=2)
+    assert refused(out, capsys, str(shorter)) == (
         f"distillkit: error: output_dir '{out}' already holds a finished run (checkpoints/, metrics.jsonl, "
         "run.json, student/, summary.json); nothing was changed. Continue that run with --resume, replace it "
         "with --overwrite, or set output_dir to another directory\n"
     )
-    assert tree_hashes(out) == before
 
 
 def test_resume_with_other_settings_names_what_differs_and_changes_nothing(finished_run, capsys):
-    config, raw, out = finished_run
-    before = tree_hashes(out)
-    capsys.readouterr()
+    config, _, out = finished_run
     sets = ["--set", "objective.1.weight=0.25", "--set", "data.max_length=12"]
-    assert cli.main(["distill", str(config), *sets, "--resume"]) == 2
-    err = capsys.readouterr().err
+    err = refused(out, capsys, str(config), *sets, "--resume")
     assert err.startswith(f"distillkit: error: --resume: output_dir '{out}' holds a run of other settings: ")
-    assert (
-        "data.max_length 16 -> 12; objective.1.weight 0.5 -> 0.25. Resume it with the config it ran with"
-        in err
-    )
-    assert tree_hashes(out) == before
+    assert "data.max_length 16 -> 12; objective.1.weight 0.5 -> 0.25. Resume it with the config it ran" in err
 
 
 def test_resuming_past_train_steps_is_refused_and_changes_nothing(finished_run, capsys):
-    config, raw, out = finished_run
-    before = tree_hashes(out)
-    capsys.readouterr()
-    assert cli.main(["distill", str(config), "--set", "train.steps=5", "--resume"]) == 2
-    assert capsys.readouterr().err == (
+    config, _, out = finished_run
+    assert refused(out, capsys, str(config), "--set", "train.steps=5", "--resume") == (
         f"distillkit: error: --resume: the last checkpoint {out / 'checkpoints' / 'step-00000010'} is at "
         "step 10, past train.steps=5; set train.steps to at least 10 to continue that run, or start anew "
         "with --overwrite\n"
     )
-    assert tree_hashes(out) == before
 
 
 def test_overwrite_replaces_the_previous_run_and_keeps_only_the_new_checkpoints(finished_run, tmp_path):
