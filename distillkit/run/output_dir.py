@@ -263,14 +263,11 @@ class RunRecord(LastCheckpoint):
         super().on_train_begin(loop)
         if not loop.main:
             return
-        from distillkit import __version__
-
         record = {
             "run_id": loop.run_id,
             "fingerprint": loop.run.fingerprint,
             "identity": run_identity(self.config),
             "steps": loop.train.steps,
-            "distillkit": __version__,
         }
         _write_atomically(Path(loop.run.output_dir) / RUN_RECORD, json.dumps(record, indent=2))
 
