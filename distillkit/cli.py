@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -105,26 +106,70 @@ def _seeds(text: str) -> list[int]:
         ) from None
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _command(*words: str, sets: Sequence[str] = (), flag: str | None = None) -> str:
+    """The command line to type again (``--set`` overrides, then ``flag``), quoted for a POSIX shell."""
+    return shlex.join(
+        ["distillkit", *words, *(w for s in sets for w in ("--set", s)), *([flag] if flag else [])]
+    )
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from distillkit.run.distill import run_distill
+    from distillkit.run.output_dir import LastCheckpoint
 
-    run_distill(args.config, overrides=args.set or [], resume=args.resume)
+    watch = LastCheckpoint()
+    sets = args.set or []
+    try:
+        run_distill(
+            args.config, overrides=sets, resume=args.resume, overwrite=args.overwrite, callbacks=[watch]
+        )
+    except KeyboardInterrupt:
+        if getattr(watch.loop, "bar", None) is not None:
+            watch.loop.bar.close()  # end the progress bar's line
+        if watch.main:
+            print(f"distillkit: interrupted; {_resume_hint(watch.last_checkpoint, args)}", file=sys.stderr)
+        return INTERRUPTED
     return 0
+
+
+def _resume_hint(last: object, args: argparse.Namespace) -> str:
+    """How to go on after an interrupted ``distillkit distill``: the last checkpoint and the command."""
+    sets = args.set or []
+    if last is None and args.overwrite:  # the previous run may still be there: replace it again
+        again = _command("distill", args.config, sets=sets, flag="--overwrite")
+        return f"no checkpoint was written; start again with: {again}"
+    again = _command("distill", args.config, sets=sets, flag="--resume")
+    if last is None:
+        return f"no checkpoint was written yet; {again} starts it again from step 0"
+    return f"the last checkpoint is {last}; continue with: {again}"
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from distillkit.study import run_study
 
-    run_study(
-        args.study,
-        overrides=args.set or [],
-        teacher_cache=not args.no_teacher_cache,
-        jobs=args.jobs,
-        variants=args.variants,
-        seeds=args.seeds,
-        output_dir=args.output_dir,
-        report_only=args.report,
-    )
+    try:
+        run_study(
+            args.study,
+            overrides=args.set or [],
+            teacher_cache=not args.no_teacher_cache,
+            jobs=args.jobs,
+            variants=args.variants,
+            seeds=args.seeds,
+            output_dir=args.output_dir,
+            report_only=args.report,
+        )
+    except KeyboardInterrupt:
+        again = [args.study, *(["--output-dir", args.output_dir] if args.output_dir else [])]
+        print(
+            "distillkit: study interrupted; finished runs are kept and each interrupted run resumes from its "
+            f"last checkpoint: continue with: {_command('study', *again, sets=args.set or [])}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     return 0
 
 
@@ -165,7 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill = add("distill", help="distil a teacher into a student from a YAML config")
     distill.add_argument("config", help="YAML config file")
     distill.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    again = distill.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in output_dir (without either, an output_dir that is not empty is refused)",
+    )
     distill.set_defaults(handler=_cmd_distill)
 
     study = add("study", help="run objective variants x seeds and tabulate them")

@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from distillkit.config import DataConfig
-from distillkit.errors import ConfigError, close_matches
+from distillkit.errors import ConfigError, close_matches, one_line, quote_input, resolved_against
 
 _FORMATS = {
     ".csv": "csv",
@@ -94,14 +94,19 @@ def _read(path: str, what: str) -> Dataset | DatasetDict:
     kind = _FORMATS.get(suffixes[-1] if suffixes else "")
     if file.exists() or kind is not None:
         if not file.is_file():
-            raise ConfigError(f"{what} '{path}' does not exist")
+            raise ConfigError(f"{what} {quote_input(path)} does not exist{resolved_against(path)}")
         if kind is None:
             raise ConfigError(f"{what} '{path}': unsupported file type; use {', '.join(_FORMATS)}")
         extra = {"delimiter": "\t"} if ".tsv" in file.suffixes else {}
+        empty = _no_rows(file, kind)
+        if empty:
+            raise ConfigError(f"{what} {quote_input(path)} has no rows ({empty}); give a file with data")
         try:
             return datasets.load_dataset(kind, data_files=str(file), split="train", **extra)
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise ConfigError(f"{what} '{path}' could not be read as {kind}: {exc}") from None
+            raise ConfigError(
+                f"{what} {quote_input(path)} could not be read as {kind}: {one_line(exc)}"
+            ) from None
     try:
         return datasets.load_dataset(path)
     except Exception as exc:
@@ -109,6 +114,36 @@ def _read(path: str, what: str) -> Dataset | DatasetDict:
             f"{what} '{path}' is neither a local file nor a loadable hub data set ({type(exc).__name__}: "
             f"{exc}); give a CSV/JSON/parquet path or builtin:{next(iter(BUILTIN))}"
         ) from None
+
+
+_OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def _no_rows(file: Path, kind: str) -> str | None:
+    """Why a text data file holds no rows (``"the file is empty"``, ``"only a header line"``), or None.
+
+    Reads at most the first two non-blank lines; parquet and zstd-compressed files are not looked into.
+    """
+    if kind == "parquet" or file.suffix == ".zst":
+        return None
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    module = _OPENERS.get(file.suffix)
+    opener = importlib.import_module(module).open if module else open
+    lines: list[str] = []
+    with opener(file, "rt", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                lines.append(line.strip())
+                if len(lines) == 2:
+                    return None
+    if not lines:
+        return "the file holds only blank lines"
+    if kind == "csv":
+        return "only a header line"
+    if kind == "json" and lines[0] in ("[]", "{}"):
+        return f"the file holds only {lines[0]}"
+    return None
 
 
 def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:

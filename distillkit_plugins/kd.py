@@ -86,6 +86,21 @@ class KDLoss(LossTerm):
         """Teacher logits are read at ``temperature`` (several teachers are mixed at it)."""
         return self.params.temperature
 
+    def topk_logits_note(self) -> str | None:
+        """Every divergence but ``forward_kl``/``tvd`` at temperature 1 weighs the evenly spread tail."""
+        params = self.params
+        if params.divergence not in ("forward_kl", "tvd"):
+            return (
+                f"divergence '{params.divergence}' weighs the teacher's tail probabilities, which the cache "
+                "spreads evenly, so it is approximate"
+            )
+        if params.temperature != 1.0:
+            return (
+                f"at temperature {params.temperature:g} the cached top-k distribution is rescaled with its "
+                "evenly spread tail, so it is approximate"
+            )
+        return None
+
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.
 

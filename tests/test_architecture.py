@@ -11,20 +11,22 @@ PACKAGE = ROOT / "distillkit"
 LAYERS = {
     # room: the rooms it may import (besides itself); every import in a file counts, lazy ones included
     "errors": set(),
+    "model_paths": {"errors"},
+    "tokenizers": {"errors"},
     "hookspecs": set(),
     "config": {"errors"},
-    "plugin_manager": {"hookspecs"},
+    "plugin_manager": {"hookspecs", "errors"},
     "registry": {"errors", "plugin_manager", "contract"},
     "ops": {"errors"},
     "contract": {"errors", "config", "ops"},
     "objective": {"errors", "config", "registry", "plugin_manager", "hookspecs", "ops", "contract"},
     "data": {"errors", "config"},
-    "models": {"errors", "config"},
+    "models": {"errors", "config", "model_paths", "tokenizers"},
     "tasks": {"errors", "config", "data", "models", "contract", "ops"},
     "teacher_cache": {"errors", "contract"},
     "run": {
         "errors", "config", "data", "models", "contract", "objective", "ops", "tasks", "teacher_cache",
-        "registry", "plugin_manager", "hookspecs",
+        "registry", "plugin_manager", "hookspecs", "model_paths", "tokenizers",
     },
     "bench": {
         "errors", "config", "contract", "objective", "ops", "run", "registry", "plugin_manager", "hookspecs",

@@ -13,7 +13,7 @@ from distillkit.config.data import DataConfig, EvaluationConfig
 from distillkit.config.models import ModelConfig
 from distillkit.config.terms import TermConfig
 from distillkit.config.train import TrainConfig
-from distillkit.errors import close_matches
+from distillkit.errors import close_matches, quote_input
 
 
 class DistillConfig(Strict):
@@ -67,7 +67,7 @@ class DistillConfig(Strict):
             raise ValueError("'teacher' names the main teacher (`teacher:`); give the others other names")
         for name, spec in self.teachers.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(f"teacher name '{name}' may only use letters, digits and _ . -")
+                raise ValueError(f"teacher name {quote_input(name)} may only use letters, digits and _ . -")
             if spec.path is None and spec.config is None:
                 raise ValueError(f"teachers.{name} needs `path` or `config`")
             if spec.layers is not None or spec.hidden_size is not None:
@@ -83,7 +83,7 @@ class DistillConfig(Strict):
                 if name not in known:
                     hint = close_matches(name, known)
                     raise ValueError(
-                        f"objective.{index} ({term.loss}) reads teacher '{name}'{hint}, "
+                        f"objective.{index} ({term.loss}) reads teacher {quote_input(name)}{hint}, "
                         f"which is not defined; teachers: {', '.join(known)} (add it under `teachers:`)"
                     )
 

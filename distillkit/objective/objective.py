@@ -195,7 +195,8 @@ class DistillationObjective(nn.Module):
         """Evaluates every term, each on its own teacher's taps.
 
         Args:
-            student_output: The student's HF output (with ``hidden_states``) or its :class:`Taps`.
+            student_output: The student's HF output (holding what the terms read of it: ``hidden_states``,
+                ``attentions``, ``logits``) or its :class:`Taps`.
             teacher_output: The teacher's HF output or :class:`Taps` (None when no term reads the teacher),
                 or, with several teachers, ``{name: output or Taps or None}``; detached here, so no gradient
                 ever reaches a teacher.
@@ -205,11 +206,18 @@ class DistillationObjective(nn.Module):
         Returns:
             The weighted total and each term's value.
 
+        Raises:
+            MissingOutputError: When a model output lacks what a term reads of it (naming the output, the
+                term and how to ask the model for it).
+            LossTermError: When a term raises.
+
         """
         student = (
-            student_output if isinstance(student_output, Taps) else Taps.from_output(student_output, batch)
+            student_output
+            if isinstance(student_output, Taps)
+            else Taps.from_output(student_output, batch, self.readers(None), "the student")
         )
-        by_name = teacher_taps_by_name(teacher_output, batch, self.default_teacher)
+        by_name = teacher_taps_by_name(teacher_output, batch, self.default_teacher, self.readers)
         values: dict[str, torch.Tensor] = {}
         total = None
         for label, term in self.terms.items():
@@ -226,6 +234,19 @@ class DistillationObjective(nn.Module):
             weighted = self.weights[label] * value
             total = weighted if total is None else total + weighted
         return ObjectiveOutput(total=total, terms=values)
+
+    def readers(self, teacher: str | None) -> dict[str, TapRequest]:
+        """Who reads what of one model: ``objective term 'l2' (loss 'l2')`` -> its request of it.
+
+        Args:
+            teacher: A teacher's name, or None for the student.
+
+        """
+        return {
+            f"objective term '{label}' (loss '{term.name}')": term.tap_requests()[0 if teacher is None else 1]
+            for label, term in self.terms.items()
+            if teacher is None or teacher in self.term_teachers[label].names
+        }
 
     def tap_requests(self) -> tuple[TapRequest, TapRequest]:
         """The union of the terms' requests: what the student and the teachers (united) produce per batch.

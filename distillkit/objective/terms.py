@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from distillkit.errors import ConfigError, close_matches
+from distillkit.errors import ConfigError, close_matches, quote_input
 from distillkit.objective.mapping import LayerMapSpec, LayerPairs, resolve_layer_map
 from distillkit.objective.taps import NOTHING, TapRequest, Taps
 
@@ -162,7 +162,8 @@ class LossTerm(nn.Module):
         if unknown:
             key = unknown[0]
             raise ConfigError(
-                f"loss '{cls.name}' does not accept parameter '{key}'{close_matches(key, accepted)}. "
+                f"loss '{cls.name}' does not accept parameter {quote_input(key)}"
+                f"{close_matches(key, accepted)}. "
                 f"Accepted parameters: {', '.join(accepted) or 'none'}."
             )
         try:
@@ -212,6 +213,15 @@ class LossTerm(nn.Module):
         default; a term with a temperature parameter returns it.
         """
         return 1.0
+
+    def topk_logits_note(self) -> str | None:
+        """Why this term is approximate when the teacher's logits come from a top-k cache, or None.
+
+        A top-k cache (``teacher.cache_top_k``) keeps each token's k largest probabilities and spreads the
+        remaining mass evenly over the other tokens (``docs/teachers.md``); the run prints the note once
+        before training. The default says nothing; a term whose value depends on the tail overrides it.
+        """
+        return None
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the term.

@@ -16,31 +16,50 @@ from typing import Any
 
 from distillkit.config import DistillConfig, load_config
 from distillkit.models import count_parameters, quiet_loading
+from distillkit.run.callbacks import Callback
 from distillkit.run.engine import autocast_factory
 from distillkit.run.loaders import eval_loader
 from distillkit.run.loop import FitResult, fit
 from distillkit.run.model_card import run_card, write_model_card
+from distillkit.run.numbers import format_loss
+from distillkit.run.output_dir import RunRecord, check_output_dir, replace_previous_run
 from distillkit.run.run import Run
 from distillkit.tasks import EvalContext, ReportContext
 
 
 def distill(
-    config: DistillConfig, resume: bool = False, stop_after_step: int | None = None
+    config: DistillConfig,
+    resume: bool = False,
+    stop_after_step: int | None = None,
+    overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Runs a whole distillation: data, objective, teacher (fine-tuned if asked), student, loop, report.
 
     Args:
         config: The validated config.
-        resume: Continue from the newest checkpoint in ``output_dir``.
+        resume: Continue the run in ``output_dir`` from its newest checkpoint.
         stop_after_step: Stop after this step as if interrupted (the checkpoint is written).
+        overwrite: Replace the run in ``output_dir`` (its outputs are removed once this run has loaded).
+        callbacks: Told of the loop's events, after the one that records the run (``run.json``).
 
     Returns:
         The summary also written to ``<output_dir>/summary.json``.
 
+    Raises:
+        ConfigError: For a config mistake, before any weights load; for an ``output_dir`` that already holds
+            something (without ``resume`` or ``overwrite``), or a run of other settings or past
+            ``train.steps`` (with ``resume``), before anything is read or written
+            (see :mod:`distillkit.run.output_dir`).
+
     """
     started = time.perf_counter()
+    check_output_dir(config, resume=resume, overwrite=overwrite)
     run = Run.from_config(config)
-    result = fit(run, resume=resume, stop_after_step=stop_after_step)
+    if overwrite:
+        replace_previous_run(run.output_dir, run.accelerator)
+    record = RunRecord(config)
+    result = fit(run, resume=resume, stop_after_step=stop_after_step, callbacks=[record, *callbacks])
     if result.step < config.train.steps:
         return {"step": result.step, "stopped_early": True}
     summary = finish(run, result)
@@ -105,23 +124,30 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
 
 
 def _common_lines(summary: dict[str, Any]) -> list[str]:
-    lines = ["final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_terms"].items())]
+    lines = ["final losses: " + ", ".join(f"{k} {format_loss(v)}" for k, v in summary["final_terms"].items())]
     lines.append(f"student saved to {summary['student'].get('path')}")
     return lines
 
 
 def run_distill(
-    config_path: str | Path, overrides: Sequence[str] = (), resume: bool = False
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
-    """``distillkit distill CONFIG.yaml [--set key=value ...] [--resume]``.
+    """``distillkit distill CONFIG.yaml [--set key=value ...] [--resume | --overwrite]``.
 
     Args:
         config_path: The YAML config.
         overrides: ``key.path=value`` strings.
-        resume: Continue from the newest checkpoint.
+        resume: Continue the run in ``output_dir`` from its newest checkpoint.
+        overwrite: Replace the run in ``output_dir``.
+        callbacks: Told of the loop's events.
 
     Returns:
         The run summary.
 
     """
-    return distill(load_config(config_path, overrides), resume=resume)
+    config = load_config(config_path, overrides)
+    return distill(config, resume=resume, overwrite=overwrite, callbacks=callbacks)

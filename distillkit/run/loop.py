@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from distillkit.run.checkpoint import latest_checkpoint
 from distillkit.run.engine import autocast_factory
 from distillkit.run.fused_logits import choose_output_layer
 from distillkit.run.loaders import eval_loader, train_loader
+from distillkit.run.numbers import format_loss
+from distillkit.run.output_dir import refuse_past_end
 from distillkit.run.phases import PhaseTimer
 from distillkit.run.run import Run
 from distillkit.run.runlog import RunLog
@@ -141,6 +144,7 @@ class TrainingLoop:
         )
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.checkpoints = run.output_dir / "checkpoints"
+        self.run_id = uuid.uuid4().hex[:12]  # a resumed run takes its checkpoint's; pruning keeps to it
         self.step_count, self.skipped = 0, 0
         self.window: dict[str, float] = {}
         self.window_steps = 0
@@ -228,12 +232,18 @@ class TrainingLoop:
 
     # -- resume -------------------------------------------------------------------------------------------
     def resume(self) -> bool:
-        """Loads the newest checkpoint, if any; returns whether one was loaded."""
+        """Loads the newest checkpoint, if any; returns whether one was loaded.
+
+        Raises:
+            ConfigError: If the checkpoint is past ``train.steps`` or of other model/objective/data settings.
+
+        """
         last = latest_checkpoint(self.checkpoints)
         if last is None:
             if self.main:
                 print(f"distillkit: no checkpoint in {self.checkpoints}; starting from step 0")
             return False
+        refuse_past_end(last, self.train.steps)
         state = self.strategy.load_checkpoint(
             last,
             student=self.student,
@@ -248,6 +258,7 @@ class TrainingLoop:
                 "use another output_dir or drop --resume"
             )
         self.step_count, self.skipped = state["step"], state["extra"].get("skipped", 0)
+        self.run_id = state.get("run_id") or self.run_id
         if self.main:
             print(f"distillkit: resumed from {last} at step {self.step_count}")
         return True
@@ -352,7 +363,7 @@ class TrainingLoop:
         if not self.window_steps:
             return
         self.bar.set_postfix(
-            {k: f"{v / self.window_steps:.3f}" for k, v in self.window.items()}, refresh=False
+            {k: format_loss(v / self.window_steps) for k, v in self.window.items()}, refresh=False
         )
         if self.step_count % self.train.log_every == 0 or self.step_count == self.train.steps:
             self.result.final_terms = {k: v / self.window_steps for k, v in self.window.items()}
@@ -398,6 +409,7 @@ class TrainingLoop:
                 "buffer_checksums": checksums,
             },
             keep_last=self.train.keep_last,
+            run_id=self.run_id,
         )
         self.accelerator.wait_for_everyone()
         self.callbacks.emit("on_save", self, path)

@@ -33,18 +33,17 @@ from distillkit.models import (
     load_model,
     load_tokenizer,
     quiet_loading,
-    student_config,
     student_from_teacher,
 )
 from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.terms import ModelDims
 from distillkit.run.engine import make_accelerator
+from distillkit.run.output_dir import run_fingerprint as identity_fingerprint
 from distillkit.run.strategy import Strategy, check_strategy, make_strategy
-from distillkit.run.teachers import CACHE_FIELDS, fingerprint, load_teacher, teacher_sources
+from distillkit.run.teachers import load_teacher, teacher_sources
+from distillkit.run.vocabulary import check_vocabularies, model_configs
 from distillkit.tasks import Task, make_task
 from distillkit.teacher_cache import TeacherCache
-
-_TERM_TEACHER_FIELDS = {"teacher", "teacher_weights", "teacher_mix"}
 
 
 @dataclass
@@ -104,6 +103,7 @@ class Run:
         set_seed(config.train.seed)  # the objective's learned parts are initialised from the run's seed
         objective = build_objective(config, task, data)
         check_strategy(config, data.num_labels)
+        check_vocabularies(config, tokenizer, data.num_labels, objective)
         return cls(
             config=config,
             task=task,
@@ -194,12 +194,7 @@ def build_objective(config: DistillConfig, task: Task, data: TaskData) -> Distil
         ConfigError: Naming the term and the fix.
 
     """
-    teacher_config = load_config_of(config.teacher, "teacher", config.task, data.num_labels)
-    spec = config.student
-    if spec.path is not None or spec.config is not None:
-        student_cfg = load_config_of(spec, "student", config.task, data.num_labels)
-    else:
-        student_cfg = student_config(teacher_config, spec)[0]
+    teacher_config, student_cfg = model_configs(config, data.num_labels)
     dims = {}
     for name, teacher_spec in config.teacher_specs().items():
         if name == "teacher":
@@ -241,17 +236,7 @@ def student_origin(config: DistillConfig) -> str:
 def run_fingerprint(config: DistillConfig) -> str:
     """Identifies what a checkpoint of this run holds: task, models, objective and data.
 
-    Where a teacher's outputs come from (model or cache) and the schedule are left out.
+    Where a teacher's outputs come from (model or cache) and the schedule are left out (the fields:
+    :func:`~distillkit.run.output_dir.run_identity`).
     """
-    return fingerprint(
-        config.task,
-        config.student.model_dump(),
-        config.teacher.model_dump(exclude=CACHE_FIELDS),
-        [t.model_dump(exclude=_TERM_TEACHER_FIELDS - t.model_fields_set) for t in config.objective],
-        config.data.model_dump(),
-        *(
-            [{n: s.model_dump(exclude=CACHE_FIELDS) for n, s in config.teachers.items()}]
-            if config.teachers
-            else []
-        ),
-    )
+    return identity_fingerprint(config)

@@ -66,6 +66,7 @@ def save_sharded_checkpoint(
     scheduler: Any,
     extra: dict[str, Any] | None = None,
     keep_last: int = 2,
+    run_id: str | None = None,
 ) -> Path | None:
     """Writes a sharded checkpoint atomically and prunes old ones; every process must call it.
 
@@ -76,7 +77,8 @@ def save_sharded_checkpoint(
         optimizer: Its optimizer.
         scheduler: The learning-rate scheduler.
         extra: More JSON-able state (counters, metrics).
-        keep_last: How many checkpoints to keep.
+        keep_last: How many checkpoints of this run to keep.
+        run_id: The run writing it; only checkpoints of the same run id are pruned.
 
     Returns:
         The checkpoint directory on the main process, None on the others.
@@ -108,6 +110,7 @@ def save_sharded_checkpoint(
         "processes": dist.get_world_size(),
         "scheduler": scheduler.state_dict(),
         "extra": extra or {},
+        "run_id": run_id,
     }
     write_bytes(tmp / "state.json", json.dumps(state).encode("utf-8"))
     for folder in (tmp / "dcp", tmp / "rng", tmp):
@@ -116,7 +119,7 @@ def save_sharded_checkpoint(
         shutil.rmtree(final)
     tmp.replace(final)
     fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last]:
+    for old in list_checkpoints(root, run_id=run_id)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final

@@ -215,6 +215,7 @@ class FSDPStrategy(Strategy):
             scheduler=parts["scheduler"],
             extra=parts.get("extra"),
             keep_last=parts.get("keep_last", 2),
+            run_id=parts.get("run_id"),
         )
 
     def load_checkpoint(self, path: Path, **parts: Any) -> dict[str, Any]:

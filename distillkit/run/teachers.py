@@ -192,5 +192,24 @@ def teacher_sources(run: Run, models: dict[str, nn.Module]) -> dict[str, nn.Modu
         )
         if accelerator.is_main_process:
             print(f"distillkit: {who}: outputs read from the cache {spec.cache} ({len(cache)} examples)")
+            for note in topk_notes(objective, name, cache):
+                print(f"distillkit: note: {note}")
         sources[name] = cache
     return sources
+
+
+def topk_notes(objective: DistillationObjective, name: str, cache: TeacherCache) -> list[str]:
+    """One line per term that reads teacher ``name``'s logits from a top-k cache and is approximate then."""
+    if cache.contents.logits != "topk":
+        return []
+    notes = []
+    for label, term in objective.terms.items():
+        if name in objective.term_teachers[label].names and term.tap_requests()[1].logits:
+            why = term.topk_logits_note()
+            if why:
+                notes.append(
+                    f"objective term '{label}' reads the teacher's logits from a top-{cache.contents.top_k} "
+                    f"cache: {why}; use dense logits (no cache_top_k) or a larger cache_top_k "
+                    "(docs/teachers.md)"
+                )
+    return notes

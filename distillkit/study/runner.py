@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -143,7 +144,7 @@ def _execute(config: DistillConfig, threads: int, log: Path | None) -> dict[str,
                 handle = stack.enter_context(open(log, "a", encoding="utf-8"))
                 stack.enter_context(contextlib.redirect_stdout(handle))
                 stack.enter_context(contextlib.redirect_stderr(handle))
-            summary = distill(config, resume=resume)
+            summary = distill(config, resume=resume, overwrite=not resume)  # the study's own directory
     finally:
         torch.set_num_threads(previous)
     summary["study_seconds"] = time.perf_counter() - started
@@ -311,27 +312,60 @@ def _run_parallel(
         _execute(pending[tunes_teacher], threads, None)
     total, done = len(pending), len(pending) - len(queue)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_leave_ctrl_c_to_main) as pool:
         futures = {}
         for run_id, config in queue:
             quiet = config.model_copy(update={"train": config.train.model_copy(update={"progress": False})})
             log = Path(config.output_dir) / "study.log"  # the run makes its directory when it starts
             futures[pool.submit(_execute, quiet, threads, log)] = run_id
-        remaining = set(futures)
-        while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            for future in finished:
-                done += 1
-                run_id = futures[future]
-                try:
-                    summary = future.result()
-                except BaseException:
-                    print(
-                        f"[study {done}/{total}] {run_id}: failed; its output is in "
-                        f"{Path(pending[run_id].output_dir) / 'study.log'}",
-                        file=sys.stderr,
-                    )
-                    for other in remaining:
-                        other.cancel()
-                    raise
-                print(f"[study {done}/{total}] {run_id}: finished in {summary['study_seconds']:.0f} s")
+        try:
+            _collect(futures, pending, done, total)
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            raise
+
+
+def _leave_ctrl_c_to_main() -> None:
+    """In a worker: Ctrl-C is the main process's to handle; its SIGTERM then ends the worker as an exit does.
+
+    So no worker prints a traceback, and each releases what it holds (semaphores, files) on the way out.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancels the runs not started and ends the running ones (they resume from their last checkpoint)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)  # joins the pool's own thread: its queues are released
+
+
+def _collect(futures: dict, pending: dict[str, DistillConfig], done: int, total: int) -> None:
+    """Waits for the runs, printing each as it finishes; a failed run cancels the others and raises."""
+    remaining = set(futures)
+    while remaining:
+        finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+        for future in finished:
+            done += 1
+            run_id = futures[future]
+            try:
+                summary = future.result()
+            except BaseException:
+                print(
+                    f"[study {done}/{total}] {run_id}: failed; its output is in "
+                    f"{Path(pending[run_id].output_dir) / 'study.log'}",
+                    file=sys.stderr,
+                )
+                for other in remaining:
+                    other.cancel()
+                raise
+            print(f"[study {done}/{total}] {run_id}: finished in {summary['study_seconds']:.0f} s")

@@ -12,7 +12,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillkit.config import DistillConfig, apply_overrides, config_from_dict, safe_load_yaml
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, quote_input, resolved_against
 from distillkit.registry import get_loss
 
 
@@ -116,7 +116,7 @@ def load_study(
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"study file '{path}' does not exist")
+        raise ConfigError(f"study file {quote_input(str(path))} does not exist{resolved_against(path)}")
     raw = safe_load_yaml(path.read_text(encoding="utf-8"), source=str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study must be a mapping with base, variants and seeds")

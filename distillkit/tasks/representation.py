@@ -85,6 +85,12 @@ def linear_probe(
         return float(((xe @ weight + bias).argmax(-1) == eval_y).double().mean())
 
 
+NO_PROBE = (
+    "no linear probe (probe acc -): set evaluation.probe to a labelled data set to score both models' "
+    "embeddings (docs/tasks.md)"
+)
+
+
 class Representation(Task):
     """Task-agnostic encoder distillation: no labels, no head; embedding cosine and a linear probe."""
 
@@ -170,7 +176,8 @@ class Representation(Task):
         lines = [f"{'':10} {'probe acc':>9} {'params':>12}"]
         probe = summary.get("probe", {}).get("accuracy", {})
         for name in ("teacher", "student"):
-            lines.append(f"{name:10} {probe.get(name, float('nan')):9.4f} {summary[name]['parameters']:12,}")
+            accuracy = f"{probe[name]:9.4f}" if name in probe else f"{'-':>9}"
+            lines.append(f"{name:10} {accuracy} {summary[name]['parameters']:12,}")
         cosine = summary["student"]["eval"].get("cosine")
         if cosine is not None:
             lines.append(
@@ -182,4 +189,6 @@ class Representation(Task):
                 f"linear probe: {p['data']}, {p['train_examples']} train / {p['eval_examples']} "
                 "held-out examples"
             )
+        else:
+            lines.append(NO_PROBE)
         return lines

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, quote_input, resolved_against
 from distillkit.objective.taps import NOTHING, TapRequest, Taps
 from distillkit.teacher_cache.identity import CacheContents
 
@@ -72,7 +72,8 @@ class TeacherCache:
         index_path = self.directory / "index.json"
         if not index_path.is_file():
             raise ConfigError(
-                f"teacher.cache '{directory}' holds no teacher cache (no index.json); write it with "
+                f"teacher.cache {quote_input(str(directory))}{resolved_against(directory)} holds no teacher "
+                "cache (no index.json); write it with "
                 "`distillkit cache-teacher CONFIG.yaml`"
             )
         self.index = json.loads(index_path.read_text(encoding="utf-8"))
