@@ -18,8 +18,10 @@ from distillkit.models import count_parameters, quiet_loading
 from distillkit.run.engine import autocast_factory
 from distillkit.run.loaders import eval_loader
 from distillkit.run.loop import FitResult, fit
+from distillkit.run.predictions import evaluate_examples, write_predictions
 from distillkit.run.run import Run
 from distillkit.tasks import EvalContext, ReportContext
+from distillkit.tasks.examples import PER_EXAMPLE
 
 
 def distill(
@@ -72,6 +74,7 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
         "eval_examples": len(data.eval),
         "train_examples": len(data.train),
     }
+    examples = evaluate_examples(run, autocast) if config.evaluation.predictions else None
     if accelerator.is_main_process:
         report = ReportContext(
             student=student,
@@ -83,6 +86,9 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
             autocast=autocast,
         )
         summary.update(task.report(report))
+        examples = {**(examples or {}), **summary.pop(PER_EXAMPLE, {})}
+        if config.evaluation.predictions:
+            summary["predictions"] = str(write_predictions(run.output_dir, config, examples))
         final = run.output_dir / "student"
         if data.label_names:
             student.config.id2label = dict(enumerate(data.label_names))

@@ -27,7 +27,7 @@ def _cache_identity(config: DistillConfig) -> dict[str, Any]:
     return {
         "task": config.task,
         "teacher": config.teacher.model_dump(mode="json", exclude={"cache"}),
-        "data": config.data.model_dump(mode="json", exclude={"max_eval_examples"}),
+        "data": config.data.training_identity(),
         "precision": config.train.precision,
     }
 
