@@ -57,6 +57,7 @@ from distillkit.run.step import (
     micro_batches,
     param_groups,
 )
+from distillkit.run.warm_start import warm_start_pass
 from distillkit.tasks.base import EvalContext
 
 
@@ -155,6 +156,8 @@ class TrainingLoop:
         """Resumes from the newest checkpoint (when asked), opens the log and the progress bar."""
         self._started = time.perf_counter()
         resumed = self.resume() if resume else False
+        if not resumed:  # a resumed run's banks come from its checkpoint
+            warm_start_pass(self)
         self.log = RunLog(
             self.run.output_dir,
             enabled=self.main,
