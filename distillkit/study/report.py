@@ -62,11 +62,15 @@ def _num(value: float, digits: int = 4, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
+def _pv(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _p(p: float | None, adjusted: float | None) -> str:
     if p is None or math.isnan(p):
         return "–"
     star = " *" if adjusted is not None and adjusted < 0.05 else ""
-    return f"{p:.3f} ({adjusted:.3f}){star}"
+    return f"{_pv(p)} ({_pv(adjusted)}){star}"
 
 
 def comparison_table(info: ReportInfo, rows: list[dict[str, Any]], metric: str) -> list[str]:
@@ -108,7 +112,7 @@ def plain_words(info: ReportInfo, rows: list[dict[str, Any]], metric: str) -> li
         what = f"`{row['variant']}` − `{row['baseline']}`: {_num(mean, sign=True)} {metric}"
         if detected:
             side = "higher" if mean > 0 else "lower"
-            lines.append(f"- {what}: {side}, a difference detected (Holm p {p:.3f}).")
+            lines.append(f"- {what}: {side}, a difference detected (Holm p {_pv(p)}).")
         elif math.isnan(size):
             lines.append(f"- {what}: too few seeds to test.")
         else:

@@ -211,7 +211,7 @@ def run_study(
         print(f"[study] {len(pending)} of {len(runs)} runs to do, {min(jobs, len(pending))} at a time")
     done = 0
     for fold, group in fold_groups(pending).items():
-        cache = fill_teacher_cache(study, group, fold) if teacher_cache else None
+        cache = fill_teacher_cache(study, group, fold) if teacher_cache and study.teacher_cache else None
         if cache is not None:
             group = {
                 k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": cache})})

@@ -31,6 +31,9 @@ class StudyConfig(BaseModel):
             on part ``s mod folds`` and trained on the rest (``data.folds``/``data.fold``), so that the seeds
             together score every example of the data set; None: every run is scored on the one held-out split.
         replicates: Replicates of the two-level bootstrap over seeds and examples.
+        teacher_cache: Cache the teacher's outputs once for all runs (false: every run runs the teacher
+            itself, as ``--no-teacher-cache``; e.g. a causal LM whose dense ``[T, V]`` logits would take more
+            disk than running the teacher costs time).
         metric: The metric (or metrics; the first is plotted) the comparisons are made on (default: the task's
             headline metric).
         threads_per_run: CPU threads of each run. Part of a run's identity: float sums depend on it, so it is
@@ -49,6 +52,7 @@ class StudyConfig(BaseModel):
     seeds: list[int] | int = Field(default_factory=lambda: [0])
     folds: int | None = Field(default=None, ge=2)
     replicates: int = Field(default=2000, ge=100)
+    teacher_cache: bool = True
     metric: str | list[str] | None = None
     threads_per_run: int = Field(default=1, ge=1)
     output_dir: str = "runs/study"

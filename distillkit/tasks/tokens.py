@@ -136,16 +136,11 @@ class TokenTask(Task):
         batches = list(on_device(batches, context.accelerator))
         stats = token_stats(model, batches, context.autocast)
         metrics: dict[str, Any] = {"loss": stats.loss, "perplexity": stats.perplexity}
-        columns = {
-            "example_id": [b["example_ids"] for b in batches],
-            "nll": stats.sequence_nll,
-            "positions": [(b["labels"] != -100).sum(1) for b in batches],
-        }
+        labels = [b["labels"] for b in batches]
         if self.scores_accuracy:
-            labels = [b["labels"] for b in batches]
             metrics["accuracy"] = stats.match_rate(labels, batches)
-            columns["correct"] = stats.sequence_matches(labels, batches)
         metrics["positions"] = stats.positions
+        teacher = None
         if context.teacher is not None:
             teacher = self._teacher_stats
             if teacher is None:
@@ -153,7 +148,15 @@ class TokenTask(Task):
                 if self.reuses_teacher_predictions:
                     self._teacher_stats = teacher
             metrics["agreement"] = stats.match_rate(teacher.predictions, batches)
-            columns["agree"] = stats.sequence_matches(teacher.predictions, batches)
         if context.per_example:
+            columns = {
+                "example_id": [b.get("example_ids", torch.full((len(b["labels"]),), -1)) for b in batches],
+                "nll": stats.sequence_nll,
+                "positions": [(b["labels"] != -100).sum(1) for b in batches],
+            }
+            if self.scores_accuracy:
+                columns["correct"] = stats.sequence_matches(labels, batches)
+            if teacher is not None:
+                columns["agree"] = stats.sequence_matches(teacher.predictions, batches)
             metrics[PER_EXAMPLE] = {"eval": to_lists({k: torch.cat(v) for k, v in columns.items()})}
         return metrics

@@ -91,3 +91,53 @@ def test_narrowing_a_study_keeps_a_variants_own_baseline(tmp_path):
     study, _ = load_study(path, variants=["none", "kd+l2"])
     assert study.baseline_of("kd+l2") == "kd"  # not silently compared with another baseline
     assert yaml.safe_load(path.read_text())["baselines"] == {"kd+l2": "kd"}
+
+
+def test_the_committed_reports_are_what_their_files_regenerate(tmp_path):
+    """docs/study/*.md are exactly what `python docs/study/regenerate.py` writes from the committed files."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[2] / "docs" / "study"
+    for prefix in ("results", "embed-results"):
+        for path in committed.glob(f"{prefix}*"):
+            if path.suffix in (".csv", ".json", ".gz"):
+                shutil.copy(path, tmp_path / path.name)
+        lines = regenerate(tmp_path / prefix)
+        assert "\n".join(lines) + "\n" == (committed / f"{prefix}.md").read_text(encoding="utf-8"), prefix
+
+
+def test_a_zero_weight_attention_term_changes_the_code_path_and_not_the_gradient():
+    """kd+eager: the attention term at weight 0 adds exactly nothing to kd's gradient on the eager model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from distillkit import DistillationObjective, ModelDims
+    from distillkit.objective.model_access import disable_attention_dropout, use_eager_attention
+    from distillkit.objective.taps import TapRequest, collect_taps
+    from tests.distill_fixtures import bert
+
+    torch.manual_seed(0)
+    student = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**bert(2, 16)))
+    teacher = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**bert(4, 16))).eval()
+    for model in (student, teacher):
+        use_eager_attention(model)
+        disable_attention_dropout(model)
+    dims = ModelDims.from_models(student, teacher)
+    batch = {
+        "input_ids": torch.randint(5, 40, (3, 7)),
+        "attention_mask": torch.ones(3, 7, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0]),
+    }
+    kd = {"loss": "kd", "weight": 0.5, "temperature": 2.0, "ce_weight": 1.0}
+    grads = []
+    for objective in ([kd], [kd, {"loss": "attention", "weight": 0.0}]):
+        objective = DistillationObjective.from_config(objective, dims)
+        student.eval()  # no dropout: the two passes see the same network
+        student.zero_grad()
+        request_s, request_t = objective.tap_requests()
+        taps = collect_taps(student, batch, request_s | TapRequest(attentions=True))
+        with torch.no_grad():
+            teacher_taps = collect_taps(teacher, batch, request_t | TapRequest(attentions=True))
+        objective(taps, teacher_taps, batch).total.backward()
+        grads.append([p.grad.clone() for p in student.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) and all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
