@@ -113,8 +113,10 @@ def plain_words(info: ReportInfo, rows: list[dict[str, Any]], metric: str) -> li
         if detected:
             side = "higher" if mean > 0 else "lower"
             lines.append(f"- {what}: {side}, a difference detected (Holm p {_pv(p)}).")
-        elif math.isnan(size):
+        elif row["delta"][metric].n < 2:
             lines.append(f"- {what}: too few seeds to test.")
+        elif math.isnan(size):
+            lines.append(f"- {what}: no difference detected; the runs did not vary: no power to give.")
         else:
             lines.append(
                 f"- {what}: no difference detected (Holm p {p:.2f}); a difference larger than {size:.4f} "
