@@ -165,13 +165,19 @@ def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
             evaluation = evaluation[cfg.eval_split] if cfg.eval_split in evaluation else evaluation["train"]
     if len(train) == 0:
         raise ConfigError(f"data.path '{cfg.path}' has no rows; the training data must not be empty")
-    if evaluation is None:
+    if cfg.folds is not None:
+        train, evaluation = fold_split(train, evaluation, cfg)
+    elif evaluation is None:
         if len(train) < 2:
             raise ConfigError(f"data.path '{cfg.path}' has {len(train)} row; need at least 2 to hold one out")
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.split_seed)
         train, evaluation = parts["train"], parts["test"]
     elif len(evaluation) == 0:
         raise ConfigError("the evaluation data has no rows")
+    if cfg.dev_fraction is not None:  # held out of training; scored instead of the evaluation split if asked
+        parts = train.train_test_split(test_size=cfg.dev_fraction, seed=cfg.split_seed)
+        train = parts["train"]
+        evaluation = parts["test"] if cfg.evaluate_on == "dev" else evaluation
     train = train.shuffle(seed=cfg.split_seed)
     if cfg.max_train_examples is not None:
         train = train.select(range(min(cfg.max_train_examples, len(train))))
@@ -179,6 +185,26 @@ def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         evaluation = evaluation.shuffle(seed=cfg.split_seed)
         evaluation = evaluation.select(range(min(cfg.max_eval_examples, len(evaluation))))
     return train, evaluation
+
+
+def fold_split(data: Dataset, evaluation: Dataset | None, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """Cross-evaluation: part ``cfg.fold`` of ``cfg.folds`` equal parts of the shuffled data, and the rest.
+
+    Raises:
+        ConfigError: If the data has its own evaluation split, or fewer rows than folds.
+
+    """
+    if evaluation is not None:
+        raise ConfigError(
+            "data.folds cross-evaluates over one data set, but this one has its own evaluation split (data."
+            f"eval_path or the '{cfg.eval_split}' split); drop data.folds, or give the training data alone"
+        )
+    if len(data) < cfg.folds:
+        raise ConfigError(f"data.folds={cfg.folds} needs at least {cfg.folds} rows; the data has {len(data)}")
+    order = data.shuffle(seed=cfg.split_seed)
+    start, stop = (len(data) * k // cfg.folds for k in (cfg.fold, cfg.fold + 1))
+    rest = [*range(start), *range(stop, len(data))]
+    return order.select(rest), order.select(range(start, stop))
 
 
 def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, labelled: bool = True) -> None:

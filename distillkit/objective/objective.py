@@ -393,6 +393,38 @@ class DistillationObjective(nn.Module):
         index = 0 if side == "student" else 1
         return [label for label, term in self.terms.items() if term.tap_requests()[index].needs_forward]
 
+    @property
+    def wants_warm_start(self) -> bool:
+        """Whether some term asks for a warm-up pass over the training data before the first step."""
+        return any(term.wants_warm_start for term in self.terms.values())
+
+    def warm_start_request(self) -> TapRequest:
+        """What the student is asked for in the warm-up pass: the union of the warming terms' requests."""
+        request = NOTHING
+        for term in self.terms.values():
+            if term.wants_warm_start:
+                request = request | term.tap_requests()[0]
+        return self._as_run(request)
+
+    def warm_start(
+        self, student: Taps, teacher_output: Any, batch: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Hands one batch of the warm-up pass to every term that asked for it, each with its teacher's taps.
+
+        Args:
+            student: The student's taps (:meth:`warm_start_request`).
+            teacher_output: As in :meth:`forward`.
+            batch: The batch dict.
+
+        """
+        by_name = teacher_taps_by_name(teacher_output, batch, self.default_teacher)
+        for label, term in self.terms.items():
+            if term.wants_warm_start:
+                described = _describe_term(label, term)
+                term.warm_start(
+                    student, teacher_taps_for(term, self.term_teachers[label], by_name, batch, described)
+                )
+
     def after_step(self) -> None:
         """Lets each term update its state after the optimizer step (memory banks)."""
         for term in self.terms.values():

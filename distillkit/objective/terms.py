@@ -239,6 +239,24 @@ class LossTerm(nn.Module):
     def after_step(self) -> None:
         """Updates state after the optimizer step (e.g. enqueue teacher keys into a memory bank)."""
 
+    @property
+    def wants_warm_start(self) -> bool:
+        """Whether the loop runs a warm-up pass over the training data before the first step.
+
+        Every batch of it goes to :meth:`warm_start` (for memory banks that must hold every example before
+        they are read).
+        """
+        return False
+
+    def warm_start(self, student: Taps, teacher: Taps) -> None:
+        """Takes one batch of the warm-up pass (no gradients, eval mode); see :attr:`wants_warm_start`.
+
+        Args:
+            student: The student's taps of the batch.
+            teacher: The teacher's taps of the batch.
+
+        """
+
     def prepare_benchmark(self) -> None:
         """Puts the term in a steady state before ``distillkit bench`` times it (e.g. fills memory banks)."""
 

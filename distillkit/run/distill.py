@@ -23,8 +23,10 @@ from distillkit.run.loop import FitResult, fit
 from distillkit.run.model_card import run_card, write_model_card
 from distillkit.run.numbers import format_loss
 from distillkit.run.output_dir import RunRecord, check_output_dir, replace_previous_run
+from distillkit.run.predictions import evaluate_examples, write_predictions
 from distillkit.run.run import Run
 from distillkit.tasks import EvalContext, ReportContext
+from distillkit.tasks.examples import PER_EXAMPLE
 
 
 def distill(
@@ -94,6 +96,10 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
         "train_examples": len(data.train),
     }
     strategy = run.strategy
+    examples = None
+    if config.evaluation.predictions:
+        with strategy.gathered():
+            examples = evaluate_examples(run, autocast)
     if accelerator.is_main_process or strategy.sharded:  # sharded models run on every process together
         report = ReportContext(
             student=student,
@@ -110,6 +116,9 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
             summary.update(reported)
     weights = strategy.full_state_dict(student)  # the whole student, gathered when it is sharded
     if accelerator.is_main_process:
+        examples = {**(examples or {}), **summary.pop(PER_EXAMPLE, {})}
+        if config.evaluation.predictions:
+            summary["predictions"] = str(write_predictions(run.output_dir, config, examples))
         final = run.output_dir / "student"
         if data.label_names:
             student.config.id2label = dict(enumerate(data.label_names))

@@ -63,6 +63,7 @@ from distillkit.run.step import (
 )
 from distillkit.run.strategy import Strategy
 from distillkit.run.trackers import RunTrackers
+from distillkit.run.warm_start import warm_start_pass
 from distillkit.tasks.base import EvalContext
 
 
@@ -165,6 +166,8 @@ class TrainingLoop:
         """Resumes from the newest checkpoint (when asked), opens the log and the progress bar."""
         self._started = time.perf_counter()
         resumed = self.resume() if resume else False
+        if not resumed:  # a resumed run's banks come from its checkpoint
+            warm_start_pass(self)
         self.log = RunLog(
             self.run.output_dir,
             enabled=self.main,

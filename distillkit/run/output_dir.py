@@ -36,7 +36,16 @@ if TYPE_CHECKING:
 RUN_RECORD = "run.json"
 """Written into the output directory when training starts: run id, fingerprint and identity."""
 
-RUN_OUTPUTS = ("run.json", "metrics.jsonl", "checkpoints", "tensorboard", "mlruns", "summary.json", "student")
+RUN_OUTPUTS = (
+    "run.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "tensorboard",
+    "mlruns",
+    "summary.json",
+    "predictions.json",
+    "student",
+)
 """Everything a run writes into its output directory (what ``--overwrite`` removes)."""
 
 _TERM_TEACHER_FIELDS = {"teacher", "teacher_weights", "teacher_mix"}

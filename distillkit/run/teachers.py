@@ -73,7 +73,7 @@ def finetuned_teacher_dir(config: DistillConfig, label_names: Sequence[str]) -> 
     spec = config.teacher
     if spec.finetune is None:
         raise ValueError("finetuned_teacher_dir needs a config with teacher.finetune set")
-    data_key = config.data.model_dump(exclude={"max_eval_examples"})
+    data_key = config.data.training_identity()
     key = fingerprint(
         spec.model_dump(exclude=CACHE_FIELDS), data_key, list(label_names), config.train.precision
     )

@@ -17,7 +17,8 @@ from typing import Any
 
 from distillkit.config import DistillConfig
 from distillkit.errors import ConfigError
-from distillkit.study.report import RESULT_FILES, summarise, write_results
+from distillkit.study.compare import add_comparisons, load_predictions, variant_rows
+from distillkit.study.report import RESULT_FILES, ReportInfo, write_report
 from distillkit.study.spec import StudyConfig, fingerprint, identity_changes, load_study, run_identity
 
 RUN_RECORD = "study-run.json"
@@ -28,15 +29,18 @@ def _cache_identity(config: DistillConfig) -> dict[str, Any]:
     return {
         "task": config.task,
         "teacher": config.teacher.model_dump(mode="json", exclude={"cache"}),
-        "data": config.data.model_dump(mode="json", exclude={"max_eval_examples"}),
+        "data": config.data.training_identity(),
         "precision": config.train.precision,
     }
 
 
-def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> str | None:
+def fill_teacher_cache(
+    study: StudyConfig, runs: dict[str, DistillConfig], fold: int | None = None
+) -> str | None:
     """Caches the main teacher once for every run: what the union of the variants' objectives reads.
 
-    A cache written for another teacher, data or precision (the base config changed) is written again.
+    A cache written for another teacher, data or precision (the base config changed) is written again. With
+    cross-evaluation every fold has its own training data, teacher and cache (``teacher-cache-fold-<k>``).
 
     Returns:
         The cache directory, or None when the runs cannot share a cache (a ``masked_lm`` task, a base config
@@ -61,7 +65,7 @@ def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> st
         layers = None if mapped is None or layers is None else tuple(sorted({*layers, *mapped}))
     if not request.needs_forward:
         return None
-    directory = Path(study.output_dir) / "teacher-cache"
+    directory = Path(study.output_dir) / ("teacher-cache" if fold is None else f"teacher-cache-fold-{fold}")
     key = fingerprint(_cache_identity(first))
     record = directory / "study-key.json"
     if (directory / "index.json").is_file():
@@ -201,28 +205,46 @@ def run_study(
     jobs = jobs or _default_jobs(threads)
     retire_stale_runs(runs, threads)
     pending = {k: c for k, c in runs.items() if not (Path(c.output_dir) / "summary.json").exists()}
-    cache = fill_teacher_cache(study, pending) if teacher_cache and pending else None
-    if cache is not None:
-        pending = {
-            k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": cache})})
-            for k, c in pending.items()
-        }
     for run_id in runs.keys() - pending.keys():
         print(f"[study] {run_id}: finished earlier, skipped")
     started = time.perf_counter()
     if pending:
-        order = list(pending)
         print(f"[study] {len(pending)} of {len(runs)} runs to do, {min(jobs, len(pending))} at a time")
-        if jobs == 1 or len(pending) == 1:
-            for index, run_id in enumerate(order, start=1):
-                doing = "resuming" if _resumes(pending[run_id]) else "running"
-                print(f"[study {index}/{len(order)}] {run_id}: {doing}")
-                _execute(pending[run_id], threads, None)
-        else:
-            _run_parallel(pending, threads, jobs, tunes_teacher=_first_to_tune_teacher(pending))
+    done = 0
+    for fold, group in fold_groups(pending).items():
+        cache = fill_teacher_cache(study, group, fold) if teacher_cache and study.teacher_cache else None
+        if cache is not None:
+            group = {
+                k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": cache})})
+                for k, c in group.items()
+            }
+        _run_group(group, threads, jobs, done, len(pending))
+        done += len(group)
+        if fold is not None and cache is not None:  # one fold's teacher outputs on disk at a time
+            shutil.rmtree(cache)
+            print(f"[study] fold {fold} done; its teacher cache {cache} is removed")
     elapsed = time.perf_counter() - started
-    done = f"{len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time" if pending else None
-    return _report(study, runs, finished_runs(runs, threads), done)
+    summary = f"{len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time" if pending else None
+    return _report(study, runs, finished_runs(runs, threads), summary)
+
+
+def fold_groups(pending: dict[str, DistillConfig]) -> dict[int | None, dict[str, DistillConfig]]:
+    """The pending runs by the fold they are scored on (one group, ``None``, without cross-evaluation)."""
+    groups: dict[int | None, dict[str, DistillConfig]] = {}
+    for run_id, config in pending.items():
+        groups.setdefault(config.data.fold if config.data.folds else None, {})[run_id] = config
+    return groups
+
+
+def _run_group(group: dict[str, DistillConfig], threads: int, jobs: int, done: int, total: int) -> None:
+    """Runs ``group`` in order (one job) or in ``jobs`` processes; ``done`` of ``total`` came before."""
+    if jobs == 1 or len(group) == 1:
+        for index, (run_id, config) in enumerate(group.items(), start=done + 1):
+            doing = "resuming" if _resumes(config) else "running"
+            print(f"[study {index}/{total}] {run_id}: {doing}")
+            _execute(config, threads, None)
+    else:
+        _run_parallel(group, threads, jobs, _first_to_tune_teacher(group), done, total)
 
 
 def finished_runs(runs: dict[str, DistillConfig], threads: int) -> dict[str, dict[str, Any]]:
@@ -257,15 +279,42 @@ def _report(
         )
     task = TASKS[next(iter(runs.values())).task]
     metrics = study.metric_names(task.metric)
-    rows = summarise(study, summaries, task, metrics)
-    missing = len(runs) - len(summaries)
-    lines = write_results(study, rows, summaries, task, metrics, missing=missing)
+    rows = variant_rows(study, summaries, task, metrics)
+    examples = load_predictions({run_id: runs[run_id].output_dir for run_id in summaries})
+    add_comparisons(rows, study.baseline_of, metrics, task.example_metrics, examples, study.replicates)
+    first = next(iter(summaries.values()))
+    info = ReportInfo(
+        task=task.name,
+        baseline=study.baseline,
+        baselines=dict(study.baselines),
+        metrics=metrics,
+        teacher=task.run_metrics(first, "teacher"),
+        notes=design_notes(summaries),
+        replicates=study.replicates,
+        missing=len(runs) - len(summaries),
+    )
+    lines = write_report(Path(study.output_dir) / "results", info, rows, examples)
     print("\n".join(["", *lines, ""]))
     if done:
         print(f"[study] {done}")
     out = Path(study.output_dir)
     print("[study] results: " + ", ".join(str(out / name) for name in RESULT_FILES))
     return rows
+
+
+def design_notes(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """One line on the runs' models, examples and steps, from their summaries."""
+
+    def span(key: str) -> str:
+        values = sorted({s[key] for s in summaries.values()})
+        return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}–{values[-1]:,}"
+
+    first = next(iter(summaries.values()))
+    teacher, student = first["teacher"]["parameters"], first["student"]["parameters"]
+    return [
+        f"Parameters: teacher {teacher:,}, student {student:,}. Held-out examples per run: "
+        f"{span('eval_examples')}; training examples: {span('train_examples')}; steps: {span('steps')}."
+    ]
 
 
 def _resumes(config: DistillConfig) -> bool:
@@ -293,7 +342,12 @@ def _first_to_tune_teacher(pending: dict[str, DistillConfig]) -> str | None:
 
 
 def _run_parallel(
-    pending: dict[str, DistillConfig], threads: int, jobs: int, tunes_teacher: str | None
+    pending: dict[str, DistillConfig],
+    threads: int,
+    jobs: int,
+    tunes_teacher: str | None,
+    done: int = 0,
+    total: int | None = None,
 ) -> None:
     """Runs in ``jobs`` spawned processes, each run's output in ``<run>/study.log``.
 
@@ -303,14 +357,17 @@ def _run_parallel(
         jobs: Runs at once.
         tunes_teacher: A run to do alone first, because it fine-tunes (and caches) the teacher the others
             then load; None when the fine-tuned teacher is cached already.
+        done: Runs of the study done before these (for the progress lines).
+        total: Runs of the study to do in all (default: these).
 
     """
+    total = len(pending) if total is None else total
     queue = [(run_id, config) for run_id, config in pending.items() if run_id != tunes_teacher]
     if tunes_teacher is not None:
         why = "it fine-tunes the shared teacher"
-        print(f"[study 1/{len(pending)}] {tunes_teacher}: running alone first ({why})")
+        done += 1
+        print(f"[study {done}/{total}] {tunes_teacher}: running alone first ({why})")
         _execute(pending[tunes_teacher], threads, None)
-    total, done = len(pending), len(pending) - len(queue)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_leave_ctrl_c_to_main) as pool:
         futures = {}

@@ -24,7 +24,16 @@ class StudyConfig(BaseModel):
         overrides: ``key.path=value`` overrides applied to the base config.
         variants: Variant name -> objective term list.
         baseline: The variant every other one is compared with, paired by seed (default: the first).
+        baselines: Variant -> the variant it is compared with instead of ``baseline`` (one that differs from
+            it in exactly one thing, e.g. the same model code path without the added term).
         seeds: Training seeds (a list, or ``N`` for ``0 … N-1``); every variant runs once per seed.
+        folds: Cross-evaluation: the data is cut into this many parts and the runs of seed ``s`` are scored
+            on part ``s mod folds`` and trained on the rest (``data.folds``/``data.fold``), so that the seeds
+            together score every example of the data set; None: every run is scored on the one held-out split.
+        replicates: Replicates of the two-level bootstrap over seeds and examples.
+        teacher_cache: Cache the teacher's outputs once for all runs (false: every run runs the teacher
+            itself, as ``--no-teacher-cache``; e.g. a causal LM whose dense ``[T, V]`` logits would take more
+            disk than running the teacher costs time).
         metric: The metric (or metrics; the first is plotted) the comparisons are made on (default: the task's
             headline metric).
         threads_per_run: CPU threads of each run. Part of a run's identity: float sums depend on it, so it is
@@ -39,7 +48,11 @@ class StudyConfig(BaseModel):
     overrides: list[str] = Field(default_factory=list)
     variants: dict[str, list[dict[str, Any]]] = Field(min_length=1)
     baseline: str | None = None
+    baselines: dict[str, str] = Field(default_factory=dict)
     seeds: list[int] | int = Field(default_factory=lambda: [0])
+    folds: int | None = Field(default=None, ge=2)
+    replicates: int = Field(default=2000, ge=100)
+    teacher_cache: bool = True
     metric: str | list[str] | None = None
     threads_per_run: int = Field(default=1, ge=1)
     output_dir: str = "runs/study"
@@ -71,7 +84,21 @@ class StudyConfig(BaseModel):
             raise ValueError(
                 f"baseline '{self.baseline}' is not a variant (variants: {', '.join(self.variants)})"
             )
+        for variant, baseline in self.baselines.items():
+            for name in (variant, baseline):
+                if name not in self.variants:
+                    raise ValueError(
+                        f"baselines: '{name}' is not a variant (variants: {', '.join(self.variants)})"
+                    )
+            if variant == baseline or variant == self.baseline:
+                raise ValueError(f"baselines: variant '{variant}' cannot have a baseline of its own")
         return self
+
+    def baseline_of(self, variant: str) -> str | None:
+        """The variant ``variant`` is compared with (None for the study's baseline itself)."""
+        if variant == self.baseline:
+            return None
+        return self.baselines.get(variant, self.baseline)
 
     @property
     def seed_list(self) -> list[int]:
@@ -141,6 +168,9 @@ def load_study(
             run_id = f"{name}/seed-{seed}"
             data = {**base, "objective": objective, "output_dir": str(Path(study.output_dir) / run_id)}
             data["train"] = {**(data.get("train") or {}), "seed": seed}
+            data["evaluation"] = {**(data.get("evaluation") or {}), "predictions": True}
+            if study.folds is not None:
+                data["data"] = {**(data.get("data") or {}), "folds": study.folds, "fold": seed % study.folds}
             try:
                 runs[run_id] = config_from_dict(data)
                 for term in runs[run_id].objective:  # loss parameters too, before any run starts
@@ -169,6 +199,7 @@ def _select(
     if variants is not None:
         kept = _subset(path, "variant", variants, list(study.variants), repr)
         update["variants"] = {v: study.variants[v] for v in kept}
+        update["baselines"] = {v: b for v, b in study.baselines.items() if v in kept}
     if seeds is not None:
         update["seeds"] = _subset(path, "seed", seeds, study.seed_list, str)
     if output_dir is not None:

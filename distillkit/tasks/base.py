@@ -20,6 +20,7 @@ from distillkit.config import DistillConfig
 from distillkit.data import TaskData
 from distillkit.objective.taps import MODEL_INPUTS
 from distillkit.objective.terms import TaskInfo
+from distillkit.tasks.examples import ExampleMetric
 
 Autocast = Callable[[], Any]
 """A factory of the mixed-precision context: ``with autocast(): ...``."""
@@ -37,12 +38,15 @@ class EvalContext:
         autocast: Enters mixed precision around each forward; None runs in the models' own precision.
         teacher: The frozen teacher, for metrics that compare the model with it (agreement, embedding
             cosine); None when only the model itself is scored (e.g. when the teacher is the model).
+        per_example: Also return the per-example columns the metrics are computed from, under
+            :data:`~distillkit.tasks.examples.PER_EXAMPLE` (a study keeps them for its bootstrap).
 
     """
 
     accelerator: Any = None
     autocast: Autocast | None = None
     teacher: nn.Module | None = None
+    per_example: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +100,8 @@ class Task:
     """Every metric :meth:`student_metrics` reads from a run's summary."""
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
     """Metrics where a smaller value is the better one."""
+    example_metrics: ClassVar[dict[str, ExampleMetric]] = {}
+    """The metrics of :attr:`metrics` that can be recomputed from per-example columns, and how."""
 
     def __init__(self, config: DistillConfig) -> None:
         self.config = config
@@ -117,7 +123,9 @@ class Task:
             context: Accelerator, mixed precision and the teacher to compare with (if any).
 
         Returns:
-            Metric name -> value (counts such as ``examples`` or ``positions`` included).
+            Metric name -> value (counts such as ``examples`` or ``positions`` included); with
+            ``context.per_example``, also ``PER_EXAMPLE: {"eval": {column: [value per example]}}``
+            (:mod:`distillkit.tasks.examples`).
 
         """
         raise NotImplementedError

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 
 from distillkit.config import DistillConfig
 from distillkit.tasks.base import Autocast, Batch, EvalContext, Task, autocast_scope, model_inputs, on_device
+from distillkit.tasks.examples import PER_EXAMPLE, capped_exp, ratio_of, to_lists
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,14 @@ class TokenStats:
         nll: Summed cross-entropy (nats, float32 logits) over the labelled positions.
         positions: Number of labelled positions (``labels != -100``).
         predictions: Per batch, the argmax token ``[B, T]`` int64 at every position.
+        sequence_nll: Per batch, each sequence's summed cross-entropy ``[B]`` (float32).
 
     """
 
     nll: float
     positions: int
     predictions: list[torch.Tensor]
+    sequence_nll: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def loss(self) -> float:
@@ -57,11 +60,17 @@ class TokenStats:
             Matches / :attr:`positions` (0 when there is no labelled position).
 
         """
-        hits = sum(
-            int(((p == t) & (b["labels"] != -100)).sum())
-            for p, t, b in zip(self.predictions, targets, batches, strict=True)
-        )
+        hits = sum(int(h.sum()) for h in self.sequence_matches(targets, batches))
         return hits / max(self.positions, 1)
+
+    def sequence_matches(
+        self, targets: Sequence[torch.Tensor], batches: Sequence[Batch]
+    ) -> list[torch.Tensor]:
+        """Per batch, each sequence's labelled positions where the prediction equals the target ``[B]``."""
+        return [
+            ((p == t) & (b["labels"] != -100)).sum(1)
+            for p, t, b in zip(self.predictions, targets, batches, strict=True)
+        ]
 
 
 @torch.no_grad()
@@ -79,19 +88,19 @@ def token_stats(model: nn.Module, batches: Iterable[Batch], autocast: Autocast |
     """
     was_training = model.training
     model.eval()
-    nll, count, predictions = 0.0, 0, []
+    nll, count, predictions, sequences = 0.0, 0, [], []
     for batch in batches:
         with autocast_scope(autocast):
             logits = model(**model_inputs(batch)).logits
         logits = logits.float()
         labels = batch["labels"]
-        nll += float(
-            F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        )
+        each = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        sequences.append(each.view(labels.shape).sum(1))
+        nll += float(each.sum())
         count += int((labels != -100).sum())
         predictions.append(logits.argmax(-1))
     model.train(was_training)
-    return TokenStats(nll, count, predictions)
+    return TokenStats(nll, count, predictions, sequences)
 
 
 class TokenTask(Task):
@@ -102,6 +111,12 @@ class TokenTask(Task):
     models' argmax tokens are equal).
     """
 
+    example_metrics = {
+        "loss": ratio_of("nll", "positions"),
+        "perplexity": ratio_of("nll", "positions", capped_exp),
+        "accuracy": ratio_of("correct", "positions"),
+        "agreement": ratio_of("agree", "positions"),
+    }
     scores_accuracy: ClassVar[bool] = False
     """Report the fraction of labelled positions where the model's argmax is the label."""
     reuses_teacher_predictions: ClassVar[bool] = False
@@ -112,14 +127,20 @@ class TokenTask(Task):
         super().__init__(config)
         self._teacher_stats: TokenStats | None = None
 
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
-        """Loss, perplexity (and accuracy) of ``model``; agreement with ``context.teacher`` when given."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, Any]:
+        """Loss, perplexity (and accuracy) of ``model``; agreement with ``context.teacher`` when given.
+
+        With ``context.per_example``, per sequence: ``example_id``, ``nll``, ``positions``, ``correct`` (with
+        accuracy) and ``agree`` (with a teacher).
+        """
         batches = list(on_device(batches, context.accelerator))
         stats = token_stats(model, batches, context.autocast)
-        metrics: dict[str, float] = {"loss": stats.loss, "perplexity": stats.perplexity}
+        metrics: dict[str, Any] = {"loss": stats.loss, "perplexity": stats.perplexity}
+        labels = [b["labels"] for b in batches]
         if self.scores_accuracy:
-            metrics["accuracy"] = stats.match_rate([b["labels"] for b in batches], batches)
+            metrics["accuracy"] = stats.match_rate(labels, batches)
         metrics["positions"] = stats.positions
+        teacher = None
         if context.teacher is not None:
             teacher = self._teacher_stats
             if teacher is None:
@@ -127,4 +148,15 @@ class TokenTask(Task):
                 if self.reuses_teacher_predictions:
                     self._teacher_stats = teacher
             metrics["agreement"] = stats.match_rate(teacher.predictions, batches)
+        if context.per_example:
+            columns = {
+                "example_id": [b.get("example_ids", torch.full((len(b["labels"]),), -1)) for b in batches],
+                "nll": stats.sequence_nll,
+                "positions": [(b["labels"] != -100).sum(1) for b in batches],
+            }
+            if self.scores_accuracy:
+                columns["correct"] = stats.sequence_matches(labels, batches)
+            if teacher is not None:
+                columns["agree"] = stats.sequence_matches(teacher.predictions, batches)
+            metrics[PER_EXAMPLE] = {"eval": to_lists({k: torch.cat(v) for k, v in columns.items()})}
         return metrics

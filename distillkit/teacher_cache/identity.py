@@ -98,7 +98,7 @@ def expected_meta(config: Any, teacher: nn.Module, tokenizer: Any, device: torch
         device: Where the run computes (the precision ``auto`` resolves to depends on it).
 
     """
-    data = {k: v for k, v in config.data.model_dump().items() if k != "max_eval_examples"}
+    data = config.data.training_identity()
     return {
         "format": FORMAT,
         "task": config.task,

@@ -36,6 +36,10 @@ def _write_study(tmp_path, variants=None, student=None, **extra):
     return path
 
 
+def summary_examples(out):
+    return json.loads((out / "none" / "seed-0" / "summary.json").read_text(encoding="utf-8"))["eval_examples"]
+
+
 def _per_seed(rows, metric="accuracy"):
     return {row["variant"]: row["values"][metric] for row in rows}
 
@@ -84,20 +88,28 @@ def test_study_compares_to_the_baseline_and_skips_finished_runs(tmp_path, capsys
     assert delta.mean == pytest.approx(
         statistics.fmean(values["kd+l2"][s] - values["none"][s] for s in (0, 1))
     )
+    boot = rows[1]["bootstrap"]["accuracy"]
+    assert boot is not None and boot.mean == pytest.approx(delta.mean) and boot.seeds == 2
+    assert rows[1]["holm"]["accuracy"] == boot.p_value  # one comparison: Holm changes nothing
     table = (out / "results.md").read_text(encoding="utf-8")
-    assert "Δ accuracy vs none [95% CI]" in table and "(baseline)" in table and "Noise floor" in table
+    assert "95% CI, seeds × examples" in table and "(baseline)" in table and "Noise floor" in table
+    assert "| kd+l2 | none | 2 |" in table
+    assert "would have been seen" in table or "difference detected" in table
     with open(out / "results.csv", encoding="utf-8") as handle:
         rows_csv = list(csv.DictReader(handle))
     assert [r["variant"] for r in rows_csv] == ["none", "kd+l2"]
     assert float(rows_csv[1]["accuracy_seed1"]) == values["kd+l2"][1]
-    assert json.loads((out / "results.json").read_text())["rows"][1]["delta"]["accuracy"]["n"] == 2
+    assert float(rows_csv[1]["accuracy_boot_p"]) == boot.p_value
+    comparison = json.loads((out / "results.json").read_text())["rows"][1]["comparison"]["accuracy"]
+    assert comparison["t"]["n"] == 2 and comparison["bootstrap"]["examples"] == summary_examples(out)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "results-examples.csv.gz").is_file()
     summary = json.loads((out / "none" / "seed-1" / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 2
     # the teacher was fine-tuned once and shared
     assert len(list((tmp_path / "cache").iterdir())) == 1
     printed = capsys.readouterr().out
-    assert "| kd+l2 | 2 |" in printed and str(out / "results.md") in printed
+    assert "| kd+l2 | none | 2 |" in printed and str(out / "results.md") in printed
 
     stamp = (out / "none" / "seed-0" / "summary.json").stat().st_mtime_ns
     run_study(path, jobs=1)
