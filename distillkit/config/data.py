@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distillkit.config.base import Strict
 
@@ -31,6 +31,10 @@ class DataConfig(Strict):
             into blocks of ``max_length`` tokens, instead of one truncated text per example. None: on for
             ``causal_lm``, off otherwise.
         mlm_probability: ``masked_lm``: fraction of tokens masked per batch (BERT: 0.15, 80/10/10).
+        prompt_column: ``causal_lm``: a column of prompts; with ``completion_column`` each example is the
+            prompt followed by its completion and the end-of-text token, unpacked, and the loss counts only
+            the completion's tokens (SFT-style). ``train.generation`` samples continuations of the prompts.
+        completion_column: ``causal_lm``: the column of completions (with ``prompt_column``).
 
     """
 
@@ -48,6 +52,26 @@ class DataConfig(Strict):
     max_eval_examples: int | None = Field(default=None, ge=1)
     packing: bool | None = None
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    prompt_column: str | None = None
+    completion_column: str | None = None
+
+    @model_validator(mode="after")
+    def _prompt_and_completion(self) -> DataConfig:
+        if (self.prompt_column is None) != (self.completion_column is None):
+            given, missing = (
+                ("prompt_column", "completion_column")
+                if self.prompt_column is not None
+                else ("completion_column", "prompt_column")
+            )
+            raise ValueError(
+                f"data.{given} needs data.{missing} too (each example is a prompt and its completion)"
+            )
+        if self.prompt_column is not None and self.packing:
+            raise ValueError(
+                "data.packing cuts texts into blocks, but prompt/completion examples are kept whole; "
+                "remove data.packing or data.prompt_column"
+            )
+        return self
 
 
 class EvaluationConfig(Strict):
@@ -58,10 +82,15 @@ class EvaluationConfig(Strict):
             teacher's own pooling; all-MiniLM-L6-v2 uses ``mean``).
         probe: ``representation``: a labelled data set for the linear probe of frozen embeddings (its
             ``path``, columns and sizes, as in ``data``). None: no probe.
-        sample_tokens: ``causal_lm``: tokens of the greedy continuation the summary shows per model.
+        sample_tokens: ``causal_lm``: new tokens of the greedy continuation the summary shows per model, and
+            of each sampled continuation ``sample_nll`` scores.
+        sample_prompts: ``causal_lm``: held-out prompts (the first ones) for ``sample_nll``: the student
+            samples a continuation of each (temperature 1, a fixed seed) and the teacher's mean per-token
+            negative log-likelihood of them is reported. 0: no ``sample_nll``.
 
     """
 
     pooling: Literal["mean", "cls"] = "mean"
     probe: DataConfig | None = None
     sample_tokens: int = Field(default=24, ge=1)
+    sample_prompts: int = Field(default=8, ge=0)

@@ -33,6 +33,12 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
             )
         elif err["type"] == "missing":
             lines.append(f"missing field '{location}'")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), (dict, list)):
+            # a check of a whole section (or of several): its own message names the fields and the values
+            message = str(err["ctx"]["error"]) if "error" in err.get("ctx", {}) else err["msg"]
+            lines.append(
+                message if not location or message.startswith(location) else f"{location}: {message}"
+            )
         else:
             lines.append(f"field '{location or '<root>'}': {err['msg']} (got {err.get('input')!r})")
     return "invalid config: " + "; ".join(lines) + ". Fix the YAML file or the --set override that sets it."

@@ -7,6 +7,9 @@ A study file::
     variants:                     # name -> objective (a list of terms, as in a distill config)
       none: [{loss: ce}]
       kd: [{loss: kd, temperature: 2.0}]
+      kd-long:                    # or an objective with overrides of the base for this variant only
+        objective: [{loss: kd, temperature: 2.0}]
+        overrides: [train.lr=1e-4]
     baseline: kd                  # every other variant is compared with it, seed by seed (default: the first)
     seeds: 5                      # or a list: [0, 1, 2]
     metric: accuracy              # or a list; default: the task's headline metric
@@ -24,12 +27,13 @@ skipped; one with checkpoints is resumed; one whose config changed since it ran 
 """
 
 from distillkit.study.runner import fill_teacher_cache, run_study
-from distillkit.study.spec import StudyConfig, load_study
+from distillkit.study.spec import StudyConfig, VariantConfig, load_study
 from distillkit.study.stats import PairedDifference, paired_difference
 
 __all__ = [
     "PairedDifference",
     "StudyConfig",
+    "VariantConfig",
     "fill_teacher_cache",
     "load_study",
     "paired_difference",
