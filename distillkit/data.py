@@ -147,7 +147,9 @@ def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
 
 
 def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, fields: Sequence[str]) -> None:
-    """The columns the ``data`` fields ``fields`` name exist, and those other than ``label_column`` hold text.
+    """The columns the ``data`` fields ``fields`` name exist; those other than ``label_column`` hold text.
+
+    Text must not be empty, except a completion's (``completion_column``).
 
     Args:
         dataset: One split.
@@ -167,8 +169,11 @@ def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, fields: Sequen
         column = getattr(cfg, name)
         if column is None or name == "label_column":
             continue
+        empty_ok = name == "completion_column"  # a completion may be the end-of-text token alone
         bad = [
-            i for i, value in enumerate(dataset[column]) if not isinstance(value, str) or not value.strip()
+            i
+            for i, value in enumerate(dataset[column])
+            if not isinstance(value, str) or not (empty_ok or value.strip())
         ]
         if bad:
             raise ConfigError(

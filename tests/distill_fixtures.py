@@ -106,3 +106,23 @@ def text_config(
     raw["objective"] = objective
     raw["data"] = {"path": raw["data"]["path"], "text_column": "sentence", "max_length": 16}
     return raw
+
+
+def causal_lm_config(
+    tmp_path: Path,
+    generation: dict[str, Any] | None = None,
+    objective: list[dict] | None = None,
+    **train: Any,
+) -> dict[str, Any]:
+    """A tiny ``causal_lm`` config: a 2-layer Llama teacher over the 31-token vocabulary (spread-out logits).
+
+    The student is 1 layer copied from it; text is packed in 16-token blocks; ``generation`` is
+    ``train.generation``.
+    """
+    teacher = {**llama(2, 32), "vocab_size": 31, "initializer_range": 0.3}
+    terms = objective or [{"loss": "kd", "temperature": 1.0}]
+    raw = text_config(tmp_path, "causal_lm", teacher, terms, **train)
+    raw["student"] = {"layers": 1}
+    if generation is not None:
+        raw["train"]["generation"] = generation
+    return raw
