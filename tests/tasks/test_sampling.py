@@ -10,10 +10,10 @@ from distillkit.tasks.sampling import Prompts, Sampling, join, prompts_of, sampl
 VOCAB, END, PAD = 23, 2, 0
 
 
-def _llama(seed: int = 0) -> LlamaForCausalLM:
+def _llama(seed: int = 0, vocab: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=2,
@@ -158,3 +158,39 @@ def test_prompt_and_continuation_stay_within_max_length():
     assert sampling.new_tokens(6) == 3 and sampling.new_tokens(9) == 1
     generated = sample(model, _prompts([[5, 6, 7, 8, 9, 10], [11]]), sampling, seed=0)
     assert generated.shape[1] == 3
+
+
+def test_sample_nll_is_the_scorers_mean_nll_of_the_writers_samples(tmp_path):
+    """Against a float64 count over the sampled positions; without a teacher the model scores itself."""
+    from distillkit.config import config_from_dict
+    from distillkit.models import load_tokenizer
+    from distillkit.tasks import EvalContext, make_task
+    from distillkit.tasks.causal_lm import SAMPLE_SEED
+    from tests.distill_fixtures import causal_lm_config
+
+    raw = causal_lm_config(tmp_path, {"student_fraction": 0.0, "prompt_tokens": 5})
+    raw["evaluation"] = {"sample_prompts": 3, "sample_tokens": 6}
+    config = config_from_dict(raw)
+    task = make_task(config)
+    data = task.load_data(load_tokenizer(config.teacher))
+    batches = [task.collator(load_tokenizer(config.teacher))([data.train[i] for i in range(4)])]
+    writer, scorer = _llama(5, vocab=31), _llama(6, vocab=31)  # the tiny tokenizer's 31 tokens
+
+    def expected(model_scoring):
+        rows = {k: v[:3] for k, v in batches[0].items()}
+        sampled = sample_batch(writer, rows, 5, task.sampling, seed=SAMPLE_SEED)
+        with torch.no_grad():
+            logp = torch.log_softmax(model_scoring(input_ids=sampled.batch["input_ids"]).logits.double(), -1)
+        nll = [
+            -float(logp[row, t, sampled.batch["input_ids"][row, t + 1]])
+            for row in range(3)
+            for t in range(4, 4 + int(sampled.lengths[row]))
+        ]
+        return sum(nll) / len(nll), len(nll)
+
+    metrics = task.evaluate(writer, batches, EvalContext(teacher=scorer))
+    nll, tokens = expected(scorer)
+    assert metrics["sampled_tokens"] == tokens and 3 <= tokens <= 18
+    assert metrics["sample_nll"] == pytest.approx(nll, rel=1e-5)
+    alone = task.evaluate(writer, batches, EvalContext())
+    assert alone["sample_nll"] == pytest.approx(expected(writer)[0], rel=1e-5)
