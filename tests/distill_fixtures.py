@@ -85,6 +85,19 @@ def llama(layers: int, hidden: int) -> dict[str, Any]:
     }
 
 
+def tiny_llama(layers: int, hidden: int, vocab: int, seed: int = 0, init: float = 0.3) -> Any:
+    """A random ``LlamaForCausalLM`` (``init``: its initializer range; larger gives sharper logits)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {k: v for k, v in llama(layers, hidden).items() if k != "model_type"}
+    config = LlamaConfig(
+        **{**settings, "vocab_size": vocab, "initializer_range": init}, tie_word_embeddings=False
+    )
+    return LlamaForCausalLM(config)
+
+
 def gpt2(layers: int, hidden: int) -> dict[str, Any]:
     return {
         "model_type": "gpt2",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distillkit.config import DistillConfig
 from distillkit.data import Collator, TaskData, load_text_data
 from distillkit.objective.terms import TaskInfo
 from distillkit.tasks.base import Batch, EvalContext, ReportContext, on_device, time_forward
@@ -62,9 +63,9 @@ class CausalLM(TokenTask):
     lower_is_better = frozenset({"loss", "perplexity", "sample_nll"})
     reuses_teacher_predictions = True
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: DistillConfig) -> None:
         super().__init__(config)
-        self.sampling: Sampling | None = None
+        self.sampling: Sampling | None = None  # set by load_data (the tokenizer's special tokens)
 
     def load_data(self, tokenizer: Any) -> TaskData:
         """Text blocks of ``data.max_length`` tokens or prompt/completion examples (and the special tokens).

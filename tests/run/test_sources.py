@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillkit.config import GenerationSettings
 from distillkit.objective.objective import DistillationObjective
@@ -12,23 +11,13 @@ from distillkit.objective.taps import collect_taps
 from distillkit.objective.terms import ModelDims
 from distillkit.run.sources import SequenceSource, SourceDraw
 from distillkit.tasks.sampling import Sampling, sample_batch
+from tests.distill_fixtures import tiny_llama
 
 VOCAB, END, PAD = 29, 2, 0
 
 
-def _llama(layers: int, hidden: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        initializer_range=0.3,
-    )
-    return LlamaForCausalLM(config)
+def _llama(layers: int, hidden: int, seed: int):
+    return tiny_llama(layers, hidden, VOCAB, seed)
 
 
 def test_the_draw_picks_each_source_at_its_rate():

@@ -2,27 +2,16 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillkit.errors import DistillkitError
 from distillkit.tasks.sampling import Prompts, Sampling, join, prompts_of, sample, sample_batch
+from tests.distill_fixtures import tiny_llama
 
 VOCAB, END, PAD = 23, 2, 0
 
 
-def _llama(seed: int = 0, vocab: int = VOCAB) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        initializer_range=0.3,
-    )
-    return LlamaForCausalLM(config)
+def _llama(seed: int = 0, vocab: int = VOCAB):
+    return tiny_llama(2, 16, vocab, seed)
 
 
 def _prompts(rows: list[list[int]]) -> Prompts:
