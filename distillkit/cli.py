@@ -1,4 +1,4 @@
-"""Command line: ``distillkit losses | distill | cache-teacher | bench | study | doctor``."""
+"""Command line: ``distillkit losses | distill | generate | cache-teacher | bench | study | doctor``."""
 
 from __future__ import annotations
 
@@ -148,6 +148,15 @@ def _resume_hint(last: object, args: argparse.Namespace) -> str:
     return f"the last checkpoint is {last}; continue with: {again}"
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from distillkit.config import load_config
+    from distillkit.run.generate import generate
+
+    config = load_config(args.config, args.set or [])
+    generate(config, args.output, model=args.model, limit=args.limit)
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from distillkit.study import run_study
 
@@ -220,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the run in output_dir (without either, an output_dir that is not empty is refused)",
     )
     distill.set_defaults(handler=_cmd_distill)
+
+    generate = add(
+        "generate", help="sample a causal LM's continuations of a config's prompts into JSON lines"
+    )
+    generate.add_argument("config", help="YAML config file (its prompts and train.generation settings)")
+    generate.add_argument("--output", required=True, metavar="FILE.jsonl", help="where the samples go")
+    generate.add_argument("--model", choices=("teacher", "student"), default="teacher", help="which model")
+    generate.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N prompts")
+    generate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    generate.set_defaults(handler=_cmd_generate)
 
     study = add("study", help="run objective variants x seeds and tabulate them")
     study.add_argument("study", help="STUDY.yaml")

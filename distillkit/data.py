@@ -207,22 +207,39 @@ def fold_split(data: Dataset, evaluation: Dataset | None, cfg: DataConfig) -> tu
     return order.select(rest), order.select(range(start, stop))
 
 
-def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, labelled: bool = True) -> None:
-    for name in ("text_column", "text_pair_column", "label_column")[: 3 if labelled else 2]:
+def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, fields: Sequence[str]) -> None:
+    """The columns the ``data`` fields ``fields`` name exist; those other than ``label_column`` hold text.
+
+    Text must not be empty, except a completion's (``completion_column``).
+
+    Args:
+        dataset: One split.
+        cfg: The ``data`` section.
+        which: ``training`` or ``evaluation``, for messages.
+        fields: Names of ``data`` fields that name columns (``text_column``, ``label_column``...).
+
+    """
+    for name in fields:
         column = getattr(cfg, name)
         if column is not None and column not in dataset.column_names:
             raise ConfigError(
                 f"data.{name} '{column}' is not a column of the {which} data"
                 f"{close_matches(column, dataset.column_names)}; columns: {', '.join(dataset.column_names)}"
             )
-    for column in (cfg.text_column, cfg.text_pair_column):
-        if column is None:
+    for name in fields:
+        column = getattr(cfg, name)
+        if column is None or name == "label_column":
             continue
-        bad = [i for i, text in enumerate(dataset[column]) if not isinstance(text, str) or not text.strip()]
+        empty_ok = name == "completion_column"  # a completion may be the end-of-text token alone
+        bad = [
+            i
+            for i, value in enumerate(dataset[column])
+            if not isinstance(value, str) or not (empty_ok or value.strip())
+        ]
         if bad:
             raise ConfigError(
                 f"{len(bad)} row(s) of the {which} data have an empty or non-text '{column}' "
-                f"(first: row {bad[0]}); clean the data or pick another data.text_column"
+                f"(first: row {bad[0]}); clean the data or pick another data.{name}"
             )
 
 
@@ -266,8 +283,9 @@ def _encode_rows(dataset: Dataset, encode: Any) -> Dataset:
 def _checked_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, list[str]]:
     """The train and eval splits of labelled data, their columns checked, and the label names."""
     train, evaluation = _split(cfg)
-    _check_columns(train, cfg, "training")
-    _check_columns(evaluation, cfg, "evaluation")
+    fields = ("text_column", "text_pair_column", "label_column")
+    _check_columns(train, cfg, "training", fields)
+    _check_columns(evaluation, cfg, "evaluation", fields)
     return train, evaluation, _label_names(train, evaluation, cfg)
 
 
@@ -314,7 +332,14 @@ def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
     return TaskData(train=tokenise(train), eval=tokenise(evaluation), label_names=names)
 
 
-def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
+def end_of_text_id(tokenizer: Any) -> int | None:
+    """The token that ends a text: the tokenizer's end-of-sequence token, else its separator (BERT-style)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def load_text_data(
+    cfg: DataConfig, tokenizer: Any, packing: bool, prompt_limit: int | None = None
+) -> TaskData:
     """Loads, validates and tokenises unlabelled text (causal LM, masked LM, representation tasks).
 
     Args:
@@ -323,9 +348,14 @@ def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
         packing: Concatenate the texts, each followed by the end-of-text token, and cut the stream into
             blocks of ``max_length`` tokens (the last partial block is dropped); else one truncated text
             per example.
+        prompt_limit: With ``data.prompt_column``: prompts longer than this keep their last ``prompt_limit``
+            tokens (default: ``max_length - 1``).
 
     Returns:
-        Train and eval splits with ``input_ids``, ``attention_mask`` and ``example_ids``.
+        Train and eval splits with ``input_ids``, ``attention_mask`` and ``example_ids``; with
+        ``data.prompt_column`` (prompt/completion examples, never packed) also ``prompt_lengths``: each
+        example is its prompt's tokens, then the completion's and the end-of-text token (cut at
+        ``max_length``), and ``prompt_lengths`` counts the prompt's.
 
     Raises:
         ConfigError: For a missing file or column, empty data, or too little text for one block.
@@ -335,9 +365,30 @@ def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
 
     datasets.disable_progress_bars()
     train, evaluation = _split(cfg)
-    _check_columns(train, cfg, "training", labelled=False)
-    _check_columns(evaluation, cfg, "evaluation", labelled=False)
-    separator = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]
+    fields = (
+        ("prompt_column", "completion_column") if cfg.prompt_column else ("text_column", "text_pair_column")
+    )
+    _check_columns(train, cfg, "training", fields)
+    _check_columns(evaluation, cfg, "evaluation", fields)
+    separator = [end_of_text_id(tokenizer)]
+    if cfg.prompt_column:
+        limit = prompt_limit or cfg.max_length - 1
+
+        def encode_pairs(rows: dict[str, list], ids: list[int]) -> dict[str, list]:
+            prompts = tokenizer(rows[cfg.prompt_column], add_special_tokens=False)["input_ids"]
+            completions = tokenizer(rows[cfg.completion_column], add_special_tokens=False)["input_ids"]
+            tokens = [
+                (prompt[-limit:] + completion + separator)[: cfg.max_length]
+                for prompt, completion in zip(prompts, completions, strict=True)
+            ]
+            return {
+                "input_ids": tokens,
+                "attention_mask": [[1] * len(row) for row in tokens],
+                "prompt_lengths": [min(len(prompt), limit) for prompt in prompts],
+                "example_ids": ids,
+            }
+
+        return TaskData(train=_encode_rows(train, encode_pairs), eval=_encode_rows(evaluation, encode_pairs))
 
     def encode(rows: dict[str, list], ids: list[int]) -> dict[str, list]:
         encoded = tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
@@ -380,7 +431,7 @@ class Collator:
 
     Returns (when called):
         ``input_ids``/``attention_mask`` (``token_type_ids``) ``[B, T]``, ``labels`` ``[B]`` and
-        ``example_ids`` ``[B]`` int64.
+        ``example_ids`` ``[B]`` int64 (and ``prompt_lengths`` ``[B]`` of prompt/completion examples).
 
     """
 
@@ -389,7 +440,7 @@ class Collator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collates ``rows`` into a batch dict."""
-        extra = [key for key in ("labels", "example_ids") if key in rows[0]]
+        extra = [key for key in ("labels", "example_ids", "prompt_lengths") if key in rows[0]]
         features = [{k: v for k, v in row.items() if k not in extra} for row in rows]
         batch = dict(self.tokenizer.pad(features, padding=True, return_tensors="pt"))
         for key in extra:

@@ -41,6 +41,10 @@ class DataConfig(Strict):
             nothing that was chosen on it.
         evaluate_on: ``eval`` (the evaluation split) or ``dev`` (the dev split, for curves that choose
             settings); the training data is the same either way.
+        prompt_column: ``causal_lm``: a column of prompts; with ``completion_column`` each example is the
+            prompt followed by its completion and the end-of-text token, unpacked, and the loss counts only
+            the completion's tokens (SFT-style). ``train.generation`` samples continuations of the prompts.
+        completion_column: ``causal_lm``: the column of completions (with ``prompt_column``).
 
     """
 
@@ -88,6 +92,27 @@ class DataConfig(Strict):
                 del data[name]
         return data
 
+    prompt_column: str | None = None
+    completion_column: str | None = None
+
+    @model_validator(mode="after")
+    def _prompt_and_completion(self) -> DataConfig:
+        if (self.prompt_column is None) != (self.completion_column is None):
+            given, missing = (
+                ("prompt_column", "completion_column")
+                if self.prompt_column is not None
+                else ("completion_column", "prompt_column")
+            )
+            raise ValueError(
+                f"data.{given} needs data.{missing} too (each example is a prompt and its completion)"
+            )
+        if self.prompt_column is not None and self.packing:
+            raise ValueError(
+                "data.packing cuts texts into blocks, but prompt/completion examples are kept whole; "
+                "remove data.packing or data.prompt_column"
+            )
+        return self
+
 
 class EvaluationConfig(Strict):
     """Task-specific evaluation settings.
@@ -101,6 +126,11 @@ class EvaluationConfig(Strict):
         predictions: Write the student's per-example predictions on the evaluation split (and a
             representation task's probe) to ``<output_dir>/predictions.json`` at the end of the run (a
             study turns it on for its bootstrap over examples).
+        sample_tokens: ``causal_lm``: new tokens of the greedy continuation the summary shows per model, and
+            of each sampled continuation ``sample_nll`` scores.
+        sample_prompts: ``causal_lm``: held-out prompts (the first ones) for ``sample_nll``: the student
+            samples a continuation of each (temperature 1, a fixed seed) and the teacher's mean per-token
+            negative log-likelihood of them is reported. 0: no ``sample_nll``.
 
     """
 
@@ -108,3 +138,4 @@ class EvaluationConfig(Strict):
     probe: DataConfig | None = None
     sample_tokens: int = Field(default=24, ge=1)
     predictions: bool = False
+    sample_prompts: int = Field(default=8, ge=0)

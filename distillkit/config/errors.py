@@ -20,7 +20,8 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
     """
     lines = []
     for err in exc.errors():
-        location = quote_input(".".join(str(part) for part in err["loc"]) or "<root>")
+        path = ".".join(str(part) for part in err["loc"])
+        location = quote_input(path or "<root>")
         if err["type"] == "extra_forbidden":
             field = str(err["loc"][-1])
             parent = _model_at(root, err["loc"][:-1])
@@ -33,6 +34,10 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
             )
         elif err["type"] == "missing":
             lines.append(f"missing field {location}")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), (dict, list)):
+            # a check of a whole section (or of several): its own message names the fields and the values
+            message = one_line(str(err["ctx"]["error"]) if "error" in err.get("ctx", {}) else err["msg"])
+            lines.append(message if not path or message.startswith(path) else f"{location}: {message}")
         else:
             lines.append(f"field {location}: {one_line(err['msg'])} (got {quote_input(err.get('input'))})")
     return "invalid config: " + "; ".join(lines) + ". Fix the YAML file or the --set override that sets it."

@@ -62,6 +62,48 @@ class DistillConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _generation_fits(self) -> DistillConfig:
+        """``train.generation`` and prompt/completion data: a causal LM, room to sample, live teachers."""
+        generation, data = self.train.generation, self.data
+        if self.task != "causal_lm":
+            for name, value in (("train.generation", generation), ("data.prompt_column", data.prompt_column)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name} is for task 'causal_lm' (sampled continuations, prompt/completion text); "
+                        f"task '{self.task}' has none: remove {name} or set task: causal_lm"
+                    )
+        if generation is None:
+            return self
+        if generation.prompt_tokens >= data.max_length:
+            raise ValueError(
+                f"train.generation.prompt_tokens ({generation.prompt_tokens}) must be below data.max_length "
+                f"({data.max_length}) to leave room for sampled tokens: lower prompt_tokens or raise "
+                "max_length"
+            )
+        room = data.max_length - generation.prompt_tokens
+        if generation.max_new_tokens is not None and generation.max_new_tokens > room:
+            raise ValueError(
+                f"train.generation.max_new_tokens ({generation.max_new_tokens}) plus prompt_tokens "
+                f"({generation.prompt_tokens}) exceeds data.max_length ({data.max_length}): set "
+                f"max_new_tokens to at most {room} (or leave it out), or raise data.max_length"
+            )
+        cached = [name for name, spec in self.teacher_specs().items() if spec.cache]
+        if generation.samples and cached:
+            field = "teacher.cache" if cached[0] == "teacher" else f"teachers.{cached[0]}.cache"
+            raise ValueError(
+                f"train.generation samples new sequences, which a cache of teacher outputs cannot score: "
+                f"remove {field} (run the teacher live) or set train.generation.student_fraction and "
+                "teacher_fraction to 0"
+            )
+        if generation.samples and self.train.strategy == "fsdp":
+            raise ValueError(
+                "train.generation samples with the whole student and teacher in each process, but "
+                "train.strategy: fsdp shards them across the processes; use train.strategy: ddp for sampled "
+                "sequences, or set train.generation.student_fraction and teacher_fraction to 0"
+            )
+        return self
+
     def _check_teachers(self) -> None:
         if "teacher" in self.teachers:
             raise ValueError("'teacher' names the main teacher (`teacher:`); give the others other names")

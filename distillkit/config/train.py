@@ -29,6 +29,51 @@ class FSDPConfig(Strict):
     teacher_offload: bool = False
 
 
+class GenerationSettings(Strict):
+    """Where each micro-batch's sequences come from (``train.generation``, ``causal_lm`` only).
+
+    One seeded draw per micro-batch picks the source: with probability ``student_fraction`` the student
+    samples continuations of the batch's prompts (on-policy distillation, GKD's λ), with probability
+    ``teacher_fraction`` the teacher does (online sequence-level KD), otherwise the data block is used as it
+    is. On a sampled micro-batch the loss counts only the generated positions (up to and including the
+    end-of-text token).
+
+    Attributes:
+        student_fraction: Share of micro-batches whose sequences the student samples (λ).
+        teacher_fraction: Share of micro-batches whose sequences the main teacher samples.
+        prompt_tokens: Prompt length: the leading tokens of each data block, or at most this many (the last
+            ones) of a ``data.prompt_column`` prompt. Must be below ``data.max_length``.
+        max_new_tokens: Tokens sampled per prompt at most (a sequence ends earlier at the end-of-text
+            token). None: up to ``data.max_length`` in all; prompt plus new tokens may not exceed it.
+        temperature: Sampling temperature (1: the model's own distribution).
+        top_p: Nucleus sampling: sample from the smallest set of tokens whose probability reaches ``top_p``
+            (1: the whole vocabulary).
+
+    """
+
+    student_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    teacher_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    prompt_tokens: int = Field(default=16, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> GenerationSettings:
+        total = self.student_fraction + self.teacher_fraction
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                f"train.generation.student_fraction + teacher_fraction is {total:g}, above 1; they are "
+                "shares of the micro-batches (the rest use the data): lower one of them"
+            )
+        return self
+
+    @property
+    def samples(self) -> bool:
+        """Whether any micro-batch is sampled (a fraction above zero)."""
+        return self.student_fraction > 0 or self.teacher_fraction > 0
+
+
 class TrainConfig(Strict):
     """Optimisation and bookkeeping.
 
@@ -63,6 +108,9 @@ class TrainConfig(Strict):
             objective's heads, their gradients and optimizer state, and every live teacher's transformer
             blocks across processes (PyTorch FSDP2), gathering one block at a time while it runs.
         fsdp: Settings of the ``fsdp`` strategy.
+        generation: ``causal_lm``: sequences sampled by the student or the teacher in place of some data
+            blocks (on-policy and sequence-level distillation; see :class:`GenerationSettings`). None: data
+            only.
 
     """
 
@@ -87,6 +135,7 @@ class TrainConfig(Strict):
     fused_logits: Literal["auto", "always", "never"] = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    generation: GenerationSettings | None = None
 
     @field_validator("report_to", mode="before")
     @classmethod

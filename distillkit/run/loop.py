@@ -2,11 +2,12 @@
 
 One optimizer step (:meth:`TrainingLoop.step`), in the order the code runs it:
 
-1. ``forward_backward``: for each of ``grad_accum`` micro-batches, each frozen teacher runs under ``no_grad``
-   (eval mode) and returns only what some term reads of it (it does not run when no term reads it), or its
-   taps are read from its cache; the student runs once the same way; the objective returns the weighted
-   total and each term (each term on its own teacher's taps); the total is back-propagated. Loss values stay
-   on the device and are read once per step.
+1. ``forward_backward``: for each of ``grad_accum`` micro-batches (with ``train.generation`` first handed to
+   the run's :class:`~distillkit.run.sources.SequenceSource`, which may replace it by sampled sequences: the
+   ``sampling`` phase), each frozen teacher runs under ``no_grad`` (eval mode) and returns only what some
+   term reads of it (it does not run when no term reads it), or its taps are read from its cache; the student
+   runs once the same way; the objective returns the weighted total and each term (each term on its own
+   teacher's taps); the total is back-propagated. Loss values stay on the device and are read once per step.
 2. ``apply_or_skip``: a non-finite term or gradient stops the run or skips the step; otherwise gradients are
    clipped, AdamW and the warm-up/linear-decay schedule step, and the terms update their state
    (``after_step``: memory banks).
@@ -51,6 +52,7 @@ from distillkit.run.output_dir import refuse_past_end
 from distillkit.run.phases import PhaseTimer
 from distillkit.run.run import Run
 from distillkit.run.runlog import RunLog
+from distillkit.run.sources import sequence_source
 from distillkit.run.step import (
     NonFiniteLossError,
     StepValues,
@@ -118,6 +120,15 @@ class TrainingLoop:
         self.autocast = autocast_factory(self.train.precision, self.device)
         self.strategy = run.strategy or Strategy(accelerator)
         self.sources, self.teacher = self.strategy.place_teachers(run.teachers, run.teacher)
+        self.sequences = sequence_source(
+            self.train.generation,
+            run.tokenizer,
+            run.config.data.max_length,
+            {"student": self.student, "teacher": self.teacher},
+            seed=self.train.seed,
+            rank=accelerator.process_index,
+            autocast=self.autocast,
+        )
         live = {n: s for n, s in self.sources.items() if isinstance(s, nn.Module)}
         self.objective.prepare_models(self.student, live, announce=self.main)
         data, collator = run.data, run.collator
@@ -262,6 +273,8 @@ class TrainingLoop:
             )
         self.step_count, self.skipped = state["step"], state["extra"].get("skipped", 0)
         self.run_id = state.get("run_id") or self.run_id
+        if self.sequences is not None and "sequences" in state["extra"]:
+            self.sequences.load_state_dict(state["extra"]["sequences"])
         if self.main:
             print(f"distillkit: resumed from {last} at step {self.step_count}")
         return True
@@ -299,6 +312,9 @@ class TrainingLoop:
         sums, labels, student, teacher = None, [], None, None
         for micro in range(accum):
             batch = next(batches)
+            if self.sequences is not None:  # the data block, or sequences sampled from its prompts
+                with timer.phase("sampling"):
+                    batch = self.sequences(batch)
             with timer.phase("teacher"):
                 teacher = self.teacher_taps(batch)
             sync = self.strategy.no_sync(self.model) if micro < accum - 1 else nullcontext()
@@ -365,9 +381,10 @@ class TrainingLoop:
         self.bar.update(1)
         if not self.window_steps:
             return
-        self.bar.set_postfix(
-            {k: format_loss(v / self.window_steps) for k, v in self.window.items()}, refresh=False
-        )
+        postfix = {k: format_loss(v / self.window_steps) for k, v in self.window.items()}
+        if self.sequences is not None:
+            postfix["sampled tok/s"] = f"{self.sequences.rate():.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
         if self.step_count % self.train.log_every == 0 or self.step_count == self.train.steps:
             self.result.final_terms = {k: v / self.window_steps for k, v in self.window.items()}
             record = {
@@ -376,6 +393,8 @@ class TrainingLoop:
                 "grad_norm": values.grad_norm,
                 "seconds": {phase: round(s, 6) for phase, s in self.timer.take().items()},
             }
+            if self.sequences is not None:
+                record.update(self.sequences.take_counts(self.accelerator))
             self.log.log("train", self.step_count, record)
             self.result.logged.append({"step": self.step_count, **record})
             self.callbacks.emit("on_log", self, record)
@@ -410,6 +429,7 @@ class TrainingLoop:
                 "fingerprint": self.run.fingerprint,
                 "skipped": self.skipped,
                 "buffer_checksums": checksums,
+                **({"sequences": self.sequences.state_dict()} if self.sequences is not None else {}),
             },
             keep_last=self.train.keep_last,
             run_id=self.run_id,

@@ -7,6 +7,9 @@ A study file::
     variants:                     # name -> objective (a list of terms, as in a distill config)
       none: [{loss: ce}]
       kd: [{loss: kd, temperature: 2.0}]
+      kd-long:                    # or an objective with overrides of the base for this variant only
+        objective: [{loss: kd, temperature: 2.0}]
+        overrides: [train.lr=1e-4]
     baseline: kd                  # every other variant is compared with it, seed by seed (default: the first)
     baselines: {kd+x: kd+y}       # a variant compared with another variant than the baseline
     seeds: 5                      # or a list: [0, 1, 2]
@@ -32,7 +35,7 @@ printed; :func:`regenerate` recomputes them from those files alone.
 from distillkit.study.bootstrap import BootstrapDifference, two_level_bootstrap
 from distillkit.study.report import regenerate
 from distillkit.study.runner import fill_teacher_cache, run_study
-from distillkit.study.spec import StudyConfig, load_study
+from distillkit.study.spec import StudyConfig, VariantConfig, load_study
 from distillkit.study.stats import PairedDifference, detectable_difference, holm, paired_difference
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "PairedDifference",
     "StudyConfig",
     "detectable_difference",
+    "VariantConfig",
     "fill_teacher_cache",
     "holm",
     "load_study",

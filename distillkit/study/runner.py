@@ -44,7 +44,8 @@ def fill_teacher_cache(
 
     Returns:
         The cache directory, or None when the runs cannot share a cache (a ``masked_lm`` task, a base config
-        with its own ``teacher.cache`` or several teachers, or no variant reading the teacher).
+        with its own ``teacher.cache`` or several teachers, a run that samples sequences (so that every run
+        reads the teacher the same way and their times compare), or no variant reading the teacher).
 
     """
     from distillkit.objective.taps import NOTHING
@@ -54,6 +55,9 @@ def fill_teacher_cache(
 
     first = next(iter(runs.values()))
     if first.task == "masked_lm" or first.teacher.cache or first.teachers:
+        return None
+    if any(c.train.generation is not None and c.train.generation.samples for c in runs.values()):
+        print("[study] the teacher runs live in every run: some runs sample sequences, which no cache holds")
         return None
     prepared = Run.prepare(first)
     task, data = prepared.task, prepared.data

@@ -1,4 +1,14 @@
-"""The study file: base config, objective variants, seeds, the baseline and the metrics it compares by."""
+"""The study file: base config, variants, seeds, the baseline and the metrics it compares by.
+
+A variant is an objective (a list of terms), or a mapping of an ``objective`` and ``overrides`` of the base
+config for that variant only (``train.*`` settings such as ``train.generation``, ``data.*``...)::
+
+    variants:
+      kd: [{loss: kd, temperature: 1.0}]
+      on-policy:
+        objective: [{loss: kd, temperature: 1.0, divergence: reverse_kl}]
+        overrides: [train.generation.student_fraction=1.0]
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,37 @@ from distillkit.config import DistillConfig, apply_overrides, config_from_dict, 
 from distillkit.errors import ConfigError, quote_input, resolved_against
 from distillkit.registry import get_loss
 
+_STUDY_OWNED = ("objective", "output_dir", "train.seed")
+"""Config fields the study sets for every run, which a variant's overrides may not change."""
+
+
+class VariantConfig(BaseModel):
+    """One variant: its objective and its own overrides of the base config.
+
+    Attributes:
+        objective: The objective term list, as in a distill config.
+        overrides: ``key.path=value`` overrides applied after the study's own, for this variant only.
+
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: list[dict[str, Any]] = Field(min_length=1)
+    overrides: list[str] = Field(default_factory=list)
+
+    @field_validator("overrides")
+    @classmethod
+    def _study_owned_fields(cls, value: list[str]) -> list[str]:
+        for override in value:
+            key = override.partition("=")[0].strip()
+            owned = next((f for f in _STUDY_OWNED if key == f or key.startswith(f + ".")), None)
+            if owned is not None:
+                raise ValueError(
+                    f"override '{override}' sets {owned}, which the study sets for every run"
+                    + (": give the variant's `objective` instead" if owned == "objective" else "")
+                )
+        return value
+
 
 class StudyConfig(BaseModel):
     """A study: base config, objective variants, seeds.
@@ -22,7 +63,8 @@ class StudyConfig(BaseModel):
     Attributes:
         base: Path of the base distill config (relative to the study file).
         overrides: ``key.path=value`` overrides applied to the base config.
-        variants: Variant name -> objective term list.
+        variants: Variant name -> objective term list, or ``{objective: [...], overrides: [...]}``
+            (:class:`VariantConfig`; read back as one).
         baseline: The variant every other one is compared with, paired by seed (default: the first).
         baselines: Variant -> the variant it is compared with instead of ``baseline`` (one that differs from
             it in exactly one thing, e.g. the same model code path without the added term).
@@ -46,7 +88,7 @@ class StudyConfig(BaseModel):
 
     base: str
     overrides: list[str] = Field(default_factory=list)
-    variants: dict[str, list[dict[str, Any]]] = Field(min_length=1)
+    variants: dict[str, VariantConfig] = Field(min_length=1)
     baseline: str | None = None
     baselines: dict[str, str] = Field(default_factory=dict)
     seeds: list[int] | int = Field(default_factory=lambda: [0])
@@ -57,13 +99,15 @@ class StudyConfig(BaseModel):
     threads_per_run: int = Field(default=1, ge=1)
     output_dir: str = "runs/study"
 
-    @field_validator("variants")
+    @field_validator("variants", mode="before")
     @classmethod
-    def _names_are_paths(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _names_are_paths(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
         for name in value:
-            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
                 raise ValueError(f"variant name '{name}' may only use letters, digits and _ . + -")
-        return value
+        return {name: {"objective": v} if isinstance(v, list) else v for name, v in value.items()}
 
     @field_validator("seeds")
     @classmethod
@@ -161,17 +205,19 @@ def load_study(
     base = safe_load_yaml(base_path.read_text(encoding="utf-8"), source=str(base_path))
     if not isinstance(base, dict):
         raise ConfigError(f"base config '{base_path}' must be a mapping")
-    base = apply_overrides(base, [*study.overrides, *overrides])
+    base = apply_overrides(base, study.overrides)
     runs: dict[str, DistillConfig] = {}
     for seed in study.seed_list:  # seed by seed: a study stopped early has every variant on its first seeds
-        for name, objective in study.variants.items():
+        for name, variant in study.variants.items():
             run_id = f"{name}/seed-{seed}"
-            data = {**base, "objective": objective, "output_dir": str(Path(study.output_dir) / run_id)}
-            data["train"] = {**(data.get("train") or {}), "seed": seed}
-            data["evaluation"] = {**(data.get("evaluation") or {}), "predictions": True}
-            if study.folds is not None:
-                data["data"] = {**(data.get("data") or {}), "folds": study.folds, "fold": seed % study.folds}
             try:
+                data = apply_overrides(base, [*variant.overrides, *overrides])
+                data.update(objective=variant.objective, output_dir=str(Path(study.output_dir) / run_id))
+                data["train"] = {**(data.get("train") or {}), "seed": seed}
+                data["evaluation"] = {**(data.get("evaluation") or {}), "predictions": True}
+                if study.folds is not None:
+                    fold = {"folds": study.folds, "fold": seed % study.folds}
+                    data["data"] = {**(data.get("data") or {}), **fold}
                 runs[run_id] = config_from_dict(data)
                 for term in runs[run_id].objective:  # loss parameters too, before any run starts
                     get_loss(term.loss).cls.parse_params(term.params())

@@ -9,7 +9,7 @@ import yaml
 from distillkit.errors import ConfigError
 from distillkit.study import load_study, paired_difference, run_study
 from distillkit.study.spec import identity_changes, run_identity
-from tests.distill_fixtures import bert, tiny_config
+from tests.distill_fixtures import bert, causal_lm_config, tiny_config
 
 
 def _write_study(tmp_path, variants=None, student=None, **extra):
@@ -257,3 +257,55 @@ def test_a_live_study_runs_one_run_alone_only_while_the_teacher_is_not_fine_tune
         for k, c in runs.items()
     }
     assert _first_to_tune_teacher(changed) == "none/seed-0"  # another data setting tunes another teacher
+
+
+def _write_onpolicy_study(tmp_path, variants, **extra):
+    base = causal_lm_config(
+        tmp_path, {"student_fraction": 0.0, "prompt_tokens": 4}, steps=2, tensorboard=False
+    )
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    study = {
+        "base": "base.yaml",
+        "variants": variants,
+        "seeds": [0],
+        "metric": ["sample_nll", "perplexity"],
+        "output_dir": str(tmp_path / "study"),
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    return path
+
+
+ON_POLICY = {
+    "objective": [{"loss": "kd", "temperature": 1.0, "divergence": "reverse_kl"}],
+    "overrides": ["train.generation.student_fraction=1.0"],
+}
+
+
+def test_variants_override_the_base_config_for_themselves(tmp_path):
+    path = _write_onpolicy_study(tmp_path, {"offline": [{"loss": "kd", "temperature": 1.0}], "on": ON_POLICY})
+    study, runs = load_study(path, overrides=["train.generation.prompt_tokens=3"])
+    offline, on = runs["offline/seed-0"], runs["on/seed-0"]
+    assert offline.train.generation.student_fraction == 0.0 and on.train.generation.student_fraction == 1.0
+    assert on.objective[0].params()["divergence"] == "reverse_kl"
+    assert offline.train.generation.prompt_tokens == on.train.generation.prompt_tokens == 3  # --set: all
+    assert study.variants["offline"].overrides == []
+    for owned in ("objective=[]", "train.seed=3", "output_dir=x"):
+        bad = {"objective": ON_POLICY["objective"], "overrides": [owned]}
+        with pytest.raises(ConfigError, match="which the study sets for every run"):
+            load_study(_write_onpolicy_study(tmp_path, {"bad": bad}))
+    typo = {"objective": ON_POLICY["objective"], "overrides": ["train.generation.student_fraction=2"]}
+    with pytest.raises(ConfigError, match="study variant 'bad'.*student_fraction"):
+        load_study(_write_onpolicy_study(tmp_path, {"bad": typo}))
+
+
+def test_a_study_of_sampled_variants_runs_the_teacher_live_and_compares_sample_nll(tmp_path, capsys):
+    path = _write_onpolicy_study(tmp_path, {"offline": [{"loss": "kd", "temperature": 1.0}], "on": ON_POLICY})
+    rows = run_study(path, jobs=1)
+    assert not (tmp_path / "study" / "teacher-cache").exists()
+    assert "some runs sample sequences" in capsys.readouterr().out
+    assert [r["variant"] for r in rows] == ["offline", "on"]
+    assert {"sample_nll", "perplexity"} <= set(rows[1]["delta"])
+    table = (tmp_path / "study" / "results.md").read_text(encoding="utf-8")
+    assert "Δ sample_nll vs offline" in table
