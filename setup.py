@@ -113,6 +113,8 @@ setup(
             "minilm_v2 = distillkit_plugins.minilm_v2",
             "cosine = distillkit_plugins.cosine",
             "pkd = distillkit_plugins.pkd",
+            "uld = distillkit_plugins.uld",
+            "gold = distillkit_plugins.gold",
         ],
     },
     ext_modules=ext_modules,

@@ -1,4 +1,4 @@
-"""Command line: ``distillkit losses | distill | cache-teacher | bench | study | doctor``."""
+"""The ``distillkit`` command: losses, distill, cache-teacher, train-tokenizer, bench, study, doctor."""
 
 from __future__ import annotations
 
@@ -137,6 +137,19 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from distillkit.config import load_config
+    from distillkit.run.train_tokenizer import train_tokenizer
+
+    stats = train_tokenizer(load_config(args.config, args.set or []), args.vocab_size, args.output)
+    print(
+        f"distillkit: a byte-level BPE tokenizer of {stats['vocab_size']:,} tokens trained on "
+        f"{stats['texts']:,} training texts, saved to {stats['directory']} "
+        f"({stats['shared_with_teacher']:,} token strings shared with the teacher's vocabulary)"
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from distillkit.bench.cli import run_bench_cli
 
@@ -198,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--output", default=None, help="cache directory (default: the teacher's `cache`)")
     cache.add_argument("--with-eval", action="store_true", help="also cache the evaluation split")
     cache.set_defaults(handler=_cmd_cache_teacher)
+
+    train = add("train-tokenizer", help="train a byte-level BPE tokenizer for the student on the run's text")
+    train.add_argument("config", help="YAML config file (its data; the teacher's special tokens)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    train.add_argument("--vocab-size", type=_positive_int, default=8000, help="vocabulary entries")
+    train.add_argument("--output", default=None, help="directory (default: the config's student.tokenizer)")
+    train.set_defaults(handler=_cmd_train_tokenizer)
 
     bench = add("bench", help="benchmark loss terms and the InfoNCE op")
     try:

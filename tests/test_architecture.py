@@ -20,11 +20,12 @@ LAYERS = {
     "objective": {"errors", "config", "registry", "plugin_manager", "hookspecs", "ops", "contract"},
     "data": {"errors", "config"},
     "models": {"errors", "config"},
-    "tasks": {"errors", "config", "data", "models", "contract", "ops"},
+    "tokenizers": {"errors", "config", "models"},
+    "tasks": {"errors", "config", "data", "models", "contract", "ops", "tokenizers"},
     "teacher_cache": {"errors", "contract"},
     "run": {
         "errors", "config", "data", "models", "contract", "objective", "ops", "tasks", "teacher_cache",
-        "registry", "plugin_manager", "hookspecs",
+        "registry", "plugin_manager", "hookspecs", "tokenizers",
     },
     "bench": {
         "errors", "config", "contract", "objective", "ops", "run", "registry", "plugin_manager", "hookspecs",

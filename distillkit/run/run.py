@@ -35,10 +35,12 @@ from distillkit.models import (
     student_config,
     student_from_teacher,
 )
+from distillkit.objective.cross_tokenizer import check_across_tokenizers, share_vocabularies
 from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.terms import ModelDims
 from distillkit.run.engine import make_accelerator
 from distillkit.run.teachers import CACHE_FIELDS, fingerprint, load_teacher, teacher_sources
+from distillkit.run.tokenizers import both_tokenizers, student_tokenizer_of
 from distillkit.tasks import Task, make_task
 from distillkit.teacher_cache import TeacherCache
 
@@ -52,7 +54,7 @@ class Run:
     Attributes:
         config: The validated config.
         task: The task (model head, data, evaluation, report).
-        tokenizer: The tokenizer the batches are made with (the teacher's).
+        tokenizer: The teacher's tokenizer.
         data: The tokenised train/eval splits.
         collator: Turns a list of rows into a batch of tensors.
         objective: The loss terms, built for the models' sizes.
@@ -66,6 +68,9 @@ class Run:
         teacher_info: What is known of the main teacher (``source``; ``eval`` of a fine-tuned one).
         fingerprint: Identifies the model/objective/data setup; a checkpoint of another setup is refused.
         description: The label of the progress bar.
+        student_tokenizer: The student's tokenizer (saved with it). When it differs from the teacher's
+            (:attr:`cross_tokenizer`), batches carry the student's tokens and the teacher's of the same text
+            under ``teacher_`` keys; else it tokenises like ``tokenizer`` and the batches are the teacher's.
 
     """
 
@@ -84,6 +89,12 @@ class Run:
     teacher_info: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     description: str = "distill"
+    student_tokenizer: Any = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the student has another tokenizer than the teacher (each reads its own tokens)."""
+        return self.student_tokenizer is not None and self.student_tokenizer is not self.tokenizer
 
     @classmethod
     def prepare(cls, config: DistillConfig) -> Run:
@@ -95,11 +106,18 @@ class Run:
         """
         task = make_task(config)
         tokenizer = load_tokenizer(config.teacher)
-        data = task.load_data(tokenizer)
-        collator = task.collator(tokenizer)
+        student_tokenizer, differences = student_tokenizer_of(config, task, tokenizer)
+        streams = (student_tokenizer, tokenizer) if differences else (tokenizer,)
+        data = task.load_data(*streams)
+        collator = task.collator(*streams)
         set_seed(config.train.seed)  # the objective's learned parts are initialised from the run's seed
-        objective = build_objective(config, task, data)
+        objective = build_objective(config, task, data, student_tokenizer if differences else None)
+        if differences:
+            both = both_tokenizers(config, tokenizer, student_tokenizer)
+            check_across_tokenizers(objective, task.info, both, differences)
+        share_vocabularies(objective, student_tokenizer.get_vocab(), tokenizer.get_vocab())
         return cls(
+            student_tokenizer=student_tokenizer if differences else tokenizer,
             config=config,
             task=task,
             tokenizer=tokenizer,
@@ -135,7 +153,8 @@ class Run:
             teacher, self.teacher_info = load_teacher(self, config.teacher, finetune_teacher)
             others = self._other_teachers(finetune_teacher)
             set_seed(config.train.seed)
-            self.student = build_student(config, teacher, self.data.num_labels)
+            tokenizers = (self.student_tokenizer, self.tokenizer) if self.cross_tokenizer else ()
+            self.student = build_student(config, teacher, self.data.num_labels, *tokenizers)
         if announce and self.accelerator.is_main_process:
             print(f"distillkit: teacher {self.teacher_info['source']}; student {student_origin(config)}")
         models = {"teacher": teacher, **others}
@@ -177,12 +196,21 @@ class Run:
                 raise AssertionError(f"model sizes {actual} differ from those the objective was built for")
 
 
-def build_objective(config: DistillConfig, task: Task, data: TaskData) -> DistillationObjective:
+def build_objective(
+    config: DistillConfig, task: Task, data: TaskData, student_tokenizer: Any = None
+) -> DistillationObjective:
     """Builds the objective from the model configs alone (no weights) and checks it against the task.
 
     Layer maps, projections and banks are sized from the student's config and the config of the teacher
     each term reads, so a bad layer index, an impossible task/loss pair or a missing label is reported
     before any weights load.
+
+    Args:
+        config: The run config.
+        task: The task.
+        data: The tokenised data.
+        student_tokenizer: The student's own tokenizer when it differs from the teacher's (its vocabulary
+            sizes a student built from the teacher, and must fit the student's embeddings), else None.
 
     Raises:
         ConfigError: Naming the term and the fix.
@@ -193,7 +221,14 @@ def build_objective(config: DistillConfig, task: Task, data: TaskData) -> Distil
     if spec.path is not None or spec.config is not None:
         student_cfg = load_config_of(spec, "student", config.task, data.num_labels)
     else:
-        student_cfg = student_config(teacher_config, spec)[0]
+        student_cfg = student_config(teacher_config, spec, student_tokenizer)[0]
+    vocab = getattr(student_cfg, "vocab_size", None)
+    if student_tokenizer is not None and vocab is not None and vocab < len(student_tokenizer):
+        raise ConfigError(
+            f"the student has {vocab:,} token embeddings, fewer than its tokenizer's "
+            f"{len(student_tokenizer):,} tokens; give the student a vocab_size of at least that many "
+            "(student.config) or a tokenizer that fits it"
+        )
     dims = {}
     for name, teacher_spec in config.teacher_specs().items():
         if name == "teacher":
@@ -212,12 +247,16 @@ def build_objective(config: DistillConfig, task: Task, data: TaskData) -> Distil
     return objective
 
 
-def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int) -> nn.Module:
-    """Builds the student from its path or config, or from the teacher (``layers``, ``hidden_size``)."""
+def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int, *tokenizers: Any) -> nn.Module:
+    """Builds the student from its path or config, or from the teacher (``layers``, ``hidden_size``).
+
+    ``tokenizers``: the student's and the teacher's when they differ (a student built from the teacher then
+    gets the student tokenizer's vocabulary, see :func:`~distillkit.models.student_from_teacher`).
+    """
     spec = config.student
     if spec.path is not None or spec.config is not None:
         return load_model(spec, num_labels, "student", config.task)
-    return student_from_teacher(teacher, spec)
+    return student_from_teacher(teacher, spec, *tokenizers)
 
 
 def student_origin(config: DistillConfig) -> str:

@@ -2,7 +2,10 @@
 
 Batches carry ``labels [B, T]``: the token to predict at each position, -100 where nothing is predicted; the
 model's logits are ``[B, T, V]`` at the same positions (causal LM labels are already shifted by the
-collator). The metrics are taken over the labelled positions only.
+collator). The metrics are taken over the labelled positions only. Batches with ``label_bytes [B, T]`` (the
+UTF-8 bytes of the text each label token covers; -1: not scored) are also scored in bits per byte: the
+summed next-token loss of the scored positions over ``ln 2 ·`` their bytes, a number that does not depend on
+the tokenizer, so models with different vocabularies are compared on the same text.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.config import DistillConfig
+from distillkit.objective.taps import teacher_view
 from distillkit.tasks.base import Autocast, Batch, EvalContext, Task, autocast_scope, model_inputs, on_device
 
 
@@ -28,12 +32,21 @@ class TokenStats:
         nll: Summed cross-entropy (nats, float32 logits) over the labelled positions.
         positions: Number of labelled positions (``labels != -100``).
         predictions: Per batch, the argmax token ``[B, T]`` int64 at every position.
+        text_nll: Summed cross-entropy (nats) over the positions ``label_bytes`` scores.
+        text_bytes: Their UTF-8 bytes (0 when the batches carry no ``label_bytes``).
 
     """
 
     nll: float
     positions: int
     predictions: list[torch.Tensor]
+    text_nll: float = 0.0
+    text_bytes: int = 0
+
+    @property
+    def bits_per_byte(self) -> float:
+        """``text_nll / (ln 2 · text_bytes)`` (nan without scored bytes)."""
+        return self.text_nll / (math.log(2) * self.text_bytes) if self.text_bytes else math.nan
 
     @property
     def loss(self) -> float:
@@ -79,26 +92,32 @@ def token_stats(model: nn.Module, batches: Iterable[Batch], autocast: Autocast |
     """
     was_training = model.training
     model.eval()
-    nll, count, predictions = 0.0, 0, []
+    nll, count, predictions, text_nll, text_bytes = 0.0, 0, [], 0.0, 0
     for batch in batches:
         with autocast_scope(autocast):
             logits = model(**model_inputs(batch)).logits
         logits = logits.float()
         labels = batch["labels"]
-        nll += float(
-            F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        )
+        per_position = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view_as(labels)
+        nll += float(per_position.sum())
         count += int((labels != -100).sum())
         predictions.append(logits.argmax(-1))
+        if "label_bytes" in batch:
+            scored = (batch["label_bytes"] >= 0) & (labels != -100)
+            text_nll += float(per_position[scored].double().sum())
+            text_bytes += int(batch["label_bytes"][scored].sum())
     model.train(was_training)
-    return TokenStats(nll, count, predictions)
+    return TokenStats(nll, count, predictions, text_nll, text_bytes)
 
 
 class TokenTask(Task):
     """A task scored by token prediction at labelled positions: ``[B, T, V]`` logits, ``labels [B, T]``.
 
     :meth:`evaluate` reports ``loss`` (mean cross-entropy), ``perplexity``, ``accuracy`` (argmax equals
-    the label; when :attr:`scores_accuracy`), ``positions`` and, given a teacher, ``agreement`` (the two
+    the label; when :attr:`scores_accuracy`), ``positions``, ``bits_per_byte`` and ``bytes`` (when the
+    batches carry ``label_bytes``) and, given a teacher with the same tokenizer, ``agreement`` (the two
     models' argmax tokens are equal).
     """
 
@@ -120,11 +139,14 @@ class TokenTask(Task):
         if self.scores_accuracy:
             metrics["accuracy"] = stats.match_rate([b["labels"] for b in batches], batches)
         metrics["positions"] = stats.positions
+        if stats.text_bytes:
+            metrics["bits_per_byte"], metrics["bytes"] = stats.bits_per_byte, stats.text_bytes
         if context.teacher is not None:
             teacher = self._teacher_stats
             if teacher is None:
-                teacher = token_stats(context.teacher, batches, context.autocast)
+                teacher = token_stats(context.teacher, [teacher_view(b) for b in batches], context.autocast)
                 if self.reuses_teacher_predictions:
                     self._teacher_stats = teacher
-            metrics["agreement"] = stats.match_rate(teacher.predictions, batches)
+            if all(teacher_view(b) is b for b in batches):  # the same tokens: position by position
+                metrics["agreement"] = stats.match_rate(teacher.predictions, batches)
         return metrics
