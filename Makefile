@@ -1,13 +1,16 @@
 # One command each: `make demo` sets up a fresh clone and runs the offline main job; `make test` sets up and
 # runs the tests. `make demo-lm` (causal LM) and `make demo-embed` (embedding model) are the other offline
 # jobs; `make study` runs the objective study (configs/study.yaml), `make embed-study` the embedding-objective
-# study (configs/embed_study.yaml).
+# study (configs/embed_study.yaml). `make demo-lm-cross` distils the causal LM into a student with its own
+# tokenizer; `make cross-tokenizer-study` compares that student with its text-only twin
+# (configs/cross_tokenizer_study.yaml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo-data demo demo-lm demo-embed study embed-study test
+.PHONY: setup demo-data demo demo-lm demo-lm-cross demo-embed study embed-study cross-tokenizer-study test
+CROSS_TOKENIZER := runs/tokenizers/rotten-tomatoes-bpe-8k
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +33,13 @@ demo: demo-data
 demo-lm: demo-data
 	$(BIN)/distillkit distill configs/lm.yaml
 
+# The student's 8k byte-level BPE tokenizer, trained on the run's training text (written once).
+$(CROSS_TOKENIZER)/tokenizer.json: | demo-data
+	$(BIN)/distillkit train-tokenizer configs/lm_cross_tokenizer.yaml --vocab-size 8000
+
+demo-lm-cross: demo-data $(CROSS_TOKENIZER)/tokenizer.json
+	$(BIN)/distillkit distill configs/lm_cross_tokenizer.yaml
+
 demo-embed: demo-data
 	$(BIN)/distillkit distill configs/embed.yaml
 
@@ -38,6 +48,9 @@ study: demo-data
 
 embed-study: demo-data
 	$(BIN)/distillkit study configs/embed_study.yaml
+
+cross-tokenizer-study: demo-data $(CROSS_TOKENIZER)/tokenizer.json
+	$(BIN)/distillkit study configs/cross_tokenizer_study.yaml
 
 # Tests that start processes use this interpreter (python -m torch.distributed.run), so nothing depends on PATH.
 test: demo-data

@@ -90,6 +90,7 @@ setup(
         "pyyaml>=6",
         "pydantic>=2.5",
         "transformers>=4.40",
+        "tokenizers>=0.15",
         "safetensors>=0.4",
         "tqdm>=4.60",
         "datasets>=2.14",

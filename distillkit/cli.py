@@ -32,6 +32,7 @@ def _cmd_losses(args: argparse.Namespace) -> int:
                     "version": info.plugin.version,
                     "plugin": info.plugin.name,
                     "description": " ".join((info.cls.__doc__ or "").split()),
+                    "cross_tokenizer": bool(info.cls.cross_tokenizer or not info.cls.uses_teacher),
                     "parameters": [
                         {"name": n, "type": t, "required": d == "required", "default": _json_value(d)}
                         for n, t, d in info.cls.describe_params()

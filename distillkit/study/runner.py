@@ -27,6 +27,7 @@ def _cache_identity(config: DistillConfig) -> dict[str, Any]:
     return {
         "task": config.task,
         "teacher": config.teacher.model_dump(mode="json", exclude={"cache"}),
+        "student_tokenizer": config.student.tokenizer or config.student.path,  # its blocks, across tokenizers
         "data": config.data.model_dump(mode="json", exclude={"max_eval_examples"}),
         "precision": config.train.precision,
     }
