@@ -29,15 +29,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from distillkit import BenchCase, LossParams, LossTerm, ModelDims, TapRequest, Taps, TaskInfo, hookimpl
+from distillkit import BenchCase, LossParams, ModelDims, Taps, hookimpl
 from distillkit.ops import DIVERGENCES, divergence
-from distillkit_plugins.span_alignment import (
-    align,
-    group_log_probs,
-    mean_per_row,
-    require_token_logits,
-    sorted_l1,
-)
+from distillkit_plugins.span_alignment import AlignedLogitsTerm, mean_per_row, sorted_l1
 
 
 class GOLDParams(LossParams):
@@ -73,40 +67,29 @@ class GOLDParams(LossParams):
         return self
 
 
-class GOLDLoss(LossTerm):
+class GOLDLoss(AlignedLogitsTerm):
     """GOLD: kd's divergence on tokens both vocabularies hold, ULD on the rest, over span-aligned groups."""
 
     name = "gold"
     Params = GOLDParams
-    cross_tokenizer = True
-    student_reads = TapRequest(logits=True, labels=True)
-    teacher_reads = TapRequest(logits=True, labels=True)
 
     def __init__(self, params: GOLDParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
         self._pairs: list[tuple[int, int]] | None = None  # (teacher id, student id) of each shared string
-        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def use_vocabularies(self, student: Mapping[str, int], teacher: Mapping[str, int]) -> None:
         """Pairs the ids of every token string both vocabularies hold."""
         self._pairs = sorted((i, student[token]) for token, i in teacher.items() if token in student)
         self._index = {}
 
-    def teacher_logit_temperature(self) -> float:
-        """Teacher logits are read at ``temperature``."""
-        return self.params.temperature
-
-    def check_task(self, task: TaskInfo) -> None:
-        """Next-token distributions only: ``[B, T, V]`` logits."""
-        super().check_task(task)
-        require_token_logits(self.name, task)
-
-    def matched_ids(
-        self, teacher_width: int, student_width: int, device: torch.device
-    ) -> tuple[torch.Tensor, ...]:
-        """``(teacher ids, student ids)`` int64 of the shared strings inside both logit widths.
+    def vocabulary_split(self, teacher_width: int, student_width: int, device: torch.device) -> tuple:
+        """Ids of the shared strings inside both logit widths, paired, and the ids of neither pair.
 
         Without :meth:`use_vocabularies` the models are taken to share one vocabulary (equal widths).
+
+        Returns:
+            ``(matched teacher ids, matched student ids, other teacher ids, other student ids)``, int64.
 
         Raises:
             ValueError: For unknown vocabularies of two different widths.
@@ -125,7 +108,11 @@ class GOLDLoss(LossTerm):
             else:
                 pairs = [(t, s) for t, s in self._pairs if t < teacher_width and s < student_width]
             ids = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
-            self._index[key] = (ids[:, 0], ids[:, 1])
+            split = []
+            for side, width in ((0, teacher_width), (1, student_width)):
+                other = torch.ones(width, dtype=torch.bool, device=device).index_fill(0, ids[:, side], False)
+                split.append(other.nonzero().squeeze(1))
+            self._index[key] = (ids[:, 0], ids[:, 1], *split)
         return self._index[key]
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
@@ -139,34 +126,17 @@ class GOLDLoss(LossTerm):
             Scalar float32 loss.
 
         """
-        if student.logits is None or teacher.logits is None:
-            raise ValueError("gold needs the logits of both models")
-        params = self.params
-        pairs = align(student, teacher)
-        if not len(pairs):
+        aligned = self.aligned(student, teacher)
+        if aligned is None:
             return student.logits.sum() * 0.0
-        log_q = group_log_probs(
-            student.logits, student.labels, pairs.student, params.temperature, params.merge
+        pairs, log_q, log_p = aligned
+        params = self.params
+        teacher_ids, student_ids, teacher_rest, student_rest = self.vocabulary_split(
+            log_p.shape[-1], log_q.shape[-1], log_q.device
         )
-        log_p = group_log_probs(
-            teacher.logits.detach(), teacher.labels, pairs.teacher, params.temperature, params.merge
-        )
-        log_p = log_p.to(log_q.dtype)
-        teacher_ids, student_ids = self.matched_ids(log_p.shape[-1], log_q.shape[-1], log_q.device)
-        matched = divergence(
-            log_p[:, teacher_ids],
-            log_q[:, student_ids],
-            params.divergence,
-            beta=params.beta,
-            alpha=params.alpha,
-        )
-        keep_p = torch.ones(log_p.shape[-1], dtype=torch.bool, device=log_p.device).index_fill(
-            0, teacher_ids, False
-        )
-        keep_q = torch.ones(log_q.shape[-1], dtype=torch.bool, device=log_q.device).index_fill(
-            0, student_ids, False
-        )
-        unmatched = sorted_l1(log_p[:, keep_p].exp(), log_q[:, keep_q].exp())
+        kind, beta, alpha = params.divergence, params.beta, params.alpha
+        matched = divergence(log_p[:, teacher_ids], log_q[:, student_ids], kind, beta=beta, alpha=alpha)
+        unmatched = sorted_l1(log_p[:, teacher_rest].exp(), log_q[:, student_rest].exp())
         if params.matched_weight is None:
             share = len(teacher_ids) / log_p.shape[-1]
             weights = (share, 1.0 - share)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distillkit import ConfigError, Taps, TaskInfo
+from distillkit import ConfigError, LossTerm, TapRequest, Taps, TaskInfo
 
 
 @dataclass(frozen=True)
@@ -212,15 +212,49 @@ def mean_per_row(values: torch.Tensor, rows: torch.Tensor, reference: torch.Tens
     return (sums[present] / sizes[present]).mean()
 
 
-def require_token_logits(loss: str, task: TaskInfo) -> None:
-    """Refuses a task without next-token distributions (``[B, T, V]`` logits).
+class AlignedLogitsTerm(LossTerm):
+    """Base of ``uld`` and ``gold``: next-token logits of both models, aligned across tokenizers.
 
-    Raises:
-        ConfigError: Naming the loss and the fix.
-
+    Subclasses have a ``temperature`` and a ``merge`` parameter and call :meth:`aligned` in ``forward``.
     """
-    if task.logits != "token":
-        raise ConfigError(
-            f"loss '{loss}' compares next-token distributions, and task '{task.name}' has none; "
-            "use kd for class logits"
-        )
+
+    cross_tokenizer = True
+    student_reads = TapRequest(logits=True, labels=True)
+    teacher_reads = TapRequest(logits=True, labels=True)
+
+    def teacher_logit_temperature(self) -> float:
+        """Teacher logits are read at ``temperature``."""
+        return self.params.temperature
+
+    def check_task(self, task: TaskInfo) -> None:
+        """Next-token distributions only: ``[B, T, V]`` logits."""
+        super().check_task(task)
+        if task.logits != "token":
+            raise ConfigError(
+                f"loss '{self.name}' compares next-token distributions, and task '{task.name}' has none; "
+                "use kd for class logits"
+            )
+
+    def aligned(
+        self, student: Taps, teacher: Taps, by_spans: bool = True
+    ) -> tuple[Alignment, torch.Tensor, torch.Tensor] | None:
+        """The aligned groups and each model's merged log-probabilities (None when nothing aligns).
+
+        Args:
+            student: Student taps with ``logits``, ``labels`` (and ``extras["label_spans"]``).
+            teacher: Teacher taps of the same text (their own labels and spans).
+            by_spans: See :func:`align`.
+
+        Returns:
+            ``(alignment, student [G, V_s], teacher [G, V_t])``, the teacher's detached, both in one dtype.
+
+        """
+        if student.logits is None or teacher.logits is None:
+            raise ValueError(f"{self.name} needs the logits of both models")
+        pairs = align(student, teacher, by_spans)
+        if not len(pairs):
+            return None
+        temperature, merge = self.params.temperature, self.params.merge
+        mine = group_log_probs(student.logits, student.labels, pairs.student, temperature, merge)
+        theirs = group_log_probs(teacher.logits.detach(), teacher.labels, pairs.teacher, temperature, merge)
+        return pairs, mine, theirs.to(mine.dtype)

@@ -23,14 +23,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from distillkit import BenchCase, LossParams, LossTerm, TapRequest, Taps, TaskInfo, hookimpl
-from distillkit_plugins.span_alignment import (
-    align,
-    group_log_probs,
-    mean_per_row,
-    require_token_logits,
-    sorted_l1,
-)
+from distillkit import BenchCase, LossParams, Taps, hookimpl
+from distillkit_plugins.span_alignment import AlignedLogitsTerm, mean_per_row, sorted_l1
 
 
 class ULDParams(LossParams):
@@ -51,47 +45,19 @@ class ULDParams(LossParams):
     merge: Literal["last", "first"] = "last"
 
 
-class ULDLoss(LossTerm):
+class ULDLoss(AlignedLogitsTerm):
     """Sorted-probability L1 between aligned next-token distributions of models with any two vocabularies."""
 
     name = "uld"
     Params = ULDParams
-    cross_tokenizer = True
-    student_reads = TapRequest(logits=True, labels=True)
-    teacher_reads = TapRequest(logits=True, labels=True)
-
-    def teacher_logit_temperature(self) -> float:
-        """Teacher logits are read at ``temperature``."""
-        return self.params.temperature
-
-    def check_task(self, task: TaskInfo) -> None:
-        """Next-token distributions only: ``[B, T, V]`` logits."""
-        super().check_task(task)
-        require_token_logits(self.name, task)
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
-        """Computes the loss.
-
-        Args:
-            student: Student taps: ``logits`` ``[B, T, V_s]``, ``labels``, ``extras["label_spans"]``.
-            teacher: Teacher taps of the same text: ``[B, T', V_t]`` and its own labels and spans.
-
-        Returns:
-            Scalar float32 loss.
-
-        """
-        if student.logits is None or teacher.logits is None:
-            raise ValueError("uld needs the logits of both models")
-        params = self.params
-        pairs = align(student, teacher, by_spans=params.align == "spans")
-        if not len(pairs):
+        """The mean over sequences of the mean sorted L1 over their aligned groups (taps: see ``aligned``)."""
+        aligned = self.aligned(student, teacher, by_spans=self.params.align == "spans")
+        if aligned is None:
             return student.logits.sum() * 0.0
-        q = group_log_probs(student.logits, student.labels, pairs.student, params.temperature, params.merge)
-        p = group_log_probs(
-            teacher.logits.detach(), teacher.labels, pairs.teacher, params.temperature, params.merge
-        )
-        p = p.to(q.dtype)
-        return mean_per_row(sorted_l1(p.exp(), q.exp()), pairs.rows, student.logits)
+        pairs, log_q, log_p = aligned
+        return mean_per_row(sorted_l1(log_p.exp(), log_q.exp()), pairs.rows, student.logits)
 
 
 @hookimpl
