@@ -46,6 +46,7 @@ class _Stream:
     keys: list[int] = field(default_factory=list)
 
     def extend(self, tokens: SpannedTokens, offset: int) -> None:
+        """Appends the tokens of one text whose first character is character ``offset`` of the stream."""
         moved = tokens.shifted(offset)
         self.ids += moved.ids
         self.spans += moved.spans
