@@ -2,13 +2,17 @@
 # runs the tests. `make demo-lm` (causal LM) and `make demo-embed` (embedding model) are the other offline
 # jobs; `make study` runs the objective study (configs/study.yaml), `make study-curves` the dev-split curves
 # behind its step counts, `make embed-study` the embedding-objective study (configs/embed_study.yaml),
-# `make lm-study` KD against training on text for the causal LM (configs/lm_study.yaml).
+# `make lm-study` KD against training on text for the causal LM (configs/lm_study.yaml). `make demo-lm-cross`
+# distils the causal LM into a student with its own tokenizer; `make cross-tokenizer-study` compares that
+# student with its text-only twin (configs/cross_tokenizer_study.yaml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo-data demo demo-lm demo-embed study study-curves embed-study lm-study test
+.PHONY: setup demo-data demo demo-lm demo-lm-cross demo-embed study study-curves embed-study lm-study \
+	cross-tokenizer-study test
+CROSS_TOKENIZER := runs/tokenizers/rotten-tomatoes-bpe-8k
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +35,13 @@ demo: demo-data
 
 demo-lm: demo-data
 	$(BIN)/distillkit distill configs/lm.yaml --overwrite
+
+# The student's 8k byte-level BPE tokenizer, trained on the run's training text (written once).
+$(CROSS_TOKENIZER)/tokenizer.json: | demo-data
+	$(BIN)/distillkit train-tokenizer configs/lm_cross_tokenizer.yaml --vocab-size 8000
+
+demo-lm-cross: demo-data $(CROSS_TOKENIZER)/tokenizer.json
+	$(BIN)/distillkit distill configs/lm_cross_tokenizer.yaml
 
 demo-embed: demo-data
 	$(BIN)/distillkit distill configs/embed.yaml --overwrite
@@ -56,6 +67,9 @@ embed-study: demo-data
 
 lm-study: demo-data
 	$(BIN)/distillkit study configs/lm_study.yaml --jobs 2
+
+cross-tokenizer-study: demo-data $(CROSS_TOKENIZER)/tokenizer.json
+	$(BIN)/distillkit study configs/cross_tokenizer_study.yaml
 
 # Tests that start processes run this interpreter (python -m ...), so none depends on PATH; the venv's bin
 # still goes first on PATH, as it would for a user with the venv activated. TRL (tests only, never a

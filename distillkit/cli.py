@@ -1,4 +1,5 @@
-"""Command line: ``distillkit losses | distill | generate | cache-teacher | bench | study | doctor``."""
+"""The ``distillkit`` command: losses, distill, generate, cache-teacher, train-tokenizer, bench, study,
+doctor."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def _cmd_losses(args: argparse.Namespace) -> int:
                     "version": info.plugin.version,
                     "plugin": info.plugin.name,
                     "description": " ".join((info.cls.__doc__ or "").split()),
+                    "cross_tokenizer": bool(info.cls.cross_tokenizer or not info.cls.uses_teacher),
                     "parameters": [
                         {"name": n, "type": t, "required": d == "required", "default": _json_value(d)}
                         for n, t, d in info.cls.describe_params()
@@ -191,6 +193,19 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from distillkit.config import load_config
+    from distillkit.run.train_tokenizer import train_tokenizer
+
+    stats = train_tokenizer(load_config(args.config, args.set or []), args.vocab_size, args.output)
+    print(
+        f"distillkit: a byte-level BPE tokenizer of {stats['vocab_size']:,} tokens trained on "
+        f"{stats['texts']:,} training texts, saved to {stats['directory']} "
+        f"({stats['shared_with_teacher']:,} token strings shared with the teacher's vocabulary)"
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from distillkit.bench.cli import run_bench_cli
 
@@ -270,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--output", default=None, help="cache directory (default: the teacher's `cache`)")
     cache.add_argument("--with-eval", action="store_true", help="also cache the evaluation split")
     cache.set_defaults(handler=_cmd_cache_teacher)
+
+    train = add("train-tokenizer", help="train a byte-level BPE tokenizer for the student on the run's text")
+    train.add_argument("config", help="YAML config file (its data; the teacher's special tokens)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    train.add_argument("--vocab-size", type=_positive_int, default=8000, help="vocabulary entries")
+    train.add_argument("--output", default=None, help="directory (default: the config's student.tokenizer)")
+    train.set_defaults(handler=_cmd_train_tokenizer)
 
     bench = add("bench", help="benchmark loss terms and the InfoNCE op")
     try:

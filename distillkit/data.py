@@ -337,6 +337,33 @@ def end_of_text_id(tokenizer: Any) -> int | None:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
+def too_little_text(which: str, tokens: int, max_length: int) -> ConfigError:
+    """The error for a split whose text packs into no block of ``max_length`` tokens."""
+    return ConfigError(
+        f"the {which} text has {tokens} tokens, less than one block of data.max_length={max_length}; "
+        "lower data.max_length or add text"
+    )
+
+
+def load_text_splits(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """The train and eval splits of unlabelled text, ``data.text_column`` checked (nothing tokenised).
+
+    Raises:
+        ConfigError: For a missing file or column, empty data or an empty text.
+
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    train, evaluation = _split(cfg)
+    fields = (
+        ("prompt_column", "completion_column") if cfg.prompt_column else ("text_column", "text_pair_column")
+    )
+    _check_columns(train, cfg, "training", fields)
+    _check_columns(evaluation, cfg, "evaluation", fields)
+    return train, evaluation
+
+
 def load_text_data(
     cfg: DataConfig, tokenizer: Any, packing: bool, prompt_limit: int | None = None
 ) -> TaskData:
@@ -361,15 +388,7 @@ def load_text_data(
         ConfigError: For a missing file or column, empty data, or too little text for one block.
 
     """
-    import datasets
-
-    datasets.disable_progress_bars()
-    train, evaluation = _split(cfg)
-    fields = (
-        ("prompt_column", "completion_column") if cfg.prompt_column else ("text_column", "text_pair_column")
-    )
-    _check_columns(train, cfg, "training", fields)
-    _check_columns(evaluation, cfg, "evaluation", fields)
+    train, evaluation = load_text_splits(cfg)
     separator = [end_of_text_id(tokenizer)]
     if cfg.prompt_column:
         limit = prompt_limit or cfg.max_length - 1
@@ -404,10 +423,7 @@ def load_text_data(
             stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
         blocks = len(stream) // cfg.max_length
         if blocks == 0:
-            raise ConfigError(
-                f"the {which} text has {len(stream)} tokens, less than one block of data.max_length="
-                f"{cfg.max_length}; lower data.max_length or add text"
-            )
+            raise too_little_text(which, len(stream), cfg.max_length)
         rows = [stream[i * cfg.max_length : (i + 1) * cfg.max_length] for i in range(blocks)]
         return Dataset.from_dict(
             {

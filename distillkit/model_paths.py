@@ -116,3 +116,15 @@ def resolve_path(
         if (subdir or gguf_file) and candidate.is_dir() and (candidate / marker).exists():
             return str(candidate)
     raise ConfigError(f"{field} {quote_input(path)}: no directory '{subdir}' with a {marker} inside '{name}'")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
+_TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether a model folder holds a tokenizer (``tokenizer.json``, a vocabulary, a sentencepiece model)."""
+    folder = Path(directory)
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return True
+    return any(p.suffix in _TOKENIZER_SUFFIXES for p in folder.iterdir() if p.is_file())

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -35,8 +36,7 @@ from transformers import (
 
 from distillkit.config import ModelConfig
 from distillkit.errors import ConfigError, one_line, quote_input
-from distillkit.model_paths import resolve_path
-from distillkit.tokenizers import has_tokenizer_files
+from distillkit.model_paths import has_tokenizer_files, resolve_path
 
 AUTO_CLASSES = {
     "sequence_classification": AutoModelForSequenceClassification,
@@ -86,7 +86,15 @@ def load_tokenizer(spec: ModelConfig, role: str = "teacher") -> PreTrainedTokeni
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{field}: cannot load the tokenizer from '{source}': {one_line(exc)}") from None
+        hint = ""
+        if role == "student" and spec.tokenizer is not None:
+            hint = (
+                "; or train one on the run's text with `distillkit train-tokenizer CONFIG.yaml --vocab-size N` "
+                "(it writes to student.tokenizer)"
+            )
+        raise ConfigError(
+            f"{field}: cannot load the tokenizer from '{source}': {one_line(exc)}{hint}"
+        ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one; padding is masked
     return tokenizer
@@ -211,8 +219,16 @@ def _narrow_config(config: Any, hidden: int) -> Any:
     return config
 
 
-def student_config(teacher_config: Any, spec: ModelConfig) -> tuple[Any, list[int], bool]:
+def student_config(
+    teacher_config: Any, spec: ModelConfig, tokenizer: Any = None
+) -> tuple[Any, list[int], bool]:
     """The config of a student built from the teacher (``student.layers``/``hidden_size``), without weights.
+
+    Args:
+        teacher_config: The teacher's Hugging Face config.
+        spec: The student config.
+        tokenizer: The student's own tokenizer when it differs from the teacher's: the student's vocabulary
+            and special-token ids are then its (None: the teacher's).
 
     Returns:
         ``(config, picked teacher layers, narrow)``: narrow students are randomly initialised.
@@ -229,28 +245,50 @@ def student_config(teacher_config: Any, spec: ModelConfig) -> tuple[Any, list[in
     narrow = spec.hidden_size is not None and spec.hidden_size != teacher_config.hidden_size
     if narrow:
         config = _narrow_config(config, spec.hidden_size)
+    if tokenizer is not None:
+        config.vocab_size = len(tokenizer)
+        for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if hasattr(config, role):
+                setattr(config, role, getattr(tokenizer, role, None))
     return config, picked, narrow
 
 
-def student_from_teacher(teacher: PreTrainedModel, spec: ModelConfig) -> PreTrainedModel:
+def shared_token_rows(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the token strings both vocabularies hold: ``(student ids, teacher ids)``, int64, paired."""
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    pairs = sorted(
+        (i, teacher_vocab[t]) for t, i in student_tokenizer.get_vocab().items() if t in teacher_vocab
+    )
+    ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    return ids[:, 0], ids[:, 1]
+
+
+def student_from_teacher(
+    teacher: PreTrainedModel, spec: ModelConfig, tokenizer: Any = None, teacher_tokenizer: Any = None
+) -> PreTrainedModel:
     """Builds a smaller student of the teacher's architecture.
 
     With the teacher's hidden size, the student copies every weight outside the layer stack (embeddings,
     final norm, pooler, heads) and the layers :func:`teacher_layer_indices` picks (DistilBERT style). With a
-    narrower ``hidden_size`` it is randomly initialised.
+    narrower ``hidden_size`` it is randomly initialised. A student with its own tokenizer has its own
+    vocabulary: the rows of its token embeddings and output layer whose token string the teacher's vocabulary
+    also holds are copied from the teacher's rows of that string, the others randomly initialised.
 
     Args:
         teacher: The (fine-tuned) teacher.
         spec: The student config (``layers``, ``hidden_size``).
+        tokenizer: The student's tokenizer when it differs from the teacher's (None: the teacher's).
+        teacher_tokenizer: The teacher's tokenizer (with ``tokenizer``).
 
     Returns:
         The student, in train mode, sharing no tensor with the teacher.
 
     """
-    config, picked, narrow = student_config(teacher.config, spec)
+    config, picked, narrow = student_config(teacher.config, spec, tokenizer)
     student = type(teacher)(config)
     if not narrow:
-        _copy_layers(teacher, student, picked)
+        rows = None if tokenizer is None else shared_token_rows(tokenizer, teacher_tokenizer)
+        _copy_layers(teacher, student, picked, rows)
     student.train()
     return student
 
@@ -272,11 +310,17 @@ def layer_stack_prefix(model: nn.Module) -> str:
     )
 
 
-def _copy_layers(teacher: nn.Module, student: nn.Module, picked: list[int]) -> None:
+def _copy_layers(
+    teacher: nn.Module,
+    student: nn.Module,
+    picked: list[int],
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     prefix = layer_stack_prefix(teacher)
     layer_key = re.compile(rf"^{re.escape(prefix)}(\d+)(\..*)$")
     source = teacher.state_dict()
     target = student.state_dict()
+    vocabulary_keys = set() if rows is None else _vocabulary_keys(teacher)
     new_index = {old: new for new, old in enumerate(picked)}
     filled = set()
     for key, value in source.items():
@@ -286,8 +330,13 @@ def _copy_layers(teacher: nn.Module, student: nn.Module, picked: list[int]) -> N
             if old not in new_index:
                 continue
             key = f"{prefix}{new_index[old]}{match.group(2)}"
-        if key in target and target[key].shape == value.shape:
+        if key in target and target[key].shape == value.shape and key not in vocabulary_keys:
             target[key] = value.detach().clone()
+            filled.add(key)
+        elif key in vocabulary_keys and key in target and target[key].shape[1:] == value.shape[1:]:
+            vocabulary_sized = target[key].clone()  # [V_student, D] from [V_teacher, D]: shared strings' rows
+            vocabulary_sized[rows[0]] = value.detach()[rows[1]].to(vocabulary_sized.dtype)
+            target[key] = vocabulary_sized
             filled.add(key)
     missing = sorted(set(target) - filled)
     if missing:
@@ -296,6 +345,15 @@ def _copy_layers(teacher: nn.Module, student: nn.Module, picked: list[int]) -> N
             "set student.config or student.path instead of student.layers"
         )
     student.load_state_dict(target)
+
+
+def _vocabulary_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the token embeddings and the output layer (weight and bias): one row per token."""
+    modules = [getattr(model, name)() for name in ("get_input_embeddings", "get_output_embeddings")]
+    tensors = {
+        id(t) for m in modules if m is not None for t in (m.weight, getattr(m, "bias", None)) if t is not None
+    }
+    return {key for key, value in model.state_dict(keep_vars=True).items() if id(value) in tensors}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -154,6 +154,7 @@ class CoDIRLoss(LossTerm):
     name = "codir"
     Params = CoDIRParams
     teacher_reads = TapRequest(hidden_states=True)
+    cross_tokenizer = True  # mean-pooled sequence vectors; not with pooling: cls (check_cross_tokenizer)
 
     def __init__(self, params: CoDIRParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
@@ -308,6 +309,14 @@ class CoDIRLoss(LossTerm):
             raise ConfigError(
                 f"codir with negatives: other_labels needs a class label per example, and task '{task.name}' "
                 "has none; use negatives: all"
+            )
+
+    def check_cross_tokenizer(self, task: TaskInfo) -> None:
+        """Mean-pooled vectors work on two tokenizations of the same text; first tokens need not."""
+        if self.params.pooling == "cls":
+            raise ConfigError(
+                "loss 'codir' with pooling: cls compares the two models' first tokens, which two tokenizers "
+                "need not give for the same text; use pooling: mean"
             )
 
     def after_step(self) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from distillkit import LossParams, LossTerm, TapRequest, Taps, hookimpl
+from distillkit import ConfigError, LossParams, LossTerm, TapRequest, Taps, TaskInfo, hookimpl
 from distillkit.ops import DIVERGENCES, divergence, fused_linear_divergence, label_cross_entropy
 
 
@@ -100,6 +100,18 @@ class KDLoss(LossTerm):
                 "evenly spread tail, so it is approximate"
             )
         return None
+
+    def check_cross_tokenizer(self, task: TaskInfo) -> None:
+        """Works on class logits (they do not depend on the tokens); refuses next-token distributions.
+
+        Those are compared position by position over one vocabulary, and two tokenizers' differ.
+        """
+        if task.logits == "class":
+            return
+        raise ConfigError(
+            "loss 'kd' compares the two models' next-token distributions position by position over one "
+            "vocabulary, and their tokens and vocabularies differ"
+        )
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.

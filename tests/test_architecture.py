@@ -11,8 +11,6 @@ PACKAGE = ROOT / "distillkit"
 LAYERS = {
     # room: the rooms it may import (besides itself); every import in a file counts, lazy ones included
     "errors": set(),
-    "model_paths": {"errors"},
-    "tokenizers": {"errors"},
     "hookspecs": set(),
     "config": {"errors"},
     "plugin_manager": {"hookspecs", "errors"},
@@ -21,8 +19,10 @@ LAYERS = {
     "contract": {"errors", "config", "ops"},
     "objective": {"errors", "config", "registry", "plugin_manager", "hookspecs", "ops", "contract"},
     "data": {"errors", "config"},
-    "models": {"errors", "config", "model_paths", "tokenizers"},
-    "tasks": {"errors", "config", "data", "models", "contract", "ops"},
+    "model_paths": {"errors"},
+    "models": {"errors", "config", "model_paths"},
+    "tokenizers": {"errors", "config", "models", "model_paths"},
+    "tasks": {"errors", "config", "data", "models", "contract", "ops", "tokenizers"},
     "teacher_cache": {"errors", "contract"},
     "run": {
         "errors", "config", "data", "models", "contract", "objective", "ops", "tasks", "teacher_cache",

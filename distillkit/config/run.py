@@ -46,8 +46,6 @@ class DistillConfig(Strict):
             raise ValueError("`layers` and `hidden_size` are student options; set them under student")
         if self.student.finetune is not None:
             raise ValueError("`finetune` is a teacher option; set it under teacher")
-        if self.student.tokenizer is not None:
-            raise ValueError("the student uses the teacher's tokenizer; set `tokenizer` under teacher")
         if self.student.cache is not None or self.student.cache_top_k is not None:
             raise ValueError("`cache` and `cache_top_k` are teacher options; set them under teacher")
         self._check_teachers()

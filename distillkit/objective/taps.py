@@ -28,6 +28,31 @@ from distillkit.objective.output_layer import run_to_output_layer
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 """Batch keys handed to a model's forward; every other key (labels, ids, masks) stays with the loss terms."""
 
+TEACHER_PREFIX = "teacher_"
+"""Prefix of the batch keys of the teacher's own token stream when the student has another tokenizer."""
+
+
+def teacher_view(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The batch as the teacher sees it: its own tokens when the student has another tokenizer.
+
+    A cross-tokenizer batch carries the student's token stream under the usual keys (``input_ids``,
+    ``attention_mask``, ``labels``, ``label_spans``...) and the teacher's, of the same text, under the same
+    keys prefixed with ``teacher_``. The view has each ``teacher_X`` as ``X`` (replacing the student's) and
+    the keys both share (``example_ids``) as they are. A batch without ``teacher_input_ids`` is its own view.
+
+    Args:
+        batch: A collated batch.
+
+    Returns:
+        The teacher's batch (the same object when there is only one token stream).
+
+    """
+    if TEACHER_PREFIX + "input_ids" not in batch:
+        return batch
+    view = {k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX)}
+    view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)})
+    return view
+
 
 @dataclass(frozen=True)
 class TapRequest:

@@ -7,7 +7,7 @@ implements :meth:`LossTerm.forward`. See ``examples/distillkit-cosine`` for a co
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -121,6 +121,9 @@ class LossTerm(nn.Module):
     - ``reads_output_layer``: it also works from ``Taps.output_hidden`` and ``Taps.output_weight`` when
       ``Taps.logits`` is None (the loop then never builds ``[B, T, V]`` logits).
     - :meth:`check_task`: refuse a task it cannot work on, before any model loads.
+    - ``cross_tokenizer`` / :meth:`check_cross_tokenizer`: whether it works when the student has another
+      tokenizer than the teacher (each model then reads its own tokens of the same text), and
+      :meth:`use_vocabularies`: the two vocabularies, for a term that matches tokens by their strings.
     - :meth:`after_step` / :meth:`skip_step`: state after an applied or a skipped optimizer step.
 
     Args:
@@ -135,6 +138,11 @@ class LossTerm(nn.Module):
     reads_output_layer: ClassVar[bool] = False
     student_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
     teacher_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
+    cross_tokenizer: ClassVar[bool] = False
+    """The term works when the student's tokenizer differs from the teacher's: it compares the models on
+    the text (pooled or sequence-level representations, or tokens aligned by their character spans), never
+    position by position; terms that read no teacher work either way. :meth:`check_cross_tokenizer` may
+    refuse some parameters (e.g. first-token pooling)."""
 
     def __init__(self, params: LossParams, dims: ModelDims) -> None:
         super().__init__()
@@ -287,6 +295,32 @@ class LossTerm(nn.Module):
             raise ConfigError(
                 f"loss '{self.name}' reads labels, but task '{task.name}' trains on unlabelled text"
             )
+
+    def check_cross_tokenizer(self, task: TaskInfo) -> None:
+        """Refuses to compare models that tokenise the text differently (called before any model loads).
+
+        Each model then runs on its own tokens of the same text: ``T`` differs between the two models' taps,
+        and token ``i`` of one is not token ``i`` of the other. The default accepts a term that declares
+        ``cross_tokenizer`` or reads nothing of the teacher, and refuses every other one.
+
+        Raises:
+            ConfigError: Saying why the term cannot compare the two models across tokenizers.
+
+        """
+        if self.cross_tokenizer or not self.tap_requests()[1].needs_forward:
+            return
+        raise ConfigError(
+            f"loss '{self.name}' compares the two models token by token, and their tokens differ"
+        )
+
+    def use_vocabularies(self, student: Mapping[str, int], teacher: Mapping[str, int]) -> None:
+        """Receives the two vocabularies (token string -> id) before training; by default ignores them.
+
+        Args:
+            student: The student tokenizer's vocabulary.
+            teacher: The teacher tokenizer's vocabulary (the same mapping when both models share it).
+
+        """
 
 
 def _renamed_layer_map(loss: str, raw: dict[str, Any], accepted: list[str]) -> dict[str, Any]:

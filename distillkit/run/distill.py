@@ -2,7 +2,7 @@
 
 :func:`distill` builds a :class:`~distillkit.run.run.Run` (every config mistake is reported before any
 weights load), trains it with :func:`~distillkit.run.loop.fit`, then scores the teacher, lets the task add its
-report (speed, samples, probes), saves the student with its tokenizer and model card (``README.md``, see
+report (speed, samples, probes), saves the student with its own tokenizer and model card (``README.md``, see
 :mod:`~distillkit.run.model_card`) and writes ``summary.json``.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from distillkit.config import DistillConfig, load_config
 from distillkit.models import count_parameters, quiet_loading
+from distillkit.objective.taps import teacher_view
 from distillkit.run.callbacks import Callback
 from distillkit.run.engine import autocast_factory
 from distillkit.run.loaders import eval_loader
@@ -80,7 +81,7 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
     teacher_eval = teacher_info.get("eval")  # a fine-tuned teacher was scored on this eval split
     if not teacher_eval:
         context = EvalContext(accelerator=accelerator, autocast=autocast)
-        teacher_eval = task.evaluate(teacher, eval_loader(run), context)
+        teacher_eval = task.evaluate(teacher, map(teacher_view, eval_loader(run)), context)
         if teacher_info.get("eval_cache") and accelerator.is_main_process:
             Path(teacher_info["eval_cache"]).write_text(json.dumps(teacher_eval), encoding="utf-8")
     summary: dict[str, Any] = {
@@ -109,6 +110,7 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
             tokenizer=run.tokenizer,
             accelerator=accelerator,
             autocast=autocast,
+            student_tokenizer=run.student_tokenizer,
         )
         with strategy.gathered():
             reported = task.report(report)
@@ -125,7 +127,7 @@ def finish(run: Run, result: FitResult) -> dict[str, Any]:
             student.config.label2id = {name: i for i, name in enumerate(data.label_names)}
         with quiet_loading():
             student.save_pretrained(final, state_dict=weights)
-            run.tokenizer.save_pretrained(final)
+            (run.student_tokenizer or run.tokenizer).save_pretrained(final)  # the student's own
         write_model_card(final, run_card(run, summary))
         summary["student"]["path"] = str(final)
     accelerator.wait_for_everyone()

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from distillkit.errors import ConfigError, DistillkitError
-from distillkit.objective.taps import Taps, collect_taps
+from distillkit.objective.taps import Taps, collect_taps, teacher_view
 from distillkit.run.callbacks import Callback, CallbackList
 from distillkit.run.checkpoint import latest_checkpoint
 from distillkit.run.engine import autocast_factory
@@ -291,6 +291,7 @@ class TrainingLoop:
 
         """
         taps: dict[str, Taps] = {}
+        batch = teacher_view(batch)  # the teacher's own tokens when the student has another tokenizer
         for name, request in self.teacher_requests.items():
             if not request.needs_forward:
                 continue

@@ -185,7 +185,8 @@ def teacher_sources(run: Run, models: dict[str, nn.Module]) -> dict[str, nn.Modu
             sources[name] = model
             continue
         cache = TeacherCache(spec.cache)
-        meta = expected_meta(config, model, run.tokenizer, accelerator.device)
+        student_tokenizer = run.student_tokenizer if run.cross_tokenizer else None
+        meta = expected_meta(config, model, run.tokenizer, accelerator.device, student_tokenizer)
         who = "teacher" if name == "teacher" else f"teacher '{name}'"
         cache.check(
             meta, requests.get(name, NOTHING), objective.teacher_layers(name), top_k=spec.cache_top_k, who=who

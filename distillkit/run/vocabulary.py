@@ -1,12 +1,13 @@
-"""Before any weights load: every model reads the token ids of the teacher's tokenizer, and can embed them.
+"""Before any weights load: every model reads token ids of a tokenizer it was made for, and can embed them.
 
-The batches are tokenised once, with the main teacher's tokenizer. :func:`check_vocabularies` refuses a run
-where that cannot be right:
+The batches are tokenised with the main teacher's tokenizer (and, when the student has another one, also
+with the student's: :mod:`distillkit.run.tokenizers` compares the two and decides). :func:`check_vocabularies`
+refuses a run where that cannot be right:
 
-- a student (or another teacher) whose ``path`` ships its own tokenizer that differs from the teacher's
-  (other strings, ids or special tokens: it would silently read other tokens than it was trained on);
-- a model whose vocabulary is smaller than the tokenizer's ids (an index error at the first step);
-- token-level logits compared across models of different vocabulary sizes.
+- another teacher whose ``path`` ships its own tokenizer that differs from the main teacher's (other strings,
+  ids or special tokens: it would silently read other tokens than it was trained on);
+- a model whose vocabulary is smaller than the ids of the tokenizer it reads (an index error at step 1);
+- token-level logits compared across models of different vocabulary sizes (when both read the same tokens).
 """
 
 from __future__ import annotations
@@ -16,22 +17,30 @@ from typing import Any
 
 from distillkit.config import DistillConfig, ModelConfig
 from distillkit.errors import ConfigError, quote_input
-from distillkit.model_paths import resolve_path
+from distillkit.model_paths import has_tokenizer_files, resolve_path
 from distillkit.models import load_config_of, load_tokenizer, student_config
 from distillkit.objective.objective import DistillationObjective
-from distillkit.tokenizers import compare_tokenizers, describe_tokenizer, has_tokenizer_files
+from distillkit.tokenizers import compare_tokenizers, describe_tokenizer
 
 TOKEN_LOGIT_TASKS = ("causal_lm", "masked_lm")
 """Tasks whose logits are ``[B, T, V]``: over the vocabulary."""
 
 
-def model_configs(config: DistillConfig, num_labels: int) -> tuple[Any, Any]:
-    """The teacher's and the student's Hugging Face configs, without weights."""
+def model_configs(config: DistillConfig, num_labels: int, student_tokenizer: Any = None) -> tuple[Any, Any]:
+    """The teacher's and the student's Hugging Face configs, without weights.
+
+    Args:
+        config: The run's config.
+        num_labels: The task's classes.
+        student_tokenizer: The student's own tokenizer when it differs from the teacher's (a student built
+            from the teacher then gets its vocabulary), else None.
+
+    """
     teacher = load_config_of(config.teacher, "teacher", config.task, num_labels)
     spec = config.student
     if spec.path is not None or spec.config is not None:
         return teacher, load_config_of(spec, "student", config.task, num_labels)
-    return teacher, student_config(teacher, spec)[0]
+    return teacher, student_config(teacher, spec, student_tokenizer)[0]
 
 
 def own_tokenizer(spec: ModelConfig, role: str, teacher: ModelConfig) -> Any | None:
@@ -76,26 +85,32 @@ def _token_count(tokenizer: Any) -> int:
 
 
 def check_vocabularies(
-    config: DistillConfig, tokenizer: Any, num_labels: int, objective: DistillationObjective
+    config: DistillConfig,
+    tokenizer: Any,
+    num_labels: int,
+    objective: DistillationObjective,
+    student_tokenizer: Any = None,
 ) -> None:
-    """Checks, before any weights load, that every model reads the teacher tokenizer's ids (see the module).
+    """Checks, before any weights load, that every model reads ids it can embed (see the module).
 
     Args:
         config: The run's config.
-        tokenizer: The main teacher's tokenizer (the batches are made with it).
+        tokenizer: The main teacher's tokenizer.
         num_labels: The task's classes.
         objective: The run's objective (who reads logits).
+        student_tokenizer: The student's own tokenizer in a cross-tokenizer run (the student reads its ids,
+            which the objective's construction checked), else None (every model reads the teacher's).
 
     Raises:
         ConfigError: Naming the model, the sizes or tokenizers, and the fix.
 
     """
-    check_same_tokenizer(config.student, "student", config.teacher, tokenizer)
     for name, spec in config.teachers.items():
         check_same_tokenizer(spec, f"teachers.{name}", config.teacher, tokenizer)
-    teacher_cfg, student_cfg = model_configs(config, num_labels)
+    teacher_cfg, student_cfg = model_configs(config, num_labels, student_tokenizer)
     needed = _token_count(tokenizer)
-    for role, model_cfg in (("teacher", teacher_cfg), ("student", student_cfg)):
+    readers = [("teacher", teacher_cfg)] + ([("student", student_cfg)] if student_tokenizer is None else [])
+    for role, model_cfg in readers:
         size = getattr(model_cfg, "vocab_size", None)
         if size is not None and size < needed:
             raise ConfigError(
@@ -104,12 +119,14 @@ def check_vocabularies(
                 f"embed them; use a {role} with a vocabulary of at least {needed:,} tokens "
                 f"({role}.config.vocab_size)"
             )
-    readers = objective.logit_readers()
+    if student_tokenizer is not None:
+        return  # each model reads its own tokens; only cross-tokenizer terms compare their logits
+    logit_readers = objective.logit_readers()
     sizes = getattr(student_cfg, "vocab_size", None), getattr(teacher_cfg, "vocab_size", None)
-    compares = readers["student"] and readers["teachers"]
+    compares = logit_readers["student"] and logit_readers["teachers"]
     if config.task in TOKEN_LOGIT_TASKS and compares and None not in sizes and sizes[0] != sizes[1]:
         raise ConfigError(
-            f"objective term(s) {', '.join(readers['terms'])} compare token-level logits, but the student's "
+            f"objective term(s) {', '.join(logit_readers['terms'])} compare token-level logits, but the student's "
             f"vocabulary has {sizes[0]:,} tokens and the teacher's {sizes[1]:,}; give the student the "
             "teacher's vocab_size"
         )

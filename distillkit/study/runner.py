@@ -26,12 +26,16 @@ RUN_RECORD = "study-run.json"
 
 
 def _cache_identity(config: DistillConfig) -> dict[str, Any]:
-    return {
+    identity = {
         "task": config.task,
         "teacher": config.teacher.model_dump(mode="json", exclude={"cache"}),
         "data": config.data.training_identity(),
         "precision": config.train.precision,
     }
+    student_tokenizer = config.student.tokenizer or config.student.path
+    if student_tokenizer is not None:  # the blocks of a cache written across tokenizers depend on it
+        identity["student_tokenizer"] = student_tokenizer
+    return identity
 
 
 def fill_teacher_cache(

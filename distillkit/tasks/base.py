@@ -58,9 +58,11 @@ class ReportContext:
         teacher: The frozen teacher.
         data: The run's tokenised train/eval splits (``data.eval`` rows are dicts of token lists).
         collator: Turns a list of rows into a batch of ``[B, T]`` tensors.
-        tokenizer: The run's tokenizer (decoding samples, tokenising probe data).
+        tokenizer: The run's (the teacher's) tokenizer (decoding samples, tokenising probe data).
         accelerator: Its ``device`` is where the models are.
         autocast: Enters the run's mixed precision.
+        student_tokenizer: The student's tokenizer (None: ``tokenizer``; it is another one in a
+            cross-tokenizer run, where batches carry the teacher's tokens under ``teacher_`` keys).
 
     """
 
@@ -71,6 +73,11 @@ class ReportContext:
     tokenizer: Any
     accelerator: Any
     autocast: Autocast
+    student_tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.student_tokenizer is None:
+            object.__setattr__(self, "student_tokenizer", self.tokenizer)
 
     @property
     def models(self) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]]:
@@ -102,16 +109,26 @@ class Task:
     """Metrics where a smaller value is the better one."""
     example_metrics: ClassVar[dict[str, ExampleMetric]] = {}
     """The metrics of :attr:`metrics` that can be recomputed from per-example columns, and how."""
+    cross_tokenizer: ClassVar[bool] = False
+    """The task can train a student whose tokenizer differs from the teacher's: :meth:`load_data` and
+    :meth:`collator` then take the teacher's tokenizer too, and batches carry the teacher's tokens of the
+    same text under ``teacher_`` keys (see :func:`distillkit.objective.taps.teacher_view`)."""
 
     def __init__(self, config: DistillConfig) -> None:
         self.config = config
 
     def load_data(self, tokenizer: Any) -> TaskData:
-        """Loads, validates and tokenises the training and evaluation data."""
+        """Loads, validates and tokenises the training and evaluation data.
+
+        Args:
+            tokenizer: The student's tokenizer (the teacher's too, unless the task is :attr:`cross_tokenizer`
+                and its ``load_data`` is given the teacher's as ``teacher_tokenizer``).
+
+        """
         raise NotImplementedError
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        """Returns the function that turns a list of rows into a batch."""
+        """Returns the function that turns a list of rows into a batch (``teacher_tokenizer`` as above)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:

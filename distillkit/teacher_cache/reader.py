@@ -143,6 +143,25 @@ class TeacherCache:
                 "or remove teacher.cache"
             )
 
+    def check_tokenizers(self, meta: Mapping[str, Any]) -> None:
+        """Refuses a cache written with other tokenizers (before any weights load: they are known first).
+
+        Args:
+            meta: :func:`~distillkit.teacher_cache.identity.tokenizers_meta` of this run.
+
+        Raises:
+            ConfigError: Naming what differs and the fix.
+
+        """
+        problems = [f"{p}: cache {a!r}, this run {b!r}" for p, a, b in _differences(self.index, meta)]
+        if problems:
+            raise ConfigError(
+                f"the teacher cache {self.directory} was written with other tokenizers "
+                f"({'; '.join(problems)}): its tokens (and, with a student tokenizer of its own, its blocks "
+                "of text) are not this run's. Write it again with `distillkit cache-teacher CONFIG.yaml` or "
+                "remove teacher.cache"
+            )
+
     # -- reading ----------------------------------------------------------------------------------------
     def _load(self, example: int, name: str) -> torch.Tensor:
         shard = self.entries.get(str(example))
