@@ -1,5 +1,7 @@
-"""The ``distillkit`` command: losses, distill, generate, cache-teacher, train-tokenizer, bench, study,
-doctor."""
+"""The ``distillkit`` command line.
+
+Commands: losses, distill, generate, cache-teacher, train-tokenizer, bench, study, doctor.
+"""
 
 from __future__ import annotations
 

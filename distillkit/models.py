@@ -89,8 +89,8 @@ def load_tokenizer(spec: ModelConfig, role: str = "teacher") -> PreTrainedTokeni
         hint = ""
         if role == "student" and spec.tokenizer is not None:
             hint = (
-                "; or train one on the run's text with `distillkit train-tokenizer CONFIG.yaml --vocab-size N` "
-                "(it writes to student.tokenizer)"
+                "; or train one on the run's text with `distillkit train-tokenizer CONFIG.yaml "
+                "--vocab-size N` (it writes to student.tokenizer)"
             )
         raise ConfigError(
             f"{field}: cannot load the tokenizer from '{source}': {one_line(exc)}{hint}"

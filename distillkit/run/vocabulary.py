@@ -126,7 +126,7 @@ def check_vocabularies(
     compares = logit_readers["student"] and logit_readers["teachers"]
     if config.task in TOKEN_LOGIT_TASKS and compares and None not in sizes and sizes[0] != sizes[1]:
         raise ConfigError(
-            f"objective term(s) {', '.join(logit_readers['terms'])} compare token-level logits, but the student's "
-            f"vocabulary has {sizes[0]:,} tokens and the teacher's {sizes[1]:,}; give the student the "
+            f"objective term(s) {', '.join(logit_readers['terms'])} compare token-level logits, but the "
+            f"student's vocabulary has {sizes[0]:,} tokens and the teacher's {sizes[1]:,}; give the student the "
             "teacher's vocab_size"
         )
