@@ -127,6 +127,6 @@ def check_vocabularies(
     if config.task in TOKEN_LOGIT_TASKS and compares and None not in sizes and sizes[0] != sizes[1]:
         raise ConfigError(
             f"objective term(s) {', '.join(logit_readers['terms'])} compare token-level logits, but the "
-            f"student's vocabulary has {sizes[0]:,} tokens and the teacher's {sizes[1]:,}; give the student the "
-            "teacher's vocab_size"
+            f"student's vocabulary has {sizes[0]:,} tokens and the teacher's {sizes[1]:,}; give the student "
+            "the teacher's vocab_size"
         )
