@@ -67,7 +67,16 @@ def load_tokenizer(spec: ModelConfig, role: str = "teacher") -> PreTrainedTokeni
         raise ConfigError(f"{role}.tokenizer is required when the {role} is built from `config`")
     field = f"{role}.tokenizer" if spec.tokenizer is not None else f"{role}.path"
     gguf = spec.gguf_file if spec.tokenizer is None else None
-    source = resolve_path(source, gguf, field=field, local=source.endswith(".txt"))
+    hint = ""
+    if role == "student" and spec.tokenizer is not None:
+        hint = (
+            "; or train one on the run's text with `distillkit train-tokenizer CONFIG.yaml --vocab-size N` "
+            "(it writes to student.tokenizer)"
+        )
+    try:
+        source = resolve_path(source, gguf, field=field, local=source.endswith(".txt"))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{hint}") from None
     if not gguf and Path(source).is_dir() and not has_tokenizer_files(source):
         raise ConfigError(
             f"{field} {quote_input(spec.tokenizer or spec.path)} holds no tokenizer (no tokenizer.json, "
@@ -86,12 +95,6 @@ def load_tokenizer(spec: ModelConfig, role: str = "teacher") -> PreTrainedTokeni
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
-        hint = ""
-        if role == "student" and spec.tokenizer is not None:
-            hint = (
-                "; or train one on the run's text with `distillkit train-tokenizer CONFIG.yaml "
-                "--vocab-size N` (it writes to student.tokenizer)"
-            )
         raise ConfigError(
             f"{field}: cannot load the tokenizer from '{source}': {one_line(exc)}{hint}"
         ) from None
