@@ -7,6 +7,9 @@ Without them, each op falls back to its pure-PyTorch path.
 
 Sources follow one layout per op, ``csrc/<op>/``: ``cpu_*.cpp`` go into the CPU extension, ``cuda_*.cu`` and
 ``cuda_*.cpp`` into the CUDA one; ``csrc/registration.cpp`` and ``csrc/cuda_module.cpp`` are the two modules.
+
+``python setup.py --print-cuda-arch-list`` prints the CUDA arch list a build without a visible GPU uses (see
+:func:`cuda_arch_list`); ``.ci/compile_cuda.sh`` compiles the kernels for the same list.
 """
 
 from __future__ import annotations
@@ -20,6 +23,77 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _arch(text: str) -> tuple[int, int] | None:
+    """``sm_86`` / ``compute_86`` / ``8.6`` -> (8, 6); None for a name without a plain number (``sm_90a``)."""
+    digits = text.split("_")[-1].replace(".", "")
+    if not digits.isdigit() or len(digits) < 2:
+        return None
+    return int(digits[:-1]), int(digits[-1])
+
+
+def _nvcc_archs() -> list[tuple[int, int]]:
+    """The archs the ``nvcc`` on the PATH compiles for (``nvcc --list-gpu-arch``); empty without nvcc."""
+    if shutil.which("nvcc") is None:
+        return []
+    listed = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
+    return sorted({a for a in map(_arch, listed) if a is not None})
+
+
+def _torch_accepts(arch: tuple[int, int]) -> bool:
+    """Whether torch's extension builder takes ``arch`` in TORCH_CUDA_ARCH_LIST (it rejects unknown ones)."""
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+    except ImportError:  # no torch, or a torch without that (private) helper: nvcc decides alone
+        return True
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[0]}.{arch[1]}"
+    try:
+        _get_cuda_arch_flags()
+    except ValueError:
+        return False
+    finally:
+        if previous is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+    return True
+
+
+def cuda_arch_list() -> str:
+    """The TORCH_CUDA_ARCH_LIST for a build of the CUDA kernels that no visible GPU narrows down.
+
+    The archs the installed torch runs on (the ``sm_*`` it was built for, read from torch without a GPU)
+    when torch has CUDA; otherwise every arch the ``nvcc`` on the PATH knows, one per major version (its
+    lowest minor: that binary runs on the whole family). Either list keeps only what nvcc compiles and
+    torch's extension builder accepts. The oldest and the newest arch also embed PTX, so that every GPU
+    newer than the oldest can JIT-compile the kernels, and GPUs newer than the list get the newest code.
+
+    Returns:
+        E.g. ``"7.5+PTX;8.0;8.6;9.0;10.0;12.0+PTX"``; empty when nothing qualifies.
+    """
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    nvcc = set(_nvcc_archs())
+    flags = (
+        getattr(torch._C, "_cuda_getArchFlags", None) if torch is not None and torch.version.cuda else None
+    )
+    archs = set()
+    if flags is not None:  # a CUDA build of torch: the archs it was built for
+        archs = {a for a in map(_arch, (flags() or "").split()) if a is not None}
+        archs = {a for a in archs if not nvcc or a in nvcc}
+    if not archs:
+        archs = {min(a for a in nvcc if a[0] == major) for major in {a[0] for a in nvcc}}
+    archs = sorted(a for a in archs if _torch_accepts(a))
+    names = [f"{major}.{minor}" for major, minor in archs]
+    if names:
+        names[0] += "+PTX"
+        if len(names) > 1:
+            names[-1] += "+PTX"
+    return ";".join(names)
 
 
 def _extensions():
@@ -56,11 +130,10 @@ def _extensions():
     has_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
     if cuda_sources and want_cuda != "0" and (has_cuda or want_cuda == "1"):
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            # No GPU to ask: sm_80, sm_90 and the newer archs this nvcc knows, plus PTX of the newest so
-            # that GPUs newer still can JIT-compile the kernel.
-            known = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
-            archs = ["8.0", "9.0"] + [a for a in ("10.0", "12.0") if f"compute_{a.replace('.', '')}" in known]
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs) + "+PTX"
+            # No GPU to build for (torch would then build for the visible ones): every arch torch runs on.
+            archs = cuda_arch_list()
+            if archs:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         extensions.append(
             CUDAExtension(
                 "distillkit._C_cuda",
@@ -71,6 +144,10 @@ def _extensions():
         )
     return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
+
+if __name__ == "__main__" and sys.argv[1:] == ["--print-cuda-arch-list"]:
+    print(cuda_arch_list())
+    sys.exit(0)
 
 ext_modules, cmdclass = _extensions()
 
@@ -90,6 +167,7 @@ setup(
         "pyyaml>=6",
         "pydantic>=2.5",
         "transformers>=4.40",
+        "tokenizers>=0.15",
         "safetensors>=0.4",
         "tqdm>=4.60",
         "datasets>=2.14",
@@ -98,8 +176,17 @@ setup(
         "scipy>=1.9",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],
+        # the trackers' tests run on real TensorBoard event files and a real MLflow file store
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "pytest-benchmark>=4",
+            "numpy",
+            "tensorboard",
+            "mlflow-skinny",
+        ],
         "tensorboard": ["tensorboard"],
+        "tracking": ["tensorboard", "mlflow-skinny", "trackio", "wandb"],
         "dev": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "ruff>=0.4", "ninja"],
     },
     entry_points={
@@ -113,6 +200,8 @@ setup(
             "minilm_v2 = distillkit_plugins.minilm_v2",
             "cosine = distillkit_plugins.cosine",
             "pkd = distillkit_plugins.pkd",
+            "uld = distillkit_plugins.uld",
+            "gold = distillkit_plugins.gold",
         ],
     },
     ext_modules=ext_modules,

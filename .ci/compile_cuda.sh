@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Compiles every op's CUDA kernels (csrc/<op>/cuda_*.cu) with nvcc for sm_80, sm_90 and every newer arch
-# this nvcc knows among sm_100 / sm_120 (no GPU or CUDA build of torch needed), and fails on any register
-# spill (ptxas -v).
+# Compiles every op's CUDA kernels (csrc/<op>/cuda_*.cu) with nvcc for the arch list a build without a
+# visible GPU uses (`python setup.py --print-cuda-arch-list`: the archs the installed torch runs on, or with a
+# CPU-only torch one arch per major version this nvcc knows, each accepted by torch's extension builder),
+# with PTX embedded for the archs marked +PTX (the oldest and the newest), and fails on any register spill
+# (ptxas -v) or on PTX missing from the object. No GPU or CUDA build of torch needed.
 #
 # The kernel files are torch-free by design, so this checks that they compile on any machine with nvcc.
 # The bindings (csrc/<op>/cuda_*.cpp) include torch's CUDA headers and are only built by setup.py when torch
@@ -11,7 +13,7 @@
 # (csrc/cuda_module.cpp); set CHECK_BINDING=0 to skip it.
 #
 # Usage: bash .ci/compile_cuda.sh          (VERBOSE=1 also prints ptxas register / smem usage)
-#        ARCHS="80 90" bash .ci/compile_cuda.sh   (another arch list)
+#        ARCHS="8.0+PTX;9.0" bash .ci/compile_cuda.sh   (another list, TORCH_CUDA_ARCH_LIST syntax)
 # Exits non-zero on any compile error; prints a one-line notice and exits 0 when nvcc is absent.
 set -euo pipefail
 
@@ -33,34 +35,49 @@ fi
 out_dir="$(mktemp -d)"
 trap 'rm -rf "${out_dir}"' EXIT
 
-if [[ -n "${ARCHS:-}" ]]; then
-  read -r -a archs <<<"${ARCHS}"
-else
-  archs=(80 90)
-  known="$("${NVCC}" --list-gpu-arch 2>/dev/null || true)"
-  for arch in 100 120; do
-    if grep -qx "compute_${arch}" <<<"${known}"; then archs+=("${arch}"); fi
-  done
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || true)}"
+if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
+
+arch_list="${ARCHS:-}"
+if [[ -z "${arch_list}" ]]; then
+  if [[ -z "${PYTHON}" ]] || ! arch_list="$(PATH="$(dirname "${NVCC}"):${PATH}" "${PYTHON}" setup.py \
+    --print-cuda-arch-list)" || [[ -z "${arch_list}" ]]; then
+    echo "compile_cuda: FAIL could not get the arch list from setup.py --print-cuda-arch-list" >&2
+    exit 1
+  fi
 fi
-flags=(-std=c++17 -O3 --use_fast_math -Icsrc -Xcompiler -Wall -Werror all-warnings -Xptxas -v)
+read -r -a archs <<<"${arch_list//;/ }"
+flags=(-std=c++17 -O3 --use_fast_math -Icsrc -Xcompiler -Wall -Werror all-warnings -Wno-deprecated-gpu-targets
+  -Xptxas -v --no-compress)
 
 echo "compile_cuda: $("${NVCC}" --version | tail -n 1)"
+echo "compile_cuda: arch list ${arch_list}"
 status=0
 for src in "${sources[@]}"; do
-  for arch in "${archs[@]}"; do
+  for entry in "${archs[@]}"; do
+    arch="${entry%+PTX}"
+    arch="${arch/./}"
+    gencode=(-gencode "arch=compute_${arch},code=sm_${arch}")
+    if [[ "${entry}" == *+PTX ]]; then gencode+=(-gencode "arch=compute_${arch},code=compute_${arch}"); fi
     obj="${out_dir}/$(tr / _ <<<"${src%.cu}").sm_${arch}.o"  # one name per op: their files share names
     log="${obj}.log"
-    if "${NVCC}" "${flags[@]}" -gencode "arch=compute_${arch},code=sm_${arch}" -c "${src}" -o "${obj}" \
-      >"${log}" 2>&1; then
+    if "${NVCC}" "${flags[@]}" "${gencode[@]}" -c "${src}" -o "${obj}" >"${log}" 2>&1; then
       if [[ "${VERBOSE:-0}" == "1" ]]; then cat "${log}"; fi
+      # What the object embeds: SASS per ptxas, PTX as text (the fatbinary is not compressed here).
+      embedded="sm_${arch} SASS"
+      ptx="$(grep -a -c "^\.target sm_${arch}\$" "${obj}" || true)"
+      if [[ "${ptx}" -gt 0 ]]; then embedded+=" + compute_${arch} PTX"; fi
       # ptxas prints "N bytes spill stores, M bytes spill loads" per kernel; any N or M > 0 fails.
       spills="$(grep -E '[1-9][0-9]* bytes spill (stores|loads)' "${log}" || true)"
       if [[ -n "${spills}" ]]; then
         echo "compile_cuda: FAIL ${src} (sm_${arch}): register spills" >&2
         grep -E -B2 '[1-9][0-9]* bytes spill (stores|loads)' "${log}" >&2 || true
         status=1
+      elif [[ "${entry}" == *+PTX && "${ptx}" -eq 0 ]]; then
+        echo "compile_cuda: FAIL ${src} (sm_${arch}): no compute_${arch} PTX in the object" >&2
+        status=1
       else
-        echo "compile_cuda: ok   ${src} (sm_${arch}, $(grep -c 'spill stores' "${log}") kernels, no spills)"
+        echo "compile_cuda: ok   ${src} (${embedded}, $(grep -c 'spill stores' "${log}") kernels, no spills)"
       fi
     else
       cat "${log}" >&2
@@ -71,8 +88,6 @@ for src in "${sources[@]}"; do
 done
 
 # Best-effort syntax check of the torch binding (see the header comment).
-PYTHON="${PYTHON:-$(command -v python || command -v python3 || true)}"
-if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 bindings=(csrc/*/cuda_*.cpp csrc/cuda_module.cpp)
 if [[ "${CHECK_BINDING:-1}" == "1" && ${#bindings[@]} -gt 0 && -n "${PYTHON}" ]] &&
   torch_inc="$("${PYTHON}" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null)" &&

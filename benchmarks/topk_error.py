@@ -8,7 +8,7 @@ one training batch, the kd loss and its gradients are computed three ways from t
 - ``top-k, spread`` and ``top-k, bucket``: :func:`distillkit.ops.fused_linear_divergence_topk` against the
   teacher's top-k log-probabilities and log tail mass, exactly as a top-k teacher cache stores them (what
   ``kd`` runs when it reads such a cache), for each ``k``: the tail spread evenly over the other tokens (the
-  cache's dense logits; ``kd``'s default) or compared as one bucket (as verl and DistillKit do).
+  cache's dense logits; ``kd``'s default) or compared as one bucket (as verl and Arcee's DistillKit do).
 
 Reported per divergence and ``k``: the loss, its relative error against ``full``, the relative error
 ``‖g − g_full‖ / ‖g_full‖`` of the gradient with respect to the student's output weight and to its hidden

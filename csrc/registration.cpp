@@ -12,8 +12,6 @@ TORCH_LIBRARY(distillkit, m) {
       "membank_infonce_fwd(Tensor query, Tensor positive, Tensor bank, float temperature, "
       "Tensor? query_labels, Tensor? bank_labels, Tensor? negative_index) -> (Tensor loss, Tensor lse, "
       "Tensor wsum)");
-  // [count, one value] of out-of-range negative_index values the CUDA kernel met on `device`; clears them.
-  m.def("membank_infonce_take_index_error(int device) -> int[]");
   // Fused linear-divergence loss and its gradients (csrc/linear_divergence/cpu_binding.cpp).
   m.def(
       "fused_linear_divergence_fwd(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, "

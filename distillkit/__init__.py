@@ -7,6 +7,10 @@ Users::
 
     from distillkit import DistillationObjective, ModelDims, build_term
 
+Inside a ``transformers.Trainer`` run (imported on first use, so ``import distillkit`` loads no Trainer)::
+
+    from distillkit.hf import DistillationTrainer
+
 Plugin authors::
 
     from distillkit import LossTerm, LossParams, TapRequest, Taps, LayerMapSpec, hookimpl
@@ -55,3 +59,12 @@ __all__ = [
     "student_projections",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``distillkit.DistillationTrainer`` / ``DistillationMixin``: from :mod:`distillkit.hf`, on first use."""
+    if name in ("DistillationTrainer", "DistillationMixin"):
+        from distillkit import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'distillkit' has no attribute {name!r}")

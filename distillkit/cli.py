@@ -1,10 +1,14 @@
-"""Command line: ``distillkit losses | distill | cache-teacher | bench | study | doctor``."""
+"""The ``distillkit`` command line.
+
+Commands: losses, distill, generate, cache-teacher, train-tokenizer, bench, study, doctor.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +36,7 @@ def _cmd_losses(args: argparse.Namespace) -> int:
                     "version": info.plugin.version,
                     "plugin": info.plugin.name,
                     "description": " ".join((info.cls.__doc__ or "").split()),
+                    "cross_tokenizer": bool(info.cls.cross_tokenizer or not info.cls.uses_teacher),
                     "parameters": [
                         {"name": n, "type": t, "required": d == "required", "default": _json_value(d)}
                         for n, t, d in info.cls.describe_params()
@@ -105,26 +110,79 @@ def _seeds(text: str) -> list[int]:
         ) from None
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _command(*words: str, sets: Sequence[str] = (), flag: str | None = None) -> str:
+    """The command line to type again (``--set`` overrides, then ``flag``), quoted for a POSIX shell."""
+    return shlex.join(
+        ["distillkit", *words, *(w for s in sets for w in ("--set", s)), *([flag] if flag else [])]
+    )
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from distillkit.run.distill import run_distill
+    from distillkit.run.output_dir import LastCheckpoint
 
-    run_distill(args.config, overrides=args.set or [], resume=args.resume)
+    watch = LastCheckpoint()
+    sets = args.set or []
+    try:
+        run_distill(
+            args.config, overrides=sets, resume=args.resume, overwrite=args.overwrite, callbacks=[watch]
+        )
+    except KeyboardInterrupt:
+        if getattr(watch.loop, "bar", None) is not None:
+            watch.loop.bar.close()  # end the progress bar's line
+        if watch.main:
+            print(f"distillkit: interrupted; {_resume_hint(watch.last_checkpoint, args)}", file=sys.stderr)
+        return INTERRUPTED
+    return 0
+
+
+def _resume_hint(last: object, args: argparse.Namespace) -> str:
+    """How to go on after an interrupted ``distillkit distill``: the last checkpoint and the command."""
+    sets = args.set or []
+    if last is None and args.overwrite:  # the previous run may still be there: replace it again
+        again = _command("distill", args.config, sets=sets, flag="--overwrite")
+        return f"no checkpoint was written; start again with: {again}"
+    again = _command("distill", args.config, sets=sets, flag="--resume")
+    if last is None:
+        return f"no checkpoint was written yet; {again} starts it again from step 0"
+    return f"the last checkpoint is {last}; continue with: {again}"
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from distillkit.config import load_config
+    from distillkit.run.generate import generate
+
+    config = load_config(args.config, args.set or [])
+    generate(config, args.output, model=args.model, limit=args.limit)
     return 0
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from distillkit.study import run_study
 
-    run_study(
-        args.study,
-        overrides=args.set or [],
-        teacher_cache=not args.no_teacher_cache,
-        jobs=args.jobs,
-        variants=args.variants,
-        seeds=args.seeds,
-        output_dir=args.output_dir,
-        report_only=args.report,
-    )
+    try:
+        run_study(
+            args.study,
+            overrides=args.set or [],
+            teacher_cache=not args.no_teacher_cache,
+            jobs=args.jobs,
+            variants=args.variants,
+            seeds=args.seeds,
+            output_dir=args.output_dir,
+            report_only=args.report,
+        )
+    except KeyboardInterrupt:
+        again = [args.study, *(["--output-dir", args.output_dir] if args.output_dir else [])]
+        print(
+            "distillkit: study interrupted; finished runs are kept and each interrupted run resumes from its "
+            f"last checkpoint: continue with: {_command('study', *again, sets=args.set or [])}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     return 0
 
 
@@ -134,6 +192,19 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set or [])
     cache_teacher(config, name=args.teacher, directory=args.output, with_eval=args.with_eval)
+    return 0
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from distillkit.config import load_config
+    from distillkit.run.train_tokenizer import train_tokenizer
+
+    stats = train_tokenizer(load_config(args.config, args.set or []), args.vocab_size, args.output)
+    print(
+        f"distillkit: a byte-level BPE tokenizer of {stats['vocab_size']:,} tokens trained on "
+        f"{stats['texts']:,} training texts, saved to {stats['directory']} "
+        f"({stats['shared_with_teacher']:,} token strings shared with the teacher's vocabulary)"
+    )
     return 0
 
 
@@ -165,8 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
     distill = add("distill", help="distil a teacher into a student from a YAML config")
     distill.add_argument("config", help="YAML config file")
     distill.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    again = distill.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in output_dir (without either, an output_dir that is not empty is refused)",
+    )
     distill.set_defaults(handler=_cmd_distill)
+
+    generate = add(
+        "generate", help="sample a causal LM's continuations of a config's prompts into JSON lines"
+    )
+    generate.add_argument("config", help="YAML config file (its prompts and train.generation settings)")
+    generate.add_argument("--output", required=True, metavar="FILE.jsonl", help="where the samples go")
+    generate.add_argument("--model", choices=("teacher", "student"), default="teacher", help="which model")
+    generate.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N prompts")
+    generate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    generate.set_defaults(handler=_cmd_generate)
 
     study = add("study", help="run objective variants x seeds and tabulate them")
     study.add_argument("study", help="STUDY.yaml")
@@ -198,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--output", default=None, help="cache directory (default: the teacher's `cache`)")
     cache.add_argument("--with-eval", action="store_true", help="also cache the evaluation split")
     cache.set_defaults(handler=_cmd_cache_teacher)
+
+    train = add("train-tokenizer", help="train a byte-level BPE tokenizer for the student on the run's text")
+    train.add_argument("config", help="YAML config file (its data; the teacher's special tokens)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    train.add_argument("--vocab-size", type=_positive_int, default=8000, help="vocabulary entries")
+    train.add_argument("--output", default=None, help="directory (default: the config's student.tokenizer)")
+    train.set_defaults(handler=_cmd_train_tokenizer)
 
     bench = add("bench", help="benchmark loss terms and the InfoNCE op")
     try:

@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from distillkit.config import DataConfig
-from distillkit.errors import ConfigError, close_matches
+from distillkit.errors import ConfigError, close_matches, one_line, quote_input, resolved_against
 
 _FORMATS = {
     ".csv": "csv",
@@ -94,14 +94,19 @@ def _read(path: str, what: str) -> Dataset | DatasetDict:
     kind = _FORMATS.get(suffixes[-1] if suffixes else "")
     if file.exists() or kind is not None:
         if not file.is_file():
-            raise ConfigError(f"{what} '{path}' does not exist")
+            raise ConfigError(f"{what} {quote_input(path)} does not exist{resolved_against(path)}")
         if kind is None:
             raise ConfigError(f"{what} '{path}': unsupported file type; use {', '.join(_FORMATS)}")
         extra = {"delimiter": "\t"} if ".tsv" in file.suffixes else {}
+        empty = _no_rows(file, kind)
+        if empty:
+            raise ConfigError(f"{what} {quote_input(path)} has no rows ({empty}); give a file with data")
         try:
             return datasets.load_dataset(kind, data_files=str(file), split="train", **extra)
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise ConfigError(f"{what} '{path}' could not be read as {kind}: {exc}") from None
+            raise ConfigError(
+                f"{what} {quote_input(path)} could not be read as {kind}: {one_line(exc)}"
+            ) from None
     try:
         return datasets.load_dataset(path)
     except Exception as exc:
@@ -109,6 +114,36 @@ def _read(path: str, what: str) -> Dataset | DatasetDict:
             f"{what} '{path}' is neither a local file nor a loadable hub data set ({type(exc).__name__}: "
             f"{exc}); give a CSV/JSON/parquet path or builtin:{next(iter(BUILTIN))}"
         ) from None
+
+
+_OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def _no_rows(file: Path, kind: str) -> str | None:
+    """Why a text data file holds no rows (``"the file is empty"``, ``"only a header line"``), or None.
+
+    Reads at most the first two non-blank lines; parquet and zstd-compressed files are not looked into.
+    """
+    if kind == "parquet" or file.suffix == ".zst":
+        return None
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    module = _OPENERS.get(file.suffix)
+    opener = importlib.import_module(module).open if module else open
+    lines: list[str] = []
+    with opener(file, "rt", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                lines.append(line.strip())
+                if len(lines) == 2:
+                    return None
+    if not lines:
+        return "the file holds only blank lines"
+    if kind == "csv":
+        return "only a header line"
+    if kind == "json" and lines[0] in ("[]", "{}"):
+        return f"the file holds only {lines[0]}"
+    return None
 
 
 def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
@@ -130,13 +165,19 @@ def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
             evaluation = evaluation[cfg.eval_split] if cfg.eval_split in evaluation else evaluation["train"]
     if len(train) == 0:
         raise ConfigError(f"data.path '{cfg.path}' has no rows; the training data must not be empty")
-    if evaluation is None:
+    if cfg.folds is not None:
+        train, evaluation = fold_split(train, evaluation, cfg)
+    elif evaluation is None:
         if len(train) < 2:
             raise ConfigError(f"data.path '{cfg.path}' has {len(train)} row; need at least 2 to hold one out")
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.split_seed)
         train, evaluation = parts["train"], parts["test"]
     elif len(evaluation) == 0:
         raise ConfigError("the evaluation data has no rows")
+    if cfg.dev_fraction is not None:  # held out of training; scored instead of the evaluation split if asked
+        parts = train.train_test_split(test_size=cfg.dev_fraction, seed=cfg.split_seed)
+        train = parts["train"]
+        evaluation = parts["test"] if cfg.evaluate_on == "dev" else evaluation
     train = train.shuffle(seed=cfg.split_seed)
     if cfg.max_train_examples is not None:
         train = train.select(range(min(cfg.max_train_examples, len(train))))
@@ -146,22 +187,59 @@ def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return train, evaluation
 
 
-def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, labelled: bool = True) -> None:
-    for name in ("text_column", "text_pair_column", "label_column")[: 3 if labelled else 2]:
+def fold_split(data: Dataset, evaluation: Dataset | None, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """Cross-evaluation: part ``cfg.fold`` of ``cfg.folds`` equal parts of the shuffled data, and the rest.
+
+    Raises:
+        ConfigError: If the data has its own evaluation split, or fewer rows than folds.
+
+    """
+    if evaluation is not None:
+        raise ConfigError(
+            "data.folds cross-evaluates over one data set, but this one has its own evaluation split (data."
+            f"eval_path or the '{cfg.eval_split}' split); drop data.folds, or give the training data alone"
+        )
+    if len(data) < cfg.folds:
+        raise ConfigError(f"data.folds={cfg.folds} needs at least {cfg.folds} rows; the data has {len(data)}")
+    order = data.shuffle(seed=cfg.split_seed)
+    start, stop = (len(data) * k // cfg.folds for k in (cfg.fold, cfg.fold + 1))
+    rest = [*range(start), *range(stop, len(data))]
+    return order.select(rest), order.select(range(start, stop))
+
+
+def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, fields: Sequence[str]) -> None:
+    """The columns the ``data`` fields ``fields`` name exist; those other than ``label_column`` hold text.
+
+    Text must not be empty, except a completion's (``completion_column``).
+
+    Args:
+        dataset: One split.
+        cfg: The ``data`` section.
+        which: ``training`` or ``evaluation``, for messages.
+        fields: Names of ``data`` fields that name columns (``text_column``, ``label_column``...).
+
+    """
+    for name in fields:
         column = getattr(cfg, name)
         if column is not None and column not in dataset.column_names:
             raise ConfigError(
                 f"data.{name} '{column}' is not a column of the {which} data"
                 f"{close_matches(column, dataset.column_names)}; columns: {', '.join(dataset.column_names)}"
             )
-    for column in (cfg.text_column, cfg.text_pair_column):
-        if column is None:
+    for name in fields:
+        column = getattr(cfg, name)
+        if column is None or name == "label_column":
             continue
-        bad = [i for i, text in enumerate(dataset[column]) if not isinstance(text, str) or not text.strip()]
+        empty_ok = name == "completion_column"  # a completion may be the end-of-text token alone
+        bad = [
+            i
+            for i, value in enumerate(dataset[column])
+            if not isinstance(value, str) or not (empty_ok or value.strip())
+        ]
         if bad:
             raise ConfigError(
                 f"{len(bad)} row(s) of the {which} data have an empty or non-text '{column}' "
-                f"(first: row {bad[0]}); clean the data or pick another data.text_column"
+                f"(first: row {bad[0]}); clean the data or pick another data.{name}"
             )
 
 
@@ -205,8 +283,9 @@ def _encode_rows(dataset: Dataset, encode: Any) -> Dataset:
 def _checked_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, list[str]]:
     """The train and eval splits of labelled data, their columns checked, and the label names."""
     train, evaluation = _split(cfg)
-    _check_columns(train, cfg, "training")
-    _check_columns(evaluation, cfg, "evaluation")
+    fields = ("text_column", "text_pair_column", "label_column")
+    _check_columns(train, cfg, "training", fields)
+    _check_columns(evaluation, cfg, "evaluation", fields)
     return train, evaluation, _label_names(train, evaluation, cfg)
 
 
@@ -253,7 +332,41 @@ def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
     return TaskData(train=tokenise(train), eval=tokenise(evaluation), label_names=names)
 
 
-def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
+def end_of_text_id(tokenizer: Any) -> int | None:
+    """The token that ends a text: the tokenizer's end-of-sequence token, else its separator (BERT-style)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def too_little_text(which: str, tokens: int, max_length: int) -> ConfigError:
+    """The error for a split whose text packs into no block of ``max_length`` tokens."""
+    return ConfigError(
+        f"the {which} text has {tokens} tokens, less than one block of data.max_length={max_length}; "
+        "lower data.max_length or add text"
+    )
+
+
+def load_text_splits(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """The train and eval splits of unlabelled text, ``data.text_column`` checked (nothing tokenised).
+
+    Raises:
+        ConfigError: For a missing file or column, empty data or an empty text.
+
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    train, evaluation = _split(cfg)
+    fields = (
+        ("prompt_column", "completion_column") if cfg.prompt_column else ("text_column", "text_pair_column")
+    )
+    _check_columns(train, cfg, "training", fields)
+    _check_columns(evaluation, cfg, "evaluation", fields)
+    return train, evaluation
+
+
+def load_text_data(
+    cfg: DataConfig, tokenizer: Any, packing: bool, prompt_limit: int | None = None
+) -> TaskData:
     """Loads, validates and tokenises unlabelled text (causal LM, masked LM, representation tasks).
 
     Args:
@@ -262,21 +375,39 @@ def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
         packing: Concatenate the texts, each followed by the end-of-text token, and cut the stream into
             blocks of ``max_length`` tokens (the last partial block is dropped); else one truncated text
             per example.
+        prompt_limit: With ``data.prompt_column``: prompts longer than this keep their last ``prompt_limit``
+            tokens (default: ``max_length - 1``).
 
     Returns:
-        Train and eval splits with ``input_ids``, ``attention_mask`` and ``example_ids``.
+        Train and eval splits with ``input_ids``, ``attention_mask`` and ``example_ids``; with
+        ``data.prompt_column`` (prompt/completion examples, never packed) also ``prompt_lengths``: each
+        example is its prompt's tokens, then the completion's and the end-of-text token (cut at
+        ``max_length``), and ``prompt_lengths`` counts the prompt's.
 
     Raises:
         ConfigError: For a missing file or column, empty data, or too little text for one block.
 
     """
-    import datasets
+    train, evaluation = load_text_splits(cfg)
+    separator = [end_of_text_id(tokenizer)]
+    if cfg.prompt_column:
+        limit = prompt_limit or cfg.max_length - 1
 
-    datasets.disable_progress_bars()
-    train, evaluation = _split(cfg)
-    _check_columns(train, cfg, "training", labelled=False)
-    _check_columns(evaluation, cfg, "evaluation", labelled=False)
-    separator = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]
+        def encode_pairs(rows: dict[str, list], ids: list[int]) -> dict[str, list]:
+            prompts = tokenizer(rows[cfg.prompt_column], add_special_tokens=False)["input_ids"]
+            completions = tokenizer(rows[cfg.completion_column], add_special_tokens=False)["input_ids"]
+            tokens = [
+                (prompt[-limit:] + completion + separator)[: cfg.max_length]
+                for prompt, completion in zip(prompts, completions, strict=True)
+            ]
+            return {
+                "input_ids": tokens,
+                "attention_mask": [[1] * len(row) for row in tokens],
+                "prompt_lengths": [min(len(prompt), limit) for prompt in prompts],
+                "example_ids": ids,
+            }
+
+        return TaskData(train=_encode_rows(train, encode_pairs), eval=_encode_rows(evaluation, encode_pairs))
 
     def encode(rows: dict[str, list], ids: list[int]) -> dict[str, list]:
         encoded = tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
@@ -292,10 +423,7 @@ def load_text_data(cfg: DataConfig, tokenizer: Any, packing: bool) -> TaskData:
             stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
         blocks = len(stream) // cfg.max_length
         if blocks == 0:
-            raise ConfigError(
-                f"the {which} text has {len(stream)} tokens, less than one block of data.max_length="
-                f"{cfg.max_length}; lower data.max_length or add text"
-            )
+            raise too_little_text(which, len(stream), cfg.max_length)
         rows = [stream[i * cfg.max_length : (i + 1) * cfg.max_length] for i in range(blocks)]
         return Dataset.from_dict(
             {
@@ -319,7 +447,7 @@ class Collator:
 
     Returns (when called):
         ``input_ids``/``attention_mask`` (``token_type_ids``) ``[B, T]``, ``labels`` ``[B]`` and
-        ``example_ids`` ``[B]`` int64.
+        ``example_ids`` ``[B]`` int64 (and ``prompt_lengths`` ``[B]`` of prompt/completion examples).
 
     """
 
@@ -328,7 +456,7 @@ class Collator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collates ``rows`` into a batch dict."""
-        extra = [key for key in ("labels", "example_ids") if key in rows[0]]
+        extra = [key for key in ("labels", "example_ids", "prompt_lengths") if key in rows[0]]
         features = [{k: v for k, v in row.items() if k not in extra} for row in rows]
         batch = dict(self.tokenizer.pad(features, padding=True, return_tensors="pt"))
         for key in extra:

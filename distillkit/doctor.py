@@ -92,10 +92,11 @@ def run_doctor(out: TextIO | None = None) -> int:
     else:
         for i in range(torch.cuda.device_count()):
             device = f"cuda:{i}"
-            result = selfcheck.results().get(device) or selfcheck.run_check(torch.device(device))
+            key = selfcheck.result_key(device, selfcheck.kernel_uses_tf32(torch.device(device)))
+            result = selfcheck.results().get(key) or selfcheck.run_check(torch.device(device))
             verdict = "PASS" if result.passed else "FAIL (the reference is used on this device)"
             say(
-                f"self-check {device}: {verdict}; {result.cases} cases, worst "
+                f"self-check {key}: {verdict}; {result.cases} cases, worst "
                 f"{result.max_error:.3g}x tolerance ({result.worst}), {result.seconds * 1e3:.0f} ms"
             )
             status |= 0 if result.passed else 1

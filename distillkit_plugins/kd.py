@@ -23,7 +23,7 @@ and tail mass (``Taps.topk_logits``) and the loss goes through
 as ``topk_tail`` says: ``spread`` (default) spreads it evenly over the other tokens, exactly the teacher the
 cache's dense logits give, for any divergence;
 ``bucket`` compares the student's mass outside the top k with the teacher's tail as one bucket (as verl and
-DistillKit do; ``forward_kl``, ``reverse_kl``, ``jsd``).
+Arcee's DistillKit do; ``forward_kl``, ``reverse_kl``, ``jsd``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from distillkit import LossParams, LossTerm, TapRequest, Taps, hookimpl
+from distillkit import ConfigError, LossParams, LossTerm, TapRequest, Taps, TaskInfo, hookimpl
 from distillkit.ops import (
     BUCKET_DIVERGENCES,
     DIVERGENCES,
@@ -111,6 +111,33 @@ class KDLoss(LossTerm):
     def reads_topk_teacher(self) -> bool:
         """Reads a top-k teacher in every divergence (``topk_tail: bucket`` checks its own at config time)."""
         return True
+
+    def topk_logits_note(self) -> str | None:
+        """Every divergence but ``forward_kl``/``tvd`` at temperature 1 weighs the evenly spread tail."""
+        params = self.params
+        if params.divergence not in ("forward_kl", "tvd"):
+            return (
+                f"divergence '{params.divergence}' weighs the teacher's tail probabilities, which the cache "
+                "spreads evenly, so it is approximate"
+            )
+        if params.temperature != 1.0:
+            return (
+                f"at temperature {params.temperature:g} the cached top-k distribution is rescaled with its "
+                "evenly spread tail, so it is approximate"
+            )
+        return None
+
+    def check_cross_tokenizer(self, task: TaskInfo) -> None:
+        """Works on class logits (they do not depend on the tokens); refuses next-token distributions.
+
+        Those are compared position by position over one vocabulary, and two tokenizers' differ.
+        """
+        if task.logits == "class":
+            return
+        raise ConfigError(
+            "loss 'kd' compares the two models' next-token distributions position by position over one "
+            "vocabulary, and their tokens and vocabularies differ"
+        )
 
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the loss.

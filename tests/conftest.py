@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from distillkit.objective.terms import ModelDims
+from tests import hypothesis_profiles  # noqa: F401  (loads the profile before any test module is collected)
 
 
 def tiny_bert(layers: int, hidden: int, num_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:

@@ -85,6 +85,19 @@ def llama(layers: int, hidden: int) -> dict[str, Any]:
     }
 
 
+def tiny_llama(layers: int, hidden: int, vocab: int, seed: int = 0, init: float = 0.3) -> Any:
+    """A random ``LlamaForCausalLM`` (``init``: its initializer range; larger gives sharper logits)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {k: v for k, v in llama(layers, hidden).items() if k != "model_type"}
+    config = LlamaConfig(
+        **{**settings, "vocab_size": vocab, "initializer_range": init}, tie_word_embeddings=False
+    )
+    return LlamaForCausalLM(config)
+
+
 def gpt2(layers: int, hidden: int) -> dict[str, Any]:
     return {
         "model_type": "gpt2",
@@ -105,4 +118,24 @@ def text_config(
     raw["teacher"]["config"] = teacher
     raw["objective"] = objective
     raw["data"] = {"path": raw["data"]["path"], "text_column": "sentence", "max_length": 16}
+    return raw
+
+
+def causal_lm_config(
+    tmp_path: Path,
+    generation: dict[str, Any] | None = None,
+    objective: list[dict] | None = None,
+    **train: Any,
+) -> dict[str, Any]:
+    """A tiny ``causal_lm`` config: a 2-layer Llama teacher over the 31-token vocabulary (spread-out logits).
+
+    The student is 1 layer copied from it; text is packed in 16-token blocks; ``generation`` is
+    ``train.generation``.
+    """
+    teacher = {**llama(2, 32), "vocab_size": 31, "initializer_range": 0.3}
+    terms = objective or [{"loss": "kd", "temperature": 1.0}]
+    raw = text_config(tmp_path, "causal_lm", teacher, terms, **train)
+    raw["student"] = {"layers": 1}
+    if generation is not None:
+        raw["train"]["generation"] = generation
     return raw

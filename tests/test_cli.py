@@ -31,6 +31,7 @@ def test_losses_json_has_json_values_and_descriptions(capsys):
     codir = {p["name"]: p for p in losses["codir"]["parameters"]}
     assert codir["bank"]["default"]["kind"] == "queue"  # a mapping, not its Python repr
     assert all(entry["description"] for entry in losses.values())
+    assert [n for n, e in sorted(losses.items()) if e["cross_tokenizer"]] == ["ce", "codir", "gold", "uld"]
 
 
 def test_unknown_bench_loss_is_an_error(capsys):

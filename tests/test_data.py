@@ -1,11 +1,16 @@
+import gzip
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
+from distillkit import cli
 from distillkit.config import DataConfig, ModelConfig
 from distillkit.data import Collator, load_task_data
 from distillkit.errors import ConfigError
 from distillkit.models import load_tokenizer
-from tests.distill_fixtures import write_csv, write_vocab
+from tests.distill_fixtures import tiny_config, write_csv, write_vocab
 
 
 @pytest.fixture
@@ -56,11 +61,38 @@ def test_label_list_missing_a_value(tmp_path, tokenizer):
         load_task_data(_cfg(write_csv(tmp_path), labels=["neg"]), tokenizer)
 
 
-def test_empty_dataset(tmp_path, tokenizer):
-    empty = tmp_path / "empty.csv"
-    empty.write_text("sentence,sentiment\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="empty|no rows|could not be read"):
+@pytest.mark.parametrize(
+    ("name", "content", "why"),
+    [
+        ("empty.csv", b"", "the file is empty"),
+        ("header.csv", b"sentence,sentiment\n", "only a header line"),
+        ("header.tsv", b"sentence\tsentiment\n\n", "only a header line"),
+        ("empty.jsonl", b"", "the file is empty"),
+        ("blank.jsonl", b"\n  \n", "the file holds only blank lines"),
+        ("empty.json", b"[]", "the file holds only []"),
+        ("header.csv.gz", gzip.compress(b"sentence,sentiment\n"), "only a header line"),
+    ],
+)
+def test_a_data_file_without_rows_is_named(tmp_path, tokenizer, name, content, why):
+    empty = tmp_path / name
+    empty.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
         load_task_data(_cfg(empty), tokenizer)
+    assert str(caught.value) == f"data.path '{empty}' has no rows ({why}); give a file with data"
+
+
+def test_an_evaluation_file_without_rows_is_named(tmp_path, tokenizer):
+    header = tmp_path / "eval.csv"
+    header.write_text("sentence,sentiment\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"data.eval_path '.*eval.csv' has no rows \(only a header line\)"):
+        load_task_data(_cfg(write_csv(tmp_path), eval_path=str(header)), tokenizer)
+
+
+def test_a_missing_relative_data_file_says_what_it_was_resolved_against(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_task_data(_cfg("data/trian.csv"), tokenizer)
+    assert str(caught.value) == f"data.path 'data/trian.csv' does not exist (resolved against {tmp_path})"
 
 
 def test_bad_sources(tmp_path, tokenizer):
@@ -77,3 +109,17 @@ def test_blank_text_is_rejected(tmp_path, tokenizer):
     bad.write_text("sentence,sentiment\ngood,pos\n,neg\nbad,neg\nfine,pos\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="empty or non-text 'sentence'"):
         load_task_data(_cfg(bad, eval_fraction=0.25), tokenizer)
+
+
+def test_distill_on_a_header_only_file_exits_2_before_writing_anything(tmp_path, capsys):
+    raw = tiny_config(tmp_path)
+    Path(raw["data"]["path"]).write_text("sentence,sentiment\n", encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert cli.main(["distill", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"distillkit: error: data.path '{raw['data']['path']}' has no rows (only a header line); "
+        "give a file with data\n"
+    )
+    assert not Path(raw["output_dir"]).exists()

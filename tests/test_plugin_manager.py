@@ -80,13 +80,7 @@ def dims_equal():
 
 def test_cli_lists_third_party_plugin(installed_example):
     env_path = f"{installed_example}"
-    result = subprocess.run(
-        [sys.executable, "-m", "distillkit.cli", "losses"],
-        capture_output=True,
-        text=True,
-        env={**_env(), "PYTHONPATH": env_path},
-        check=True,
-    )
+    result = _losses_cli(env_path)
     assert "token_cosine  (distillkit-cosine 0.1.0, plugin 'token_cosine')" in result.stdout
     assert "codir  (distillkit" in result.stdout
 
@@ -95,6 +89,17 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k != "DISTILLKIT_PLUGINS"}
+
+
+def _losses_cli(python_path: str) -> subprocess.CompletedProcess:
+    """``distillkit losses`` in a fresh process that finds plugins on ``python_path``."""
+    return subprocess.run(
+        [sys.executable, "-m", "distillkit.cli", "losses"],
+        capture_output=True,
+        text=True,
+        env={**_env(), "PYTHONPATH": python_path},
+        check=True,
+    )
 
 
 BROKEN = "raise ImportError('needs a library that is not installed: frobnicate')\n"
@@ -107,13 +112,7 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path):
         assert "frobnicate" in failed["broken"].error
         assert failed["broken"].distribution == "distillkit-broken"
         assert {"l2", "kd", "codir"} <= set(loss_registry())
-        result = subprocess.run(
-            [sys.executable, "-m", "distillkit.cli", "losses"],
-            capture_output=True,
-            text=True,
-            env={**_env(), "PYTHONPATH": str(tmp_path)},
-            check=True,
-        )
+        result = _losses_cli(str(tmp_path))
     assert "plugins that failed to load" in result.stdout
     assert "broken (distillkit-broken 0.1): ImportError: needs a library" in result.stdout
     assert "kd  (distillkit" in result.stdout
@@ -166,3 +165,63 @@ def test_the_old_alias_modules_are_gone():
     for old in ("losses", "plugins"):
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(f"distillkit.{old}")
+
+
+TWO_LOSSES = """
+import torch
+from distillkit import LossTerm, TapRequest, hookimpl
+
+class First(LossTerm):
+    name = "first_loss"
+    student_reads = TapRequest(logits=True)
+    teacher_reads = TapRequest(logits=True)
+    def forward(self, student, teacher):
+        return (student.logits - teacher.logits).abs().mean()
+
+class Second(First):
+    name = "second_loss"
+
+@hookimpl
+def distillkit_register_losses(register):
+    register(First)
+    register(Second)
+"""
+
+
+def test_one_module_under_two_entry_points_registers_both_losses_quietly(tmp_path):
+    # what a user did after reading "entry-point name = plugin name": one entry point per loss, one module
+    names = ["first_loss", "second_loss"]
+    write_distribution(tmp_path, "distillkit-two", "distillkit_two", TWO_LOSSES, names)
+    with PathPlugins(tmp_path):
+        assert failed_plugins() == []
+        registry = loss_registry()
+        assert registry["first_loss"].plugin.distribution == "distillkit-two"
+        assert registry["second_loss"].cls.__name__ == "Second"
+        assert {info.name for info in plugin_infos()} >= {"first_loss", "second_loss"}
+        result = _losses_cli(str(tmp_path))
+    assert "already registered" not in result.stdout + result.stderr
+    assert "failed to load" not in result.stdout
+    assert "first_loss  (distillkit-two 0.1, plugin 'first_loss')" in result.stdout
+    assert "second_loss  (distillkit-two 0.1, plugin 'first_loss')" in result.stdout
+
+
+def test_the_documented_way_one_entry_point_for_several_losses(tmp_path):
+    write_distribution(tmp_path, "distillkit-two", "distillkit_two", TWO_LOSSES, "distillkit_two")
+    with PathPlugins(tmp_path):
+        assert failed_plugins() == []
+        assert {"first_loss", "second_loss"} <= set(loss_registry())
+        assert get_loss("second_loss").plugin.name == "distillkit_two"
+
+
+def test_a_plugin_filter_name_matching_no_entry_point_is_warned_about(monkeypatch):
+    monkeypatch.setenv("DISTILLKIT_PLUGINS", "kd,codr")
+    with pytest.warns(UserWarning) as caught:
+        registry = loss_registry()
+    assert set(registry) == {"kd"}
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert messages[0].startswith(
+        "DISTILLKIT_PLUGINS names 'codr' (did you mean 'codir'?), which no installed distribution declares "
+        "as a 'distillkit' entry point, so it loads nothing; entry points: "
+    )
+    assert "codir" in messages[0]

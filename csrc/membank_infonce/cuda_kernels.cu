@@ -15,11 +15,23 @@
 #include <utility>
 #include <vector>
 
+// The tensor-core kernel needs sm_80 (bf16 and tf32 WMMA). Device code for older archs leaves out every WMMA
+// declaration and compiles that kernel to a trap (the plan never selects it there), so this file builds for
+// every arch the generic kernel runs on. Host code and the CPU emulation see everything.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define DISTILLKIT_TC_DEVICE_CODE 1
+#else
+#define DISTILLKIT_TC_DEVICE_CODE 0
+#pragma nv_diag_suppress 177  // "declared but never referenced": the tensor-core helpers, unused here
+#endif
+
 namespace distillkit {
 namespace cuda {
 namespace {
 
+#if DISTILLKIT_TC_DEVICE_CODE
 namespace wmma = nvcuda::wmma;
+#endif
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr double kLog2eD = 1.4426950408889634;
@@ -94,22 +106,37 @@ __device__ __forceinline__ A warp_max(A v) {
   return v;
 }
 
-/// Records an out-of-range negative_index value (see MembankInfonceParams::index_error).
-__device__ __forceinline__ void report_bad_index(const MembankInfonceParams& p, int64_t value) {
-  if (p.index_error == nullptr) return;
-  atomicAdd(p.index_error, 1ull);
-  atomicExch(p.index_error + 1, static_cast<unsigned long long>(value));
-}
-
-/// Workspace views, all [num_splits, L, B] (x D for o), split-major.
+/// Workspace views: the partials, all [num_splits, L, B] (x D for o), split-major, then the call's two
+/// index-error words.
 template <typename A>
 struct Partials {
   A* o;  ///< [S, L, B, D]  sum_j 2^(z_j - m) k_j
   A* m;  ///< [S, L, B]     running max of z = s * log2(e) / tau over valid keys (-inf when none)
   A* l;  ///< [S, L, B]     sum_j 2^(z_j - m)
+  /// [count of out-of-range negative_index values, one of them]; zeroed by the launcher, updated atomically.
+  unsigned long long* index_error;
 };
 
+/// Records an out-of-range negative_index value in the call's words (many threads may do so at once).
+template <typename A>
+__device__ __forceinline__ void report_bad_index(const Partials<A>& parts, int64_t value) {
+  atomicAdd(parts.index_error, 1ull);
+  atomicExch(parts.index_error + 1, static_cast<unsigned long long>(value));
+}
+
 inline size_t align256(size_t n) { return (n + 255) & ~static_cast<size_t>(255); }
+
+constexpr size_t kIndexErrorBytes = 2 * sizeof(unsigned long long);
+
+// Byte offset of the index-error words in a workspace of `slots` partial rows of D accumulators.
+size_t index_error_offset(int64_t slots, int64_t D, size_t acc_bytes) {
+  return align256(static_cast<size_t>(slots * D) * acc_bytes) +
+         2 * align256(static_cast<size_t>(slots) * acc_bytes);
+}
+
+size_t workspace_bytes_for(int64_t slots, int64_t D, size_t acc_bytes) {
+  return index_error_offset(slots, D, acc_bytes) + align256(kIndexErrorBytes);
+}
 
 template <typename A>
 Partials<A> carve_workspace(void* ws, int64_t slots, int64_t D) {
@@ -120,12 +147,9 @@ Partials<A> carve_workspace(void* ws, int64_t slots, int64_t D) {
   parts.o = reinterpret_cast<A*>(base);
   parts.m = reinterpret_cast<A*>(base + o_bytes);
   parts.l = reinterpret_cast<A*>(base + o_bytes + s_bytes);
+  parts.index_error =
+      reinterpret_cast<unsigned long long*>(base + index_error_offset(slots, D, sizeof(A)));
   return parts;
-}
-
-size_t workspace_bytes_for(int64_t slots, int64_t D, size_t acc_bytes) {
-  return align256(static_cast<size_t>(slots * D) * acc_bytes) +
-         2 * align256(static_cast<size_t>(slots) * acc_bytes);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -141,8 +165,10 @@ __global__ void __launch_bounds__(kGenericThreads, 4)  // the plan targets 4 blo
     generic_partial_kernel(const MembankInfonceParams p, int64_t keys_per_split,
                            Partials<typename AccOf<T>::type> parts) {
   using A = typename AccOf<T>::type;
-  __shared__ A p_s[kGenericWarps][kChunk];
-  __shared__ int64_t row_s[kGenericWarps][kChunk];
+  // Weights and bank rows of a chunk's keys, double-buffered: consecutive chunks use alternate buffers, so
+  // the __syncwarp after a chunk's writes also orders them after the reads of the buffer two chunks back.
+  __shared__ A p_s[2][kGenericWarps][kChunk];
+  __shared__ int64_t row_s[2][kGenericWarps][kChunk];
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -169,12 +195,14 @@ __global__ void __launch_bounds__(kGenericThreads, 4)  // the plan targets 4 blo
   for (int64_t d = lane; d < D; d += 32) o[d] = A(0);
   A m = neg_inf<A>();
   A lsum = A(0);
+  int buf = 0;  // the p_s / row_s buffer of the next chunk that writes them
 
   for (int64_t c0 = k_begin; c0 < k_end; c0 += kChunk) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), k_end - c0));
     // Lane j resolves key j of the chunk: bank row and validity (range end, label mask).
-    // An index outside the bank is never dereferenced: the key reads bank row 0 and scores NaN, which makes
-    // the whole row NaN (as a NaN score does), and the call's error words record the value.
+    // An index outside [0, N) is never dereferenced, whatever N is (0 included): its key is left out of
+    // `read_mask`, the only thing that lets a bank row be read, and it scores NaN, which makes the whole row
+    // NaN (as a NaN score does); the call's error words record the value.
     const int64_t j = c0 + lane;
     bool valid = lane < n;
     bool bad = false;
@@ -182,20 +210,20 @@ __global__ void __launch_bounds__(kGenericThreads, 4)  // the plan targets 4 blo
     if (valid) {
       key_row = nidx ? nidx[j] : j;
       if (key_row < 0 || key_row >= p.N) {
-        report_bad_index(p, key_row);
+        report_bad_index(parts, key_row);
         bad = true;
         key_row = 0;
       } else if (use_labels && p.bank_labels[key_row] == qlab) {
         valid = false;
       }
     }
-    const unsigned valid_mask = __ballot_sync(kFullMask, valid && !bad);
+    const unsigned read_mask = __ballot_sync(kFullMask, valid && !bad);  // keys in the bank, not masked
 
     // Scores: one warp-reduced dot product per valid key; lane j keeps z_j.
     A my_z = neg_inf<A>();
     for (int jj = 0; jj < n; ++jj) {
       const int64_t rj = __shfl_sync(kFullMask, key_row, jj);
-      if (!((valid_mask >> jj) & 1u)) continue;  // warp-uniform
+      if (!((read_mask >> jj) & 1u)) continue;  // warp-uniform
       const T* __restrict__ kp = bank + rj * p.bank_stride_n;
       A acc = A(0);
       for (int64_t d = lane; d < D; d += 32) acc += to_acc(q[d]) * to_acc(kp[d]);
@@ -212,19 +240,23 @@ __global__ void __launch_bounds__(kGenericThreads, 4)  // the plan targets 4 blo
     lsum = lsum * alpha + warp_sum(pj);
     m = m_new;
 
-    // o = alpha * o + sum_j p_j k_j, lanes over features (coalesced key reads).
-    p_s[warp][lane] = pj;
-    row_s[warp][lane] = key_row;
+    // o = alpha * o + sum_j p_j k_j, lanes over features (coalesced key reads). Only keys of read_mask are
+    // read: a NaN weight (bad index, NaN score) would pass a `w != 0` test. A bad key's NaN reaches o through
+    // alpha, as m_new is NaN.
+    p_s[buf][warp][lane] = pj;
+    row_s[buf][warp][lane] = key_row;
     __syncwarp();
     for (int64_t d = lane; d < D; d += 32) {
       A acc = o[d] * alpha;
       for (int jj = 0; jj < n; ++jj) {
-        const A w = p_s[warp][jj];
-        if (w != A(0)) acc += w * to_acc(bank[row_s[warp][jj] * p.bank_stride_n + d]);
+        const A w = p_s[buf][warp][jj];
+        if (((read_mask >> jj) & 1u) && w != A(0)) {
+          acc += w * to_acc(bank[row_s[buf][warp][jj] * p.bank_stride_n + d]);
+        }
       }
       o[d] = acc;
     }
-    __syncwarp();
+    buf ^= 1;
   }
   if (lane == 0) {
     parts.m[slot] = m;
@@ -262,7 +294,11 @@ struct TcTraits<__nv_bfloat16> {
 };
 template <>
 struct TcTraits<float> {
+#if DISTILLKIT_TC_DEVICE_CODE
   using Frag = wmma::precision::tf32;
+#else
+  using Frag = float;  // no tf32 WMMA below sm_80; the kernel body is compiled out there
+#endif
   static constexpr int kK = 8;
   static constexpr int kPad = 4;
 };
@@ -337,6 +373,7 @@ __device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restr
   }
 }
 
+#if DISTILLKIT_TC_DEVICE_CODE
 template <typename T, typename Frag>
 __device__ __forceinline__ void maybe_tf32(Frag& f) {
   if constexpr (std::is_same_v<T, float>) {
@@ -344,12 +381,13 @@ __device__ __forceinline__ void maybe_tf32(Frag& f) {
     for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
   }
 }
+#endif
 
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads)
     tc_partial_kernel(const MembankInfonceParams p, int64_t keys_per_split, bool o_in_smem, bool vec,
                       int64_t layer0, Partials<float> parts) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#if !DISTILLKIT_TC_DEVICE_CODE
   __trap();  // never selected below sm_80 (see membank_infonce_plan)
 #else
   using Tr = TcTraits<T>;
@@ -692,6 +730,10 @@ cudaError_t launch_typed(const MembankInfonceParams& p, const MembankInfoncePlan
   using A = typename AccOf<T>::type;
   const int64_t slots = static_cast<int64_t>(plan.num_splits) * p.L * p.B;
   const Partials<A> parts = carve_workspace<A>(workspace, slots, p.D);
+  if (p.negative_index != nullptr) {  // this call's index-error words start at zero
+    const cudaError_t err = cudaMemsetAsync(parts.index_error, 0, kIndexErrorBytes, stream);
+    if (err != cudaSuccess) return err;
+  }
 
   if constexpr (std::is_same_v<T, double>) {
     if (plan.path == MembankPath::kTensorCore) return cudaErrorInvalidValue;
@@ -807,8 +849,9 @@ cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, Memb
   const int64_t tiles_per_split = (n_tiles + splits - 1) / splits;
   out.num_splits = static_cast<int>((n_tiles + tiles_per_split - 1) / tiles_per_split);  // no empty range
   out.keys_per_split = tiles_per_split * tile;
-  out.workspace_bytes =
-      workspace_bytes_for(static_cast<int64_t>(out.num_splits) * p.L * p.B, p.D, acc_bytes);
+  const int64_t slots = static_cast<int64_t>(out.num_splits) * p.L * p.B;
+  out.workspace_bytes = workspace_bytes_for(slots, p.D, acc_bytes);
+  out.index_error_offset = index_error_offset(slots, p.D, acc_bytes);
   *plan = out;
   return cudaSuccess;
 }
@@ -831,6 +874,19 @@ cudaError_t membank_infonce_forward(const MembankInfonceParams& p, const Membank
       return launch_typed<double>(p, plan, workspace, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t membank_infonce_index_error(const MembankInfoncePlan& plan, const void* workspace,
+                                        cudaStream_t stream, MembankIndexError* report) {
+  if (workspace == nullptr || report == nullptr) return cudaErrorInvalidValue;
+  unsigned long long words[2] = {0, 0};
+  const void* src = static_cast<const unsigned char*>(workspace) + plan.index_error_offset;
+  cudaError_t err = cudaMemcpyAsync(words, src, kIndexErrorBytes, cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) return err;
+  report->count = words[0];
+  report->value = static_cast<int64_t>(words[1]);
+  return cudaSuccess;
 }
 
 }  // namespace cuda

@@ -10,9 +10,11 @@
 // wsum = 0. A key that is not a negative of a row never affects that row, whatever its values (a NaN or Inf
 // in a masked bank row included); a NaN score of a valid negative makes the row NaN. The loss is computed
 // without subtracting lse and s_pos / tau (see the merge), so small losses keep their relative accuracy.
-// A negative_index value outside [0, N) is never dereferenced: the row's outputs become NaN and the call's
-// `index_error` words record it (see MembankInfonceParams). The backward pass is elementwise on
-// (loss, wsum) and lives in Python; only the forward is here.
+// A negative_index value outside [0, N) is never dereferenced, whatever N is (0 included): the row's
+// outputs become NaN and two words of the call's workspace count such values (atomically) and keep one of
+// them; membank_infonce_index_error reads them once the call's kernels are done, so the caller reports a bad
+// index from the call that passed it. The backward pass is elementwise on (loss, wsum) and lives in Python;
+// only the forward is here.
 //
 // Algorithm: one pass over the bank, never the B x K logit matrix. The bank is cut into `num_splits`
 // contiguous ranges (split-K over the bank). Each range produces, per query row, a partial
@@ -46,6 +48,9 @@
 //    products, one online-softmax rescale per chunk, then O[d] = alpha O[d] + sum_j p_j k_j[d] with lanes
 //    over d (coalesced key reads; O is the warp's own workspace row). With negative_index each query row
 //    gathers its own K rows straight from the bank; the [B, K, D] gathered tensor is never formed.
+//
+// Workspace: the partials, then the two index-error words (zeroed on the stream by each call that passes
+// negative_index, before its kernels).
 //
 // Split heuristic: enough bank ranges that the grid fills every SM with as many blocks as the occupancy
 // calculator says fit (tensor-core path; O stays on chip only while 2 blocks still fit per SM) or >= 4 blocks
@@ -88,11 +93,6 @@ constexpr int64_t kMaxLayersPerLaunch = DISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH;
 
 /// One forward call: the op's arguments (args.h) and the CUDA launch options.
 struct MembankInfonceParams : MembankInfonceArgs {
-  /// Two words the kernel updates atomically when negative_index holds a value outside [0, N): [0] counts
-  /// such values, [1] holds one of them. May be null (then nothing is recorded; the rows are still NaN).
-  /// The binding passes mapped pinned host memory, so the host reads it without a device synchronisation.
-  unsigned long long* index_error = nullptr;
-
   bool allow_tf32 = false;  ///< fp32 inputs may use tf32 tensor cores
   MembankPath path = MembankPath::kAuto;
 };
@@ -105,6 +105,13 @@ struct MembankInfoncePlan {
   bool o_in_smem = false;                   ///< tensor-core path keeps O in shared memory
   size_t smem_bytes = 0;                    ///< dynamic shared memory of the partial kernel
   size_t workspace_bytes = 0;               ///< device scratch the caller must provide (256-byte aligned)
+  size_t index_error_offset = 0;            ///< where the call's two index-error words are in it (bytes)
+};
+
+/// The out-of-range negative_index values one call met.
+struct MembankIndexError {
+  unsigned long long count = 0;  ///< how many values of negative_index lay outside [0, N)
+  int64_t value = 0;             ///< one of them (any one; meaningful when count > 0)
 };
 
 /// Chooses path, split count and workspace size for `p` on `device`, which must be the current device.
@@ -116,6 +123,12 @@ cudaError_t membank_infonce_plan(const MembankInfonceParams& p, int device, Memb
 /// Runs the partial and merge kernels on `stream`. `workspace` holds at least plan.workspace_bytes.
 cudaError_t membank_infonce_forward(const MembankInfonceParams& p, const MembankInfoncePlan& plan,
                                     void* workspace, cudaStream_t stream);
+
+/// After membank_infonce_forward of a call with negative_index (and a non-empty L x B), on the same stream
+/// and workspace: copies the call's index-error words to the host, waits for `stream` and fills `report`.
+/// Not allowed while `stream` is being captured into a CUDA graph.
+cudaError_t membank_infonce_index_error(const MembankInfoncePlan& plan, const void* workspace,
+                                        cudaStream_t stream, MembankIndexError* report);
 
 }  // namespace cuda
 }  // namespace distillkit

@@ -3,8 +3,12 @@
 The run is built as ``distillkit distill`` builds it (:class:`~distillkit.run.run.Run`; a teacher that would
 be fine-tuned is timed as loaded: fine-tuning changes its weights, not its cost), and the steps timed are the
 training loop's own (:meth:`~distillkit.run.loop.TrainingLoop.step`, with caches, several teachers, gradient
-accumulation and the output-layer path exactly as configured). The loop's phase timer splits each step:
+accumulation, the output-layer path and sampled sequences exactly as configured). The loop's phase timer
+splits each step:
 
+- ``sampling``: with ``train.generation``, the student or the teacher sampling continuations of the batch's
+  prompts (``generate`` with the KV cache) on the micro-batches the draw picks; the sampled tokens per
+  second of sampling are reported beside the table;
 - ``teacher``: the frozen teachers' taps (no_grad), or reading them from a cache;
 - ``student forward``: the student's taps;
 - ``objective``: every term's forward, run under the profiler (its small overhead counts here, so the share is
@@ -37,7 +41,8 @@ from distillkit.config import DistillConfig
 from distillkit.run.phases import PHASES as LOOP_PHASES
 from distillkit.run.phases import PhaseTimer
 
-PHASES = (*LOOP_PHASES[:3], "infonce op", *LOOP_PHASES[3:])
+_AFTER_OBJECTIVE = LOOP_PHASES.index("objective") + 1
+PHASES = (*LOOP_PHASES[:_AFTER_OBJECTIVE], "infonce op", *LOOP_PHASES[_AFTER_OBJECTIVE:])
 """The reported phases: the loop's, with the fused InfoNCE op's forward apart from ``objective``."""
 
 
@@ -60,7 +65,8 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
     Returns:
         ``{"phases": {name: median seconds}, "step": median seconds of the whole step, "batch": size,
         "repeats": n, "peak_step_bytes": bytes, "first_losses": {term: value of the first step},
-        "fused_logits": whether the output layers replaced the logits}``.
+        "fused_logits": whether the output layers replaced the logits, "sampling": {"generated_tokens",
+        "seconds", "sampled_batches", "micro_batches"} over the timed steps, or None without generation}``.
 
     """
     from distillkit.run.loop import TrainingLoop
@@ -73,7 +79,7 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
                 "eval_every": None,
                 "save_every": None,
                 "progress": False,
-                "tensorboard": False,
+                "report_to": [],
                 "log_every": 10**9,
             }
         )
@@ -94,6 +100,7 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
         samples: dict[str, list[float]] = {name: [] for name in PHASES}
         totals: list[float] = []
         first_losses: dict[str, float] = {}
+        sampled = {"generated_tokens": 0, "seconds": 0.0, "sampled_batches": 0, "micro_batches": 0}
         for index in range(warmup + repeats):
             timer.take()
             started = time.perf_counter()
@@ -102,8 +109,14 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
             phases = timer.take()
             if index == 0:
                 first_losses = {k: v for k, v in values.losses.items() if k != "total"}
+            counts = loop.sequences.take_counts() if loop.sequences is not None else None
             if index < warmup:
                 continue
+            if counts is not None:
+                sampled["generated_tokens"] += counts["generated_tokens"]
+                sampled["seconds"] += phases.get("sampling", 0.0)
+                sampled["sampled_batches"] += counts["sources"]["student"] + counts["sources"]["teacher"]
+                sampled["micro_batches"] += sum(counts["sources"].values())
             op = _op_seconds(profiles[-1], "membank_infonce")
             for name in LOOP_PHASES:
                 samples[name].append(phases.get(name, 0.0) - (op if name == "objective" else 0.0))
@@ -119,6 +132,7 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
         "peak_step_bytes": peak,
         "first_losses": first_losses,
         "fused_logits": run.objective.output_layer,
+        "sampling": sampled if loop.sequences is not None else None,
     }
 
 
@@ -141,6 +155,14 @@ def format_step_table(result: dict[str, Any], config_name: str) -> str:
         f"peak memory one step adds: {result['peak_step_bytes'] / 2**20:.0f} MiB; logit-reading terms read "
         f"{logits}"
     )
+    sampling = result.get("sampling")
+    if sampling:
+        rate = sampling["generated_tokens"] / sampling["seconds"] if sampling["seconds"] > 0 else 0.0
+        lines.append(
+            f"sampling: {sampling['sampled_batches']} of {sampling['micro_batches']} timed micro-batches "
+            f"sampled, {sampling['generated_tokens']} tokens, {rate:.1f} sampled tokens/s "
+            f"(mean sampling time per step {sampling['seconds'] / result['repeats'] * 1e3:.1f} ms)"
+        )
     return "\n".join(lines)
 
 

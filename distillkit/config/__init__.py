@@ -17,13 +17,14 @@ from distillkit.config.loading import (
 from distillkit.config.models import FinetuneConfig, ModelConfig
 from distillkit.config.run import DistillConfig
 from distillkit.config.terms import TermConfig, parse_term_configs
-from distillkit.config.train import TrainConfig
+from distillkit.config.train import GenerationSettings, TrainConfig
 
 __all__ = [
     "DataConfig",
     "DistillConfig",
     "EvaluationConfig",
     "FinetuneConfig",
+    "GenerationSettings",
     "ModelConfig",
     "TermConfig",
     "TrainConfig",

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from distillkit.errors import close_matches
+from distillkit.errors import close_matches, one_line, quote_input
 
 
 def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
@@ -20,21 +20,26 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
     """
     lines = []
     for err in exc.errors():
-        location = ".".join(str(part) for part in err["loc"])
+        path = ".".join(str(part) for part in err["loc"])
+        location = quote_input(path or "<root>")
         if err["type"] == "extra_forbidden":
             field = str(err["loc"][-1])
             parent = _model_at(root, err["loc"][:-1])
             known = list(parent.model_fields) if parent else []
             hint = close_matches(field, known)
             lines.append(
-                f"unknown field '{location}'{hint}; accepted here: {', '.join(known)}"
+                f"unknown field {location}{hint}; accepted here: {', '.join(known)}"
                 if known
-                else f"unknown field '{location}'{hint}"
+                else f"unknown field {location}{hint}"
             )
         elif err["type"] == "missing":
-            lines.append(f"missing field '{location}'")
+            lines.append(f"missing field {location}")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), (dict, list)):
+            # a check of a whole section (or of several): its own message names the fields and the values
+            message = one_line(str(err["ctx"]["error"]) if "error" in err.get("ctx", {}) else err["msg"])
+            lines.append(message if not path or message.startswith(path) else f"{location}: {message}")
         else:
-            lines.append(f"field '{location or '<root>'}': {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"field {location}: {one_line(err['msg'])} (got {quote_input(err.get('input'))})")
     return "invalid config: " + "; ".join(lines) + ". Fix the YAML file or the --set override that sets it."
 
 

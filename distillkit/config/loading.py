@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from distillkit.config.errors import format_validation_error
 from distillkit.config.run import DistillConfig
 from distillkit.config.terms import parse_term_configs
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, one_line, quote_input, resolved_against
 
 
 def safe_load_yaml(text: str, source: str = "<string>") -> Any:
@@ -30,7 +30,17 @@ def safe_load_yaml(text: str, source: str = "<string>") -> Any:
             f"{source}: unsupported YAML tag ({exc.problem}); configs are plain data, python tags are refused"
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{source}: invalid YAML: {_describe_yaml_error(exc)}") from None
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its own message repeats the text over lines)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return one_line(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{one_line(problem)}{where}"
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:
@@ -42,11 +52,13 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     """
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override '{override}' must look like key.path=value, e.g. train.lr=3e-5")
+        raise ConfigError(
+            f"override {quote_input(override)} must look like key.path=value, e.g. train.lr=3e-5"
+        )
     path = key.strip().split(".")
     if any(not part for part in path):
-        raise ConfigError(f"override '{override}' has an empty key segment")
-    return path, safe_load_yaml(raw, source=f"--set {key}")
+        raise ConfigError(f"override {quote_input(override)} has an empty key segment")
+    return path, safe_load_yaml(raw, source=f"--set {quote_input(key.strip())}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -66,13 +78,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise ConfigError(f"override '{override}': '{'.'.join(path[:-1])}' is not a section")
+            raise ConfigError(
+                f"override {quote_input(override)}: {quote_input('.'.join(path[:-1]))} is not a section"
+            )
     return data
 
 
 def _list_index(node: list, part: str, override: str) -> int:
     if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-        raise ConfigError(f"override '{override}': '{part}' is not an index of a list of {len(node)} entries")
+        raise ConfigError(
+            f"override {quote_input(override)}: {quote_input(part)} is not an index of a list of "
+            f"{len(node)} entries"
+        )
     return int(part)
 
 
@@ -83,7 +100,9 @@ def _child(node: Any, part: str, path: list[str], override: str, create: bool) -
         if part not in node or node[part] is None:
             node[part] = {}
         return node[part]
-    raise ConfigError(f"override '{override}': '{'.'.join(path[:-1])}' is not a section")
+    raise ConfigError(
+        f"override {quote_input(override)}: {quote_input('.'.join(path[:-1]))} is not a section"
+    )
 
 
 def config_from_dict(data: Any, overrides: Sequence[str] = ()) -> DistillConfig:
@@ -120,6 +139,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DistillConfi
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"config file {quote_input(str(path))} does not exist{resolved_against(path)}")
     data = safe_load_yaml(path.read_text(encoding="utf-8"), source=str(path))
     return config_from_dict(data, overrides)

@@ -38,7 +38,9 @@ class ModelConfig(Strict):
         config: Keyword arguments of a Hugging Face config to build a randomly initialised model (with
             ``model_type``), e.g. tiny models for tests.
         tokenizer: Tokenizer directory, or a ``vocab.txt`` file (a BERT WordPiece tokenizer is built from
-            it); defaults to ``path``. Teacher only: the student always uses the teacher's tokenizer.
+            it). The teacher's defaults to ``path``. The student's defaults to the one saved in ``path``,
+            else the teacher's; when it differs from the teacher's, the run distils across tokenizers (see
+            ``docs/cross_tokenizer.md``).
         layers: Student only: build the student from the teacher with this many layers (DistilBERT-style
             initialisation from evenly spaced teacher layers).
         hidden_size: Student only: a narrower hidden size (randomly initialised then).

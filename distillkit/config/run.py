@@ -13,7 +13,7 @@ from distillkit.config.data import DataConfig, EvaluationConfig
 from distillkit.config.models import ModelConfig
 from distillkit.config.terms import TermConfig
 from distillkit.config.train import TrainConfig
-from distillkit.errors import close_matches
+from distillkit.errors import close_matches, quote_input
 
 
 class DistillConfig(Strict):
@@ -46,8 +46,6 @@ class DistillConfig(Strict):
             raise ValueError("`layers` and `hidden_size` are student options; set them under student")
         if self.student.finetune is not None:
             raise ValueError("`finetune` is a teacher option; set it under teacher")
-        if self.student.tokenizer is not None:
-            raise ValueError("the student uses the teacher's tokenizer; set `tokenizer` under teacher")
         if self.student.cache is not None or self.student.cache_top_k is not None:
             raise ValueError("`cache` and `cache_top_k` are teacher options; set them under teacher")
         self._check_teachers()
@@ -62,12 +60,54 @@ class DistillConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _generation_fits(self) -> DistillConfig:
+        """``train.generation`` and prompt/completion data: a causal LM, room to sample, live teachers."""
+        generation, data = self.train.generation, self.data
+        if self.task != "causal_lm":
+            for name, value in (("train.generation", generation), ("data.prompt_column", data.prompt_column)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name} is for task 'causal_lm' (sampled continuations, prompt/completion text); "
+                        f"task '{self.task}' has none: remove {name} or set task: causal_lm"
+                    )
+        if generation is None:
+            return self
+        if generation.prompt_tokens >= data.max_length:
+            raise ValueError(
+                f"train.generation.prompt_tokens ({generation.prompt_tokens}) must be below data.max_length "
+                f"({data.max_length}) to leave room for sampled tokens: lower prompt_tokens or raise "
+                "max_length"
+            )
+        room = data.max_length - generation.prompt_tokens
+        if generation.max_new_tokens is not None and generation.max_new_tokens > room:
+            raise ValueError(
+                f"train.generation.max_new_tokens ({generation.max_new_tokens}) plus prompt_tokens "
+                f"({generation.prompt_tokens}) exceeds data.max_length ({data.max_length}): set "
+                f"max_new_tokens to at most {room} (or leave it out), or raise data.max_length"
+            )
+        cached = [name for name, spec in self.teacher_specs().items() if spec.cache]
+        if generation.samples and cached:
+            field = "teacher.cache" if cached[0] == "teacher" else f"teachers.{cached[0]}.cache"
+            raise ValueError(
+                f"train.generation samples new sequences, which a cache of teacher outputs cannot score: "
+                f"remove {field} (run the teacher live) or set train.generation.student_fraction and "
+                "teacher_fraction to 0"
+            )
+        if generation.samples and self.train.strategy == "fsdp":
+            raise ValueError(
+                "train.generation samples with the whole student and teacher in each process, but "
+                "train.strategy: fsdp shards them across the processes; use train.strategy: ddp for sampled "
+                "sequences, or set train.generation.student_fraction and teacher_fraction to 0"
+            )
+        return self
+
     def _check_teachers(self) -> None:
         if "teacher" in self.teachers:
             raise ValueError("'teacher' names the main teacher (`teacher:`); give the others other names")
         for name, spec in self.teachers.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(f"teacher name '{name}' may only use letters, digits and _ . -")
+                raise ValueError(f"teacher name {quote_input(name)} may only use letters, digits and _ . -")
             if spec.path is None and spec.config is None:
                 raise ValueError(f"teachers.{name} needs `path` or `config`")
             if spec.layers is not None or spec.hidden_size is not None:
@@ -83,7 +123,7 @@ class DistillConfig(Strict):
                 if name not in known:
                     hint = close_matches(name, known)
                     raise ValueError(
-                        f"objective.{index} ({term.loss}) reads teacher '{name}'{hint}, "
+                        f"objective.{index} ({term.loss}) reads teacher {quote_input(name)}{hint}, "
                         f"which is not defined; teachers: {', '.join(known)} (add it under `teachers:`)"
                     )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
-from distillkit.errors import LayerMapError
+from distillkit.errors import LayerMapError, quote_input
 
 LayerPairs = list[tuple[int, int]]
 LayerMapSpec = Union[str, Sequence[Sequence[int]]]  # noqa: UP007 - used in pydantic models on py3.10
@@ -69,7 +69,8 @@ def resolve_layer_map(spec: LayerMapSpec, student_depth: int, teacher_depth: int
         if spec == "last":
             return [(student_depth, teacher_depth)]
         raise LayerMapError(
-            f"unknown layer map '{spec}': use one of {', '.join(NAMED_MAPS)} or explicit pairs [[s, t], ...]"
+            f"unknown layer map {quote_input(spec)}: use one of {', '.join(NAMED_MAPS)} or explicit pairs "
+            "[[s, t], ...]"
         )
     pairs: LayerPairs = []
     for pair in spec:

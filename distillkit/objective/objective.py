@@ -195,7 +195,8 @@ class DistillationObjective(nn.Module):
         """Evaluates every term, each on its own teacher's taps.
 
         Args:
-            student_output: The student's HF output (with ``hidden_states``) or its :class:`Taps`.
+            student_output: The student's HF output (holding what the terms read of it: ``hidden_states``,
+                ``attentions``, ``logits``) or its :class:`Taps`.
             teacher_output: The teacher's HF output or :class:`Taps` (None when no term reads the teacher),
                 or, with several teachers, ``{name: output or Taps or None}``; detached here, so no gradient
                 ever reaches a teacher.
@@ -205,11 +206,18 @@ class DistillationObjective(nn.Module):
         Returns:
             The weighted total and each term's value.
 
+        Raises:
+            MissingOutputError: When a model output lacks what a term reads of it (naming the output, the
+                term and how to ask the model for it).
+            LossTermError: When a term raises.
+
         """
         student = (
-            student_output if isinstance(student_output, Taps) else Taps.from_output(student_output, batch)
+            student_output
+            if isinstance(student_output, Taps)
+            else Taps.from_output(student_output, batch, self.readers(None), "the student")
         )
-        by_name = teacher_taps_by_name(teacher_output, batch, self.default_teacher)
+        by_name = teacher_taps_by_name(teacher_output, batch, self.default_teacher, self.readers)
         values: dict[str, torch.Tensor] = {}
         total = None
         for label, term in self.terms.items():
@@ -226,6 +234,19 @@ class DistillationObjective(nn.Module):
             weighted = self.weights[label] * value
             total = weighted if total is None else total + weighted
         return ObjectiveOutput(total=total, terms=values)
+
+    def readers(self, teacher: str | None) -> dict[str, TapRequest]:
+        """Who reads what of one model: ``objective term 'l2' (loss 'l2')`` -> its request of it.
+
+        Args:
+            teacher: A teacher's name, or None for the student.
+
+        """
+        return {
+            f"objective term '{label}' (loss '{term.name}')": term.tap_requests()[0 if teacher is None else 1]
+            for label, term in self.terms.items()
+            if teacher is None or teacher in self.term_teachers[label].names
+        }
 
     def tap_requests(self) -> tuple[TapRequest, TapRequest]:
         """The union of the terms' requests: what the student and the teachers (united) produce per batch.
@@ -371,6 +392,38 @@ class DistillationObjective(nn.Module):
         """Labels of the terms that read ``side`` (``student`` or ``teacher``), for messages."""
         index = 0 if side == "student" else 1
         return [label for label, term in self.terms.items() if term.tap_requests()[index].needs_forward]
+
+    @property
+    def wants_warm_start(self) -> bool:
+        """Whether some term asks for a warm-up pass over the training data before the first step."""
+        return any(term.wants_warm_start for term in self.terms.values())
+
+    def warm_start_request(self) -> TapRequest:
+        """What the student is asked for in the warm-up pass: the union of the warming terms' requests."""
+        request = NOTHING
+        for term in self.terms.values():
+            if term.wants_warm_start:
+                request = request | term.tap_requests()[0]
+        return self._as_run(request)
+
+    def warm_start(
+        self, student: Taps, teacher_output: Any, batch: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Hands one batch of the warm-up pass to every term that asked for it, each with its teacher's taps.
+
+        Args:
+            student: The student's taps (:meth:`warm_start_request`).
+            teacher_output: As in :meth:`forward`.
+            batch: The batch dict.
+
+        """
+        by_name = teacher_taps_by_name(teacher_output, batch, self.default_teacher)
+        for label, term in self.terms.items():
+            if term.wants_warm_start:
+                described = _describe_term(label, term)
+                term.warm_start(
+                    student, teacher_taps_for(term, self.term_teachers[label], by_name, batch, described)
+                )
 
     def after_step(self) -> None:
         """Lets each term update its state after the optimizer step (memory banks)."""

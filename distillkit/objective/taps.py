@@ -21,11 +21,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from distillkit.errors import MissingOutputError
 from distillkit.objective.model_access import record_modules
 from distillkit.objective.output_layer import run_to_output_layer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 """Batch keys handed to a model's forward; every other key (labels, ids, masks) stays with the loss terms."""
+
+TEACHER_PREFIX = "teacher_"
+"""Prefix of the batch keys of the teacher's own token stream when the student has another tokenizer."""
+
+
+def teacher_view(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The batch as the teacher sees it: its own tokens when the student has another tokenizer.
+
+    A cross-tokenizer batch carries the student's token stream under the usual keys (``input_ids``,
+    ``attention_mask``, ``labels``, ``label_spans``...) and the teacher's, of the same text, under the same
+    keys prefixed with ``teacher_``. The view has each ``teacher_X`` as ``X`` (replacing the student's) and
+    the keys both share (``example_ids``) as they are. A batch without ``teacher_input_ids`` is its own view.
+
+    Args:
+        batch: A collated batch.
+
+    Returns:
+        The teacher's batch (the same object when there is only one token stream).
+
+    """
+    if TEACHER_PREFIX + "input_ids" not in batch:
+        return batch
+    view = {k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX)}
+    view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)})
+    return view
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,16 @@ class TapRequest:
 
 NOTHING = TapRequest()
 """The request of a term that does not read a model."""
+
+HOW_TO_ASK = {
+    "hidden_states": "call it with output_hidden_states=True",
+    "attentions": (
+        "call it with output_attentions=True, with eager attention (load it with attn_implementation='eager' "
+        "or call model.set_attn_implementation('eager'): sdpa and flash attention return none)"
+    ),
+    "logits": "use a model with a head (e.g. AutoModelForSequenceClassification or AutoModelForCausalLM)",
+}
+"""A model output a term may read -> how to have a Hugging Face model return it."""
 
 
 @dataclass(frozen=True)
@@ -179,23 +215,34 @@ class Taps:
         )
 
     @classmethod
-    def from_output(cls, output: Any, batch: Mapping[str, torch.Tensor] | None = None) -> Taps:
+    def from_output(
+        cls,
+        output: Any,
+        batch: Mapping[str, torch.Tensor] | None = None,
+        readers: Mapping[str, TapRequest] | None = None,
+        who: str = "the model",
+    ) -> Taps:
         """Builds taps from a Hugging Face model output and the batch that produced it.
 
         Args:
-            output: A model output with ``hidden_states`` (run the model with ``output_hidden_states=True``)
-                and optionally ``logits`` and ``attentions``.
+            output: A model output with ``hidden_states`` (``output_hidden_states=True``), ``logits`` and
+                ``attentions`` (``output_attentions=True``) as far as the terms read them.
             batch: The batch dict.
+            readers: Who reads what of this output (e.g. term -> its request); the output must hold all of
+                it. None: it must hold hidden states.
+            who: The model, for messages (``the student``).
 
         Returns:
             The taps.
 
+        Raises:
+            MissingOutputError: Naming the first missing output, who reads it and how to ask for it.
+
         """
-        if getattr(output, "hidden_states", None) is None:
-            raise ValueError(
-                "the model output has no hidden_states: call the model with output_hidden_states=True"
-            )
-        return _taps_from_output(output, batch, {})
+        taps = _taps_from_output(output, batch, {})
+        default = {"the objective": TapRequest(hidden_states=True)}
+        check_outputs(taps, readers if readers is not None else default, who)
+        return taps
 
     def token_mask(self) -> torch.Tensor:
         """Returns the attention mask as a float ``[B, T]`` tensor (all ones when there is none)."""
@@ -267,15 +314,31 @@ def collect_taps(model: nn.Module, batch: Mapping[str, torch.Tensor], request: T
         else:
             output = model(**inputs)
     taps = _taps_from_output(output, batch, recorded, **head)
-    if request.hidden_states and not taps.hidden_states:
-        raise ValueError(f"{type(model).__name__} returned no hidden_states; a loss term needs them")
-    if request.attentions and not taps.attentions:
-        raise ValueError(
-            f"{type(model).__name__} returned no attentions; a loss term needs attention probabilities"
-        )
-    if request.logits and taps.logits is None:
-        raise ValueError(f"{type(model).__name__} returned no logits; a loss term needs them")
+    check_outputs(taps, {"a loss term": request}, type(model).__name__)
     return taps
+
+
+def check_outputs(taps: Taps, readers: Mapping[str, TapRequest], who: str) -> None:
+    """Checks that taps made from a model's output hold what each reader asks of that model.
+
+    Args:
+        taps: The taps.
+        readers: Reader (e.g. ``objective term 'att' (loss 'attention')``) -> what it reads of this model.
+        who: The model, for messages.
+
+    Raises:
+        MissingOutputError: For the first missing output: what is missing, who reads it, how to ask for it.
+
+    """
+    for kind in ("hidden_states", "attentions", "logits"):
+        missing = taps.logits is None if kind == "logits" else not getattr(taps, kind)
+        names = [name for name, request in readers.items() if getattr(request, kind)]
+        if missing and names:
+            reads = "reads" if len(names) == 1 else "read"
+            raise MissingOutputError(
+                f"{who}'s output has no {kind.replace('_', ' ')}, which {', '.join(names)} {reads}: "
+                f"{HOW_TO_ASK[kind]}"
+            )
 
 
 def _taps_from_output(
@@ -283,12 +346,12 @@ def _taps_from_output(
 ) -> Taps:
     if isinstance(output, torch.Tensor):
         return Taps.from_batch(batch, logits=output, modules=dict(modules))
-    attentions = getattr(output, "attentions", None)
+    attentions = tuple(getattr(output, "attentions", None) or ())
     return Taps.from_batch(
         batch,
         hidden_states=tuple(getattr(output, "hidden_states", None) or ()),
         logits=getattr(output, "logits", None),
-        attentions=tuple(a for a in (attentions or ()) if a is not None),
+        attentions=attentions if all(a is not None for a in attentions) else (),  # sdpa gives Nones
         modules=dict(modules),
         **head,
     )

@@ -8,14 +8,14 @@ the temperature the term reads teacher logits at (:meth:`LossTerm.teacher_logit_
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
 from distillkit.errors import LossTermError
-from distillkit.objective.taps import Taps
+from distillkit.objective.taps import TapRequest, Taps
 from distillkit.objective.terms import LossTerm
 
 DEFAULT_TEACHER = "teacher"
@@ -66,9 +66,24 @@ def mix_teacher_logits(
 
 
 def teacher_taps_by_name(
-    teacher_output: Any, batch: Mapping[str, torch.Tensor] | None, default: str
+    teacher_output: Any,
+    batch: Mapping[str, torch.Tensor] | None,
+    default: str,
+    readers: Callable[[str], Mapping[str, TapRequest]] | None = None,
 ) -> dict[str, Taps]:
-    """Teacher name -> detached taps, from one teacher's output (the default teacher's) or a mapping."""
+    """Teacher name -> detached taps, from one teacher's output (the default teacher's) or a mapping.
+
+    Args:
+        teacher_output: One teacher's output or taps, or ``{name: output or taps or None}``.
+        batch: The batch.
+        default: The name of a teacher given alone.
+        readers: Teacher name -> who reads what of it; each output given (not taps) must hold that (None: it
+            must hold hidden states).
+
+    Raises:
+        MissingOutputError: For an output lacking what a term reads, naming it and how to ask for it.
+
+    """
     if isinstance(teacher_output, dict) and not hasattr(teacher_output, "to_tuple"):  # not a ModelOutput
         outputs = dict(teacher_output)
     else:
@@ -77,7 +92,10 @@ def teacher_taps_by_name(
     for name, output in outputs.items():
         if output is None:
             continue
-        taps[name] = (output if isinstance(output, Taps) else Taps.from_output(output, batch)).detached()
+        if not isinstance(output, Taps):
+            who = "the teacher" if name == DEFAULT_TEACHER else f"teacher '{name}'"
+            output = Taps.from_output(output, batch, readers(name) if readers else None, who)
+        taps[name] = output.detached()
     return taps
 
 

@@ -7,7 +7,7 @@ implements :meth:`LossTerm.forward`. See ``examples/distillkit-cosine`` for a co
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import UnionType
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from distillkit.errors import ConfigError, close_matches
+from distillkit.errors import ConfigError, close_matches, quote_input
 from distillkit.objective.mapping import LayerMapSpec, LayerPairs, resolve_layer_map
 from distillkit.objective.taps import NOTHING, TapRequest, Taps
 
@@ -122,6 +122,9 @@ class LossTerm(nn.Module):
       ``Taps.logits`` is None (the loop then never builds ``[B, T, V]`` logits); :meth:`reads_topk_teacher`:
       also from a teacher's ``Taps.topk_logits`` (a top-k teacher cache).
     - :meth:`check_task`: refuse a task it cannot work on, before any model loads.
+    - ``cross_tokenizer`` / :meth:`check_cross_tokenizer`: whether it works when the student has another
+      tokenizer than the teacher (each model then reads its own tokens of the same text), and
+      :meth:`use_vocabularies`: the two vocabularies, for a term that matches tokens by their strings.
     - :meth:`after_step` / :meth:`skip_step`: state after an applied or a skipped optimizer step.
 
     Args:
@@ -136,6 +139,11 @@ class LossTerm(nn.Module):
     reads_output_layer: ClassVar[bool] = False
     student_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
     teacher_reads: ClassVar[TapRequest] = TapRequest(hidden_states=True, logits=True)
+    cross_tokenizer: ClassVar[bool] = False
+    """The term works when the student's tokenizer differs from the teacher's: it compares the models on
+    the text (pooled or sequence-level representations, or tokens aligned by their character spans), never
+    position by position; terms that read no teacher work either way. :meth:`check_cross_tokenizer` may
+    refuse some parameters (e.g. first-token pooling)."""
 
     def __init__(self, params: LossParams, dims: ModelDims) -> None:
         super().__init__()
@@ -163,7 +171,8 @@ class LossTerm(nn.Module):
         if unknown:
             key = unknown[0]
             raise ConfigError(
-                f"loss '{cls.name}' does not accept parameter '{key}'{close_matches(key, accepted)}. "
+                f"loss '{cls.name}' does not accept parameter {quote_input(key)}"
+                f"{close_matches(key, accepted)}. "
                 f"Accepted parameters: {', '.join(accepted) or 'none'}."
             )
         try:
@@ -222,6 +231,15 @@ class LossTerm(nn.Module):
         """
         return False
 
+    def topk_logits_note(self) -> str | None:
+        """Why this term is approximate when the teacher's logits come from a top-k cache, or None.
+
+        A top-k cache (``teacher.cache_top_k``) keeps each token's k largest probabilities and spreads the
+        remaining mass evenly over the other tokens (``docs/teachers.md``); the run prints the note once
+        before training. The default says nothing; a term whose value depends on the tail overrides it.
+        """
+        return None
+
     def forward(self, student: Taps, teacher: Taps) -> torch.Tensor:
         """Computes the term.
 
@@ -237,6 +255,24 @@ class LossTerm(nn.Module):
 
     def after_step(self) -> None:
         """Updates state after the optimizer step (e.g. enqueue teacher keys into a memory bank)."""
+
+    @property
+    def wants_warm_start(self) -> bool:
+        """Whether the loop runs a warm-up pass over the training data before the first step.
+
+        Every batch of it goes to :meth:`warm_start` (for memory banks that must hold every example before
+        they are read).
+        """
+        return False
+
+    def warm_start(self, student: Taps, teacher: Taps) -> None:
+        """Takes one batch of the warm-up pass (no gradients, eval mode); see :attr:`wants_warm_start`.
+
+        Args:
+            student: The student's taps of the batch.
+            teacher: The teacher's taps of the batch.
+
+        """
 
     def prepare_benchmark(self) -> None:
         """Puts the term in a steady state before ``distillkit bench`` times it (e.g. fills memory banks)."""
@@ -268,6 +304,32 @@ class LossTerm(nn.Module):
             raise ConfigError(
                 f"loss '{self.name}' reads labels, but task '{task.name}' trains on unlabelled text"
             )
+
+    def check_cross_tokenizer(self, task: TaskInfo) -> None:
+        """Refuses to compare models that tokenise the text differently (called before any model loads).
+
+        Each model then runs on its own tokens of the same text: ``T`` differs between the two models' taps,
+        and token ``i`` of one is not token ``i`` of the other. The default accepts a term that declares
+        ``cross_tokenizer`` or reads nothing of the teacher, and refuses every other one.
+
+        Raises:
+            ConfigError: Saying why the term cannot compare the two models across tokenizers.
+
+        """
+        if self.cross_tokenizer or not self.tap_requests()[1].needs_forward:
+            return
+        raise ConfigError(
+            f"loss '{self.name}' compares the two models token by token, and their tokens differ"
+        )
+
+    def use_vocabularies(self, student: Mapping[str, int], teacher: Mapping[str, int]) -> None:
+        """Receives the two vocabularies (token string -> id) before training; by default ignores them.
+
+        Args:
+            student: The student tokenizer's vocabulary.
+            teacher: The teacher tokenizer's vocabulary (the same mapping when both models share it).
+
+        """
 
 
 def _renamed_layer_map(loss: str, raw: dict[str, Any], accepted: list[str]) -> dict[str, Any]:

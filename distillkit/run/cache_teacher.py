@@ -71,7 +71,8 @@ def cache_teacher(
     splits = {"train": DataLoader(run.data.train, batch_size=batch_size, collate_fn=run.collator)}
     if with_eval:
         splits["eval"] = DataLoader(run.data.eval, batch_size=batch_size, collate_fn=run.collator)
-    meta = expected_meta(config, teacher, run.tokenizer, accelerator.device)
+    student_tokenizer = run.student_tokenizer if run.cross_tokenizer else None
+    meta = expected_meta(config, teacher, run.tokenizer, accelerator.device, student_tokenizer)
     stats: dict[str, Any] = {"directory": str(directory)}
     if accelerator.is_main_process:
         stats.update(

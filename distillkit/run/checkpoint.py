@@ -6,10 +6,12 @@ A checkpoint is a directory ``step-00000042/`` holding
 - ``objective.safetensors``: the objective's state dict (projection heads AND memory-bank buffers);
 - ``optimizer.safetensors`` + the optimizer's param groups in ``state.json``;
 - ``rng.safetensors``: torch CPU (and CUDA) generator states;
-- ``state.json``: step, scheduler state, Python/NumPy RNG states, and whatever the loop adds.
+- ``state.json``: step, the id of the run that wrote it, scheduler state, Python/NumPy RNG states, and
+  whatever the loop adds.
 
 It is written to a temporary sibling directory, every file fsynced, then renamed into place, so a crash never
-leaves a half-written ``step-*`` directory. Nothing is ever unpickled on load.
+leaves a half-written ``step-*`` directory. Nothing is ever unpickled on load. Pruning old checkpoints
+(``keep_last``) only ever removes checkpoints of the run writing (same ``run_id``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-_PREFIX = "step-"
+CHECKPOINT_PREFIX = "step-"
+"""A checkpoint directory's name: this prefix and the step, ``step-00000042``."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flushes a directory's entries to disk (after files were written or renamed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -36,14 +40,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` and fsyncs it."""
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes ``tensors`` to a safetensors file (on the CPU) and fsyncs it."""
     # clone: tied weights share storage, which safetensors refuses
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
     with open(path, "rb+") as handle:
@@ -118,8 +124,9 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any] | None = None,
     keep_last: int = 2,
+    run_id: str | None = None,
 ) -> Path:
-    """Writes a checkpoint atomically and prunes old ones.
+    """Writes a checkpoint atomically and prunes this run's old ones.
 
     Args:
         directory: The checkpoints directory (``<output_dir>/checkpoints``).
@@ -129,7 +136,9 @@ def save_checkpoint(
         optimizer: The optimizer.
         scheduler: The learning-rate scheduler.
         extra: More JSON-able state (counters, metrics).
-        keep_last: How many checkpoints to keep.
+        keep_last: How many checkpoints of this run to keep.
+        run_id: The run writing it, recorded in ``state.json``; only checkpoints of the same run id are pruned
+            (None: those without one).
 
     Returns:
         The checkpoint directory.
@@ -137,49 +146,73 @@ def save_checkpoint(
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:08d}"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_tensors(tmp / "student.safetensors", student.state_dict())
-    _save_tensors(tmp / "objective.safetensors", objective.state_dict())
+    save_tensors(tmp / "student.safetensors", student.state_dict())
+    save_tensors(tmp / "objective.safetensors", objective.state_dict())
     opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
-    _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     rng_tensors, rng_meta = rng_state()
-    _save_tensors(tmp / "rng.safetensors", rng_tensors)
+    save_tensors(tmp / "rng.safetensors", rng_tensors)
     state = {
         "step": step,
+        "run_id": run_id,
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict(),
         "rng": rng_meta,
         "extra": extra or {},
     }
-    _write_bytes(tmp / "state.json", json.dumps(state).encode("utf-8"))
-    _fsync_dir(tmp)
+    write_bytes(tmp / "state.json", json.dumps(state).encode("utf-8"))
+    fsync_dir(tmp)
     if final.exists():  # a re-run of the same step: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last]:
+    fsync_dir(root)
+    for old in list_checkpoints(root, run_id=run_id)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Returns the complete checkpoints in ``directory``, oldest first."""
+_ANY = object()
+
+
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The id of the run that wrote a checkpoint (None for one written before checkpoints recorded it)."""
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8")).get("run_id")
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint directory holds the state after."""
+    return int(Path(path).name[len(CHECKPOINT_PREFIX) :])
+
+
+def list_checkpoints(directory: str | Path, run_id: Any = _ANY) -> list[Path]:
+    """Returns the complete checkpoints in ``directory``, oldest first.
+
+    Args:
+        directory: The checkpoints directory.
+        run_id: Only those of this run (None: those that record no run id); default: all.
+
+    """
     root = Path(directory)
     if not root.is_dir():
         return []
     found = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").exists()
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").exists()
     ]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+    if run_id is not _ANY:
+        found = [p for p in found if checkpoint_run_id(p) == run_id]
+    return sorted(found, key=checkpoint_step)
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """Returns the newest complete checkpoint, or None."""
-    found = list_checkpoints(directory)
+def latest_checkpoint(directory: str | Path, run_id: Any = _ANY) -> Path | None:
+    """Returns the newest complete checkpoint (of run ``run_id`` when given), or None."""
+    found = list_checkpoints(directory, run_id)
     return found[-1] if found else None
 
 

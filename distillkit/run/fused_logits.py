@@ -20,7 +20,7 @@ from torch import nn
 
 from distillkit.errors import ConfigError
 from distillkit.objective.output_layer import output_layer_parts, run_to_output_layer
-from distillkit.objective.taps import MODEL_INPUTS
+from distillkit.objective.taps import MODEL_INPUTS, teacher_view
 
 __all__ = ["check_output_layer", "choose_output_layer"]
 
@@ -114,14 +114,16 @@ def choose_output_layer(
     reason = objective.output_layer_blocker()
     readers = objective.logit_readers()
     if reason is None:
-        models: list[tuple[str, Any]] = [("the student", student)] if readers["student"] else []
-        models += [(f"teacher '{name}'", teachers.get(name)) for name in readers["teachers"]]
+        models: list[tuple[str, Any, Any]] = [("the student", student, batch)] if readers["student"] else []
+        models += [
+            (f"teacher '{name}'", teachers.get(name), teacher_view(batch)) for name in readers["teachers"]
+        ]
         names = [None] * readers["student"] + readers["teachers"]
-        for (role, model), name in zip(models, names, strict=True):
+        for (role, model, inputs), name in zip(models, names, strict=True):
             if not isinstance(model, nn.Module):
                 reason = _cached_teacher_blocker(objective, name, model)
             else:
-                problem = check_output_layer(model, batch)
+                problem = check_output_layer(model, inputs)
                 reason = None if problem is None else f"{role} cannot: {problem}"
             if reason is not None:
                 break

@@ -1,15 +1,11 @@
-"""What a training loop reads from: the training and evaluation batches, and each teacher's source."""
+"""What a training loop reads from: the training and evaluation batches (teachers: :mod:`.strategy`)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distillkit.errors import ConfigError
-from distillkit.models import freeze
 from distillkit.run.run import Run
 
 
@@ -43,17 +39,6 @@ def train_loader(run: Run) -> tuple[DistributedSampler, DataLoader]:
             f"{train.batch_size} x {accelerator.num_processes} process(es); lower train.batch_size"
         )
     return sampler, loader
-
-
-def frozen_sources(teachers: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Each teacher's source on ``device``: models frozen (eval mode, no gradients), caches as they are."""
-    sources = {}
-    for name, source in teachers.items():
-        if isinstance(source, nn.Module):
-            source = freeze(source).to(device)
-            assert not any(p.requires_grad for p in source.parameters()), "a teacher must be frozen"
-        sources[name] = source
-    return sources
 
 
 def eval_loader(run: Run) -> DataLoader:

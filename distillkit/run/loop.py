@@ -2,11 +2,12 @@
 
 One optimizer step (:meth:`TrainingLoop.step`), in the order the code runs it:
 
-1. ``forward_backward``: for each of ``grad_accum`` micro-batches, each frozen teacher runs under ``no_grad``
-   (eval mode) and returns only what some term reads of it (it does not run when no term reads it), or its
-   taps are read from its cache; the student runs once the same way; the objective returns the weighted
-   total and each term (each term on its own teacher's taps); the total is back-propagated. Loss values stay
-   on the device and are read once per step.
+1. ``forward_backward``: for each of ``grad_accum`` micro-batches (with ``train.generation`` first handed to
+   the run's :class:`~distillkit.run.sources.SequenceSource`, which may replace it by sampled sequences: the
+   ``sampling`` phase), each frozen teacher runs under ``no_grad`` (eval mode) and returns only what some
+   term reads of it (it does not run when no term reads it), or its taps are read from its cache; the student
+   runs once the same way; the objective returns the weighted total and each term (each term on its own
+   teacher's taps); the total is back-propagated. Loss values stay on the device and are read once per step.
 2. ``apply_or_skip``: a non-finite term or gradient stops the run or skips the step; otherwise gradients are
    clipped, AdamW and the warm-up/linear-decay schedule step, and the terms update their state
    (``after_step``: memory banks).
@@ -16,16 +17,19 @@ One optimizer step (:meth:`TrainingLoop.step`), in the order the code runs it:
 5. ``save``: every ``save_every`` steps and at the end, an atomic checkpoint.
 
 :class:`~distillkit.run.callbacks.Callback` objects hear of each step, log record, evaluation and checkpoint.
-Device placement, DDP wrapping and cross-process gathering are done by ``accelerate``; launched with
-``torchrun``/``accelerate launch`` each process reads its own shard of every epoch (``DistributedSampler``)
-and only the main process logs and writes checkpoints. The data order depends only on the seed and the step,
-and every random generator is checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+Device placement and cross-process gathering are done by ``accelerate``; replicating (DDP) or sharding
+(FSDP2) the models, gradient clipping and the checkpoint format are the run's
+:class:`~distillkit.run.strategy.Strategy` (``train.strategy``). Launched with ``torchrun``/``accelerate
+launch`` each process reads its own shard of every epoch (``DistributedSampler``) and only the main process
+logs. The data order depends only on the seed and the step, and every random generator is checkpointed, so
+a resumed run reproduces an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,16 +41,18 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from distillkit.errors import ConfigError, DistillkitError
-from distillkit.models import freeze
-from distillkit.objective.taps import Taps, collect_taps
+from distillkit.objective.taps import Taps, collect_taps, teacher_view
 from distillkit.run.callbacks import Callback, CallbackList
-from distillkit.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distillkit.run.checkpoint import latest_checkpoint
 from distillkit.run.engine import autocast_factory
 from distillkit.run.fused_logits import choose_output_layer
-from distillkit.run.loaders import eval_loader, frozen_sources, train_loader
+from distillkit.run.loaders import eval_loader, train_loader
+from distillkit.run.numbers import format_loss
+from distillkit.run.output_dir import refuse_past_end
 from distillkit.run.phases import PhaseTimer
 from distillkit.run.run import Run
 from distillkit.run.runlog import RunLog
+from distillkit.run.sources import sequence_source
 from distillkit.run.step import (
     NonFiniteLossError,
     StepValues,
@@ -57,6 +63,9 @@ from distillkit.run.step import (
     micro_batches,
     param_groups,
 )
+from distillkit.run.strategy import Strategy
+from distillkit.run.trackers import RunTrackers
+from distillkit.run.warm_start import warm_start_pass
 from distillkit.tasks.base import EvalContext
 
 
@@ -109,8 +118,17 @@ class TrainingLoop:
         self.main = accelerator.is_main_process
         self.device = accelerator.device
         self.autocast = autocast_factory(self.train.precision, self.device)
-        self.sources = frozen_sources(run.teachers, self.device)
-        self.teacher = freeze(run.teacher).to(self.device) if run.teacher is not None else None
+        self.strategy = run.strategy or Strategy(accelerator)
+        self.sources, self.teacher = self.strategy.place_teachers(run.teachers, run.teacher)
+        self.sequences = sequence_source(
+            self.train.generation,
+            run.tokenizer,
+            run.config.data.max_length,
+            {"student": self.student, "teacher": self.teacher},
+            seed=self.train.seed,
+            rank=accelerator.process_index,
+            autocast=self.autocast,
+        )
         live = {n: s for n, s in self.sources.items() if isinstance(s, nn.Module)}
         self.objective.prepare_models(self.student, live, announce=self.main)
         data, collator = run.data, run.collator
@@ -128,13 +146,17 @@ class TrainingLoop:
             assert not teacher_ids & {id(p) for p in trainable.parameters()}, (
                 "the teacher shares student weights"
             )
-        optimizer = torch.optim.AdamW(param_groups(trainable, self.train.weight_decay), lr=self.train.lr)
-        self.scheduler = get_linear_schedule_with_warmup(
-            optimizer, int(self.train.warmup_ratio * self.train.steps), self.train.steps
+        self.model, self.optimizer = self.strategy.prepare(
+            trainable,
+            self.student,
+            lambda module: torch.optim.AdamW(param_groups(module, self.train.weight_decay), lr=self.train.lr),
         )
-        self.model, self.optimizer = accelerator.prepare(trainable, optimizer)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(self.train.warmup_ratio * self.train.steps), self.train.steps
+        )
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.checkpoints = run.output_dir / "checkpoints"
+        self.run_id = uuid.uuid4().hex[:12]  # a resumed run takes its checkpoint's; pruning keeps to it
         self.step_count, self.skipped = 0, 0
         self.window: dict[str, float] = {}
         self.window_steps = 0
@@ -155,10 +177,12 @@ class TrainingLoop:
         """Resumes from the newest checkpoint (when asked), opens the log and the progress bar."""
         self._started = time.perf_counter()
         resumed = self.resume() if resume else False
+        if not resumed:  # a resumed run's banks come from its checkpoint
+            warm_start_pass(self)
         self.log = RunLog(
             self.run.output_dir,
             enabled=self.main,
-            tensorboard=self.train.tensorboard,
+            trackers=RunTrackers.for_run(self.run) if self.main else None,
             resume_step=self.step_count if resumed else None,
         )
         self.batches = micro_batches(
@@ -222,13 +246,19 @@ class TrainingLoop:
 
     # -- resume -------------------------------------------------------------------------------------------
     def resume(self) -> bool:
-        """Loads the newest checkpoint, if any; returns whether one was loaded."""
+        """Loads the newest checkpoint, if any; returns whether one was loaded.
+
+        Raises:
+            ConfigError: If the checkpoint is past ``train.steps`` or of other model/objective/data settings.
+
+        """
         last = latest_checkpoint(self.checkpoints)
         if last is None:
             if self.main:
                 print(f"distillkit: no checkpoint in {self.checkpoints}; starting from step 0")
             return False
-        state = load_checkpoint(
+        refuse_past_end(last, self.train.steps)
+        state = self.strategy.load_checkpoint(
             last,
             student=self.student,
             objective=self.objective,
@@ -242,6 +272,9 @@ class TrainingLoop:
                 "use another output_dir or drop --resume"
             )
         self.step_count, self.skipped = state["step"], state["extra"].get("skipped", 0)
+        self.run_id = state.get("run_id") or self.run_id
+        if self.sequences is not None and "sequences" in state["extra"]:
+            self.sequences.load_state_dict(state["extra"]["sequences"])
         if self.main:
             print(f"distillkit: resumed from {last} at step {self.step_count}")
         return True
@@ -258,6 +291,7 @@ class TrainingLoop:
 
         """
         taps: dict[str, Taps] = {}
+        batch = teacher_view(batch)  # the teacher's own tokens when the student has another tokenizer
         for name, request in self.teacher_requests.items():
             if not request.needs_forward:
                 continue
@@ -279,9 +313,12 @@ class TrainingLoop:
         sums, labels, student, teacher = None, [], None, None
         for micro in range(accum):
             batch = next(batches)
+            if self.sequences is not None:  # the data block, or sequences sampled from its prompts
+                with timer.phase("sampling"):
+                    batch = self.sequences(batch)
             with timer.phase("teacher"):
                 teacher = self.teacher_taps(batch)
-            sync = self.accelerator.no_sync(self.model) if micro < accum - 1 else nullcontext()
+            sync = self.strategy.no_sync(self.model) if micro < accum - 1 else nullcontext()
             with sync:
                 with self.autocast():
                     out, student = self.model(batch, teacher)
@@ -300,10 +337,7 @@ class TrainingLoop:
                 problem = describe_nonfinite(bad[0], losses[bad[0]], self.step_count + 1, student, teacher)
             losses = mean_across_processes(self.accelerator, losses)
         with timer.phase("optimizer"):
-            grad_norm = self.accelerator.clip_grad_norm_(
-                self.params, self.train.max_grad_norm or float("inf")
-            )
-            grad_norm = float(grad_norm)
+            grad_norm = self.strategy.clip_grad_norm(self.params, self.train.max_grad_norm)
         if problem is None and not math.isfinite(grad_norm):
             problem = f"gradient norm is {grad_norm} at step {self.step_count + 1} (all loss terms finite)"
         return StepValues(losses=losses, grad_norm=grad_norm, problem=problem)
@@ -348,9 +382,10 @@ class TrainingLoop:
         self.bar.update(1)
         if not self.window_steps:
             return
-        self.bar.set_postfix(
-            {k: f"{v / self.window_steps:.3f}" for k, v in self.window.items()}, refresh=False
-        )
+        postfix = {k: format_loss(v / self.window_steps) for k, v in self.window.items()}
+        if self.sequences is not None:
+            postfix["sampled tok/s"] = f"{self.sequences.rate():.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
         if self.step_count % self.train.log_every == 0 or self.step_count == self.train.steps:
             self.result.final_terms = {k: v / self.window_steps for k, v in self.window.items()}
             record = {
@@ -359,6 +394,8 @@ class TrainingLoop:
                 "grad_norm": values.grad_norm,
                 "seconds": {phase: round(s, 6) for phase, s in self.timer.take().items()},
             }
+            if self.sequences is not None:
+                record.update(self.sequences.take_counts(self.accelerator))
             self.log.log("train", self.step_count, record)
             self.result.logged.append({"step": self.step_count, **record})
             self.callbacks.emit("on_log", self, record)
@@ -368,7 +405,8 @@ class TrainingLoop:
     def evaluate(self, log: bool = True) -> dict[str, float]:
         """Evaluates the student (with the teacher for comparisons) and logs the metrics."""
         context = EvalContext(accelerator=self.accelerator, autocast=self.autocast, teacher=self.teacher)
-        self.result.eval = self.run.task.evaluate(self.student, self.eval_loader, context)
+        with self.strategy.gathered():
+            self.result.eval = self.run.task.evaluate(self.student, self.eval_loader, context)
         if log:
             self.log.log("eval", self.step_count, self.result.eval)
         if self.main:
@@ -379,24 +417,24 @@ class TrainingLoop:
 
     # -- phase 5: save -----------------------------------------------------------------------------------
     def save(self) -> None:
-        """Writes a checkpoint (main process), after checking the banks agree across processes."""
+        """Writes a checkpoint, after checking the banks agree across processes."""
         checksums = buffer_checksums(self.accelerator, self.objective, self.step_count)
-        path = None
-        if self.main:
-            path = save_checkpoint(
-                self.checkpoints,
-                self.step_count,
-                student=self.student,
-                objective=self.objective,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                extra={
-                    "fingerprint": self.run.fingerprint,
-                    "skipped": self.skipped,
-                    "buffer_checksums": checksums,
-                },
-                keep_last=self.train.keep_last,
-            )
+        path = self.strategy.save_checkpoint(
+            self.checkpoints,
+            self.step_count,
+            student=self.student,
+            objective=self.objective,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra={
+                "fingerprint": self.run.fingerprint,
+                "skipped": self.skipped,
+                "buffer_checksums": checksums,
+                **({"sequences": self.sequences.state_dict()} if self.sequences is not None else {}),
+            },
+            keep_last=self.train.keep_last,
+            run_id=self.run_id,
+        )
         self.accelerator.wait_for_everyone()
         self.callbacks.emit("on_save", self, path)
 

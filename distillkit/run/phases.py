@@ -1,9 +1,10 @@
 """Where the time of a training step goes: a timer the loop enters around each phase of a step.
 
-The loop names its phases (``teacher``, ``student forward``, ``objective``, ``backward``, ``optimizer``,
-``bookkeeping``); the timer adds up wall-clock seconds per phase since it was last read. On a GPU the
-device runs asynchronously, so a phase's time is only exact when the timer synchronises at each boundary
-(``synchronize=True``, what ``distillkit bench --step`` uses); the loop's own log leaves it off.
+The loop names its phases (``sampling`` with ``train.generation``, ``teacher``, ``student forward``,
+``objective``, ``backward``, ``optimizer``, ``bookkeeping``); the timer adds up wall-clock seconds per phase
+since it was last read. On a GPU the device runs asynchronously, so a phase's time is only exact when the
+timer synchronises at each boundary (``synchronize=True``, what ``distillkit bench --step`` uses); the loop's
+own log leaves it off (sampling waits for the device at every new token anyway).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-PHASES = ("teacher", "student forward", "objective", "backward", "optimizer", "bookkeeping")
+PHASES = ("sampling", "teacher", "student forward", "objective", "backward", "optimizer", "bookkeeping")
 """The phases of one optimizer step, in the order the loop runs them."""
 
 

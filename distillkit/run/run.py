@@ -6,8 +6,9 @@ build their runs here, the same way, in two stages:
 1. :meth:`Run.prepare` (no weights): the task, the tokenizer, the tokenised data, the collator and the
    objective, sized from the model configs alone, so every mistake in a config (fields, data columns,
    loss parameters, layer maps, task/loss combinations) is reported before any weights load;
-2. :meth:`Run.load`: the accelerator, the teachers (fine-tuned first where asked), the student, and where
-   each teacher's taps come from (its model, or its cache).
+2. :meth:`Run.load`: the accelerator, the teachers (fine-tuned first where asked), the student, where
+   each teacher's taps come from (its model, or its cache), and the strategy that spreads the models over
+   the processes (``train.strategy``: :mod:`~distillkit.run.strategy`).
 
 The training loop (:func:`distillkit.run.loop.fit`) then takes the run as it is.
 """
@@ -32,17 +33,19 @@ from distillkit.models import (
     load_model,
     load_tokenizer,
     quiet_loading,
-    student_config,
     student_from_teacher,
 )
+from distillkit.objective.cross_tokenizer import check_across_tokenizers, share_vocabularies
 from distillkit.objective.objective import DistillationObjective
 from distillkit.objective.terms import ModelDims
 from distillkit.run.engine import make_accelerator
-from distillkit.run.teachers import CACHE_FIELDS, fingerprint, load_teacher, teacher_sources
+from distillkit.run.output_dir import run_fingerprint as identity_fingerprint
+from distillkit.run.strategy import Strategy, check_strategy, make_strategy
+from distillkit.run.teachers import load_teacher, teacher_sources
+from distillkit.run.tokenizers import both_tokenizers, student_tokenizer_of
+from distillkit.run.vocabulary import check_vocabularies, model_configs
 from distillkit.tasks import Task, make_task
 from distillkit.teacher_cache import TeacherCache
-
-_TERM_TEACHER_FIELDS = {"teacher", "teacher_weights", "teacher_mix"}
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Run:
     Attributes:
         config: The validated config.
         task: The task (model head, data, evaluation, report).
-        tokenizer: The tokenizer the batches are made with (the teacher's).
+        tokenizer: The teacher's tokenizer.
         data: The tokenised train/eval splits.
         collator: Turns a list of rows into a batch of tensors.
         objective: The loss terms, built for the models' sizes.
@@ -66,6 +69,10 @@ class Run:
         teacher_info: What is known of the main teacher (``source``; ``eval`` of a fine-tuned one).
         fingerprint: Identifies the model/objective/data setup; a checkpoint of another setup is refused.
         description: The label of the progress bar.
+        strategy: Replicated or sharded training over the processes (None before :meth:`load`).
+        student_tokenizer: The student's tokenizer (saved with it). When it differs from the teacher's
+            (:attr:`cross_tokenizer`), batches carry the student's tokens and the teacher's of the same text
+            under ``teacher_`` keys; else it tokenises like ``tokenizer`` and the batches are the teacher's.
 
     """
 
@@ -84,6 +91,13 @@ class Run:
     teacher_info: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     description: str = "distill"
+    strategy: Strategy | None = None
+    student_tokenizer: Any = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the student has another tokenizer than the teacher (each reads its own tokens)."""
+        return self.student_tokenizer is not None and self.student_tokenizer is not self.tokenizer
 
     @classmethod
     def prepare(cls, config: DistillConfig) -> Run:
@@ -95,11 +109,21 @@ class Run:
         """
         task = make_task(config)
         tokenizer = load_tokenizer(config.teacher)
-        data = task.load_data(tokenizer)
-        collator = task.collator(tokenizer)
+        student_tokenizer, differences = student_tokenizer_of(config, task, tokenizer)
+        streams = (student_tokenizer, tokenizer) if differences else (tokenizer,)
+        data = task.load_data(*streams)
+        collator = task.collator(*streams)
         set_seed(config.train.seed)  # the objective's learned parts are initialised from the run's seed
-        objective = build_objective(config, task, data)
+        own = student_tokenizer if differences else None
+        objective = build_objective(config, task, data, own)
+        check_strategy(config, data.num_labels)
+        check_vocabularies(config, tokenizer, data.num_labels, objective, own)
+        if differences:
+            both = both_tokenizers(config, tokenizer, student_tokenizer)
+            check_across_tokenizers(objective, task.info, both, differences)
+        share_vocabularies(objective, student_tokenizer.get_vocab(), tokenizer.get_vocab())
         return cls(
+            student_tokenizer=student_tokenizer if differences else tokenizer,
             config=config,
             task=task,
             tokenizer=tokenizer,
@@ -130,12 +154,13 @@ class Run:
 
         """
         config = self.config
-        self.accelerator = accelerator or make_accelerator()
+        self.accelerator = accelerator or make_accelerator(config.train.report_to, self.output_dir)
         with quiet_loading():
             teacher, self.teacher_info = load_teacher(self, config.teacher, finetune_teacher)
             others = self._other_teachers(finetune_teacher)
             set_seed(config.train.seed)
-            self.student = build_student(config, teacher, self.data.num_labels)
+            tokenizers = (self.student_tokenizer, self.tokenizer) if self.cross_tokenizer else ()
+            self.student = build_student(config, teacher, self.data.num_labels, *tokenizers)
         if announce and self.accelerator.is_main_process:
             print(f"distillkit: teacher {self.teacher_info['source']}; student {student_origin(config)}")
         models = {"teacher": teacher, **others}
@@ -145,6 +170,7 @@ class Run:
         if config.teacher.cache:
             self.teacher_info["cache"] = config.teacher.cache
         self.fingerprint = run_fingerprint(config)
+        self.strategy = make_strategy(self.train, self.accelerator)
         return self
 
     def derived(self, **changes: Any) -> Run:
@@ -177,23 +203,34 @@ class Run:
                 raise AssertionError(f"model sizes {actual} differ from those the objective was built for")
 
 
-def build_objective(config: DistillConfig, task: Task, data: TaskData) -> DistillationObjective:
+def build_objective(
+    config: DistillConfig, task: Task, data: TaskData, student_tokenizer: Any = None
+) -> DistillationObjective:
     """Builds the objective from the model configs alone (no weights) and checks it against the task.
 
     Layer maps, projections and banks are sized from the student's config and the config of the teacher
     each term reads, so a bad layer index, an impossible task/loss pair or a missing label is reported
     before any weights load.
 
+    Args:
+        config: The run config.
+        task: The task.
+        data: The tokenised data.
+        student_tokenizer: The student's own tokenizer when it differs from the teacher's (its vocabulary
+            sizes a student built from the teacher, and must fit the student's embeddings), else None.
+
     Raises:
         ConfigError: Naming the term and the fix.
 
     """
-    teacher_config = load_config_of(config.teacher, "teacher", config.task, data.num_labels)
-    spec = config.student
-    if spec.path is not None or spec.config is not None:
-        student_cfg = load_config_of(spec, "student", config.task, data.num_labels)
-    else:
-        student_cfg = student_config(teacher_config, spec)[0]
+    teacher_config, student_cfg = model_configs(config, data.num_labels, student_tokenizer)
+    vocab = getattr(student_cfg, "vocab_size", None)
+    if student_tokenizer is not None and vocab is not None and vocab < len(student_tokenizer):
+        raise ConfigError(
+            f"the student has {vocab:,} token embeddings, fewer than its tokenizer's "
+            f"{len(student_tokenizer):,} tokens; give the student a vocab_size of at least that many "
+            "(student.config) or a tokenizer that fits it"
+        )
     dims = {}
     for name, teacher_spec in config.teacher_specs().items():
         if name == "teacher":
@@ -212,12 +249,16 @@ def build_objective(config: DistillConfig, task: Task, data: TaskData) -> Distil
     return objective
 
 
-def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int) -> nn.Module:
-    """Builds the student from its path or config, or from the teacher (``layers``, ``hidden_size``)."""
+def build_student(config: DistillConfig, teacher: nn.Module, num_labels: int, *tokenizers: Any) -> nn.Module:
+    """Builds the student from its path or config, or from the teacher (``layers``, ``hidden_size``).
+
+    ``tokenizers``: the student's and the teacher's when they differ (a student built from the teacher then
+    gets the student tokenizer's vocabulary, see :func:`~distillkit.models.student_from_teacher`).
+    """
     spec = config.student
     if spec.path is not None or spec.config is not None:
         return load_model(spec, num_labels, "student", config.task)
-    return student_from_teacher(teacher, spec)
+    return student_from_teacher(teacher, spec, *tokenizers)
 
 
 def student_origin(config: DistillConfig) -> str:
@@ -235,17 +276,7 @@ def student_origin(config: DistillConfig) -> str:
 def run_fingerprint(config: DistillConfig) -> str:
     """Identifies what a checkpoint of this run holds: task, models, objective and data.
 
-    Where a teacher's outputs come from (model or cache) and the schedule are left out.
+    Where a teacher's outputs come from (model or cache) and the schedule are left out (the fields:
+    :func:`~distillkit.run.output_dir.run_identity`).
     """
-    return fingerprint(
-        config.task,
-        config.student.model_dump(),
-        config.teacher.model_dump(exclude=CACHE_FIELDS),
-        [t.model_dump(exclude=_TERM_TEACHER_FIELDS - t.model_fields_set) for t in config.objective],
-        config.data.model_dump(),
-        *(
-            [{n: s.model_dump(exclude=CACHE_FIELDS) for n, s in config.teachers.items()}]
-            if config.teachers
-            else []
-        ),
-    )
+    return identity_fingerprint(config)

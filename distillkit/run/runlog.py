@@ -1,22 +1,24 @@
-"""Run logs: one JSON object per line (``metrics.jsonl``), mirrored to TensorBoard when it is installed."""
+"""Run logs: one JSON object per line (``metrics.jsonl``), mirrored to the run's experiment trackers."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distillkit.run.trackers import RunTrackers
 
 
 class RunLog:
-    """Appends records to ``<output_dir>/metrics.jsonl`` (and TensorBoard scalars).
+    """Appends records to ``<output_dir>/metrics.jsonl`` and sends them to the experiment trackers.
 
     Args:
         output_dir: The run directory.
         enabled: False on non-main processes: every call is then a no-op.
-        tensorboard: Also write ``<output_dir>/tensorboard`` when ``tensorboard`` is importable.
         resume_step: When resuming, records after this step (from the interrupted run) are dropped first, so
             the log reads like one uninterrupted run.
+        trackers: The run's trackers (``train.report_to``), started here and finished by :meth:`close`.
 
     """
 
@@ -24,12 +26,12 @@ class RunLog:
         self,
         output_dir: str | Path,
         enabled: bool = True,
-        tensorboard: bool = True,
         resume_step: int | None = None,
+        trackers: RunTrackers | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._writer = None
+        self.trackers = trackers if enabled else None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,13 +40,8 @@ class RunLog:
         elif self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except ImportError:
-                self._writer = None
+        if self.trackers is not None:
+            self.trackers.start()
 
     def log(self, split: str, step: int, values: dict[str, Any]) -> None:
         """Writes one record ``{"split": split, "step": step, **values}``."""
@@ -53,16 +50,14 @@ class RunLog:
         record = {"split": split, "step": step, **values}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"{split}/{key}", value, step)
+        if self.trackers is not None:
+            self.trackers.log(split, step, values)
 
     def close(self) -> None:
-        """Flushes and closes TensorBoard."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Finishes the trackers."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

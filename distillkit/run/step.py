@@ -40,6 +40,23 @@ class StepValues:
     problem: str | None
 
 
+class Unwalked:
+    """Hands a value to a module's forward untouched.
+
+    Hooks that look for tensors in a forward's arguments (FSDP's) do not walk into it, nor into what it holds
+    (a teacher cache's lazily read layers).
+
+    Attributes:
+        value: What is handed over.
+
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class StudentWithHeads(nn.Module):
     """The trainable part of a run: the student plus the objective's heads (one module, so DDP wraps both).
 
@@ -58,18 +75,20 @@ class StudentWithHeads(nn.Module):
         self.request = objective.tap_requests()[0]
 
     def forward(
-        self, batch: dict[str, torch.Tensor], teacher: Taps | dict[str, Taps] | None
+        self, batch: dict[str, torch.Tensor], teacher: Taps | dict[str, Taps] | Unwalked | None
     ) -> tuple[ObjectiveOutput, Taps]:
         """Runs the student once and evaluates the objective.
 
         Args:
             batch: The batch (model inputs ``[B, T]``, labels, ``example_ids``...).
-            teacher: The teachers' taps by name (or one teacher's), or None when no term reads a teacher.
+            teacher: The teachers' taps by name (or one teacher's), or None when no term reads a teacher;
+                possibly in an :class:`Unwalked`.
 
         Returns:
             The objective's output and the student's taps.
 
         """
+        teacher = teacher.value if isinstance(teacher, Unwalked) else teacher
         with self.timer.phase("student forward"):
             student = collect_taps(self.student, batch, self.request)
         with self.timer.phase("objective"):

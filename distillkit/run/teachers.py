@@ -73,7 +73,7 @@ def finetuned_teacher_dir(config: DistillConfig, label_names: Sequence[str]) -> 
     spec = config.teacher
     if spec.finetune is None:
         raise ValueError("finetuned_teacher_dir needs a config with teacher.finetune set")
-    data_key = config.data.model_dump(exclude={"max_eval_examples"})
+    data_key = config.data.training_identity()
     key = fingerprint(
         spec.model_dump(exclude=CACHE_FIELDS), data_key, list(label_names), config.train.precision
     )
@@ -131,6 +131,7 @@ def load_teacher(run: Run, spec: ModelConfig, finetune: bool = True) -> tuple[nn
             "eval_every": None,
             "save_every": None,
             "seed": config.data.split_seed,
+            "report_to": [],  # the trackers follow the distillation, not the teacher's fine-tuning
         }
     )
     from distillkit.run.loop import fit
@@ -147,6 +148,7 @@ def load_teacher(run: Run, spec: ModelConfig, finetune: bool = True) -> tuple[nn
         output_dir=cache / "run",
         fingerprint="",
         description="fine-tune teacher",
+        strategy=None,  # replicated (ddp): the fine-tuned teacher is saved whole, then sharded if the run is
     )
     result = fit(tuning)
     info = {
@@ -183,12 +185,32 @@ def teacher_sources(run: Run, models: dict[str, nn.Module]) -> dict[str, nn.Modu
             sources[name] = model
             continue
         cache = TeacherCache(spec.cache)
-        meta = expected_meta(config, model, run.tokenizer, accelerator.device)
+        student_tokenizer = run.student_tokenizer if run.cross_tokenizer else None
+        meta = expected_meta(config, model, run.tokenizer, accelerator.device, student_tokenizer)
         who = "teacher" if name == "teacher" else f"teacher '{name}'"
         cache.check(
             meta, requests.get(name, NOTHING), objective.teacher_layers(name), top_k=spec.cache_top_k, who=who
         )
         if accelerator.is_main_process:
             print(f"distillkit: {who}: outputs read from the cache {spec.cache} ({len(cache)} examples)")
+            for note in topk_notes(objective, name, cache):
+                print(f"distillkit: note: {note}")
         sources[name] = cache
     return sources
+
+
+def topk_notes(objective: DistillationObjective, name: str, cache: TeacherCache) -> list[str]:
+    """One line per term that reads teacher ``name``'s logits from a top-k cache and is approximate then."""
+    if cache.contents.logits != "topk":
+        return []
+    notes = []
+    for label, term in objective.terms.items():
+        if name in objective.term_teachers[label].names and term.tap_requests()[1].logits:
+            why = term.topk_logits_note()
+            if why:
+                notes.append(
+                    f"objective term '{label}' reads the teacher's logits from a top-{cache.contents.top_k} "
+                    f"cache: {why}; use dense logits (no cache_top_k) or a larger cache_top_k "
+                    "(docs/teachers.md)"
+                )
+    return notes

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,8 @@ from typing import Any
 
 from distillkit.config import DistillConfig
 from distillkit.errors import ConfigError
-from distillkit.study.report import RESULT_FILES, summarise, write_results
+from distillkit.study.compare import add_comparisons, load_predictions, variant_rows
+from distillkit.study.report import RESULT_FILES, ReportInfo, write_report
 from distillkit.study.spec import StudyConfig, fingerprint, identity_changes, load_study, run_identity
 
 RUN_RECORD = "study-run.json"
@@ -24,22 +26,30 @@ RUN_RECORD = "study-run.json"
 
 
 def _cache_identity(config: DistillConfig) -> dict[str, Any]:
-    return {
+    identity = {
         "task": config.task,
         "teacher": config.teacher.model_dump(mode="json", exclude={"cache"}),
-        "data": config.data.model_dump(mode="json", exclude={"max_eval_examples"}),
+        "data": config.data.training_identity(),
         "precision": config.train.precision,
     }
+    student_tokenizer = config.student.tokenizer or config.student.path
+    if student_tokenizer is not None:  # the blocks of a cache written across tokenizers depend on it
+        identity["student_tokenizer"] = student_tokenizer
+    return identity
 
 
-def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> str | None:
+def fill_teacher_cache(
+    study: StudyConfig, runs: dict[str, DistillConfig], fold: int | None = None
+) -> str | None:
     """Caches the main teacher once for every run: what the union of the variants' objectives reads.
 
-    A cache written for another teacher, data or precision (the base config changed) is written again.
+    A cache written for another teacher, data or precision (the base config changed) is written again. With
+    cross-evaluation every fold has its own training data, teacher and cache (``teacher-cache-fold-<k>``).
 
     Returns:
         The cache directory, or None when the runs cannot share a cache (a ``masked_lm`` task, a base config
-        with its own ``teacher.cache`` or several teachers, or no variant reading the teacher).
+        with its own ``teacher.cache`` or several teachers, a run that samples sequences (so that every run
+        reads the teacher the same way and their times compare), or no variant reading the teacher).
 
     """
     from distillkit.objective.taps import NOTHING
@@ -49,6 +59,9 @@ def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> st
 
     first = next(iter(runs.values()))
     if first.task == "masked_lm" or first.teacher.cache or first.teachers:
+        return None
+    if any(c.train.generation is not None and c.train.generation.samples for c in runs.values()):
+        print("[study] the teacher runs live in every run: some runs sample sequences, which no cache holds")
         return None
     prepared = Run.prepare(first)
     task, data = prepared.task, prepared.data
@@ -60,7 +73,7 @@ def fill_teacher_cache(study: StudyConfig, runs: dict[str, DistillConfig]) -> st
         layers = None if mapped is None or layers is None else tuple(sorted({*layers, *mapped}))
     if not request.needs_forward:
         return None
-    directory = Path(study.output_dir) / "teacher-cache"
+    directory = Path(study.output_dir) / ("teacher-cache" if fold is None else f"teacher-cache-fold-{fold}")
     key = fingerprint(_cache_identity(first))
     record = directory / "study-key.json"
     if (directory / "index.json").is_file():
@@ -143,7 +156,7 @@ def _execute(config: DistillConfig, threads: int, log: Path | None) -> dict[str,
                 handle = stack.enter_context(open(log, "a", encoding="utf-8"))
                 stack.enter_context(contextlib.redirect_stdout(handle))
                 stack.enter_context(contextlib.redirect_stderr(handle))
-            summary = distill(config, resume=resume)
+            summary = distill(config, resume=resume, overwrite=not resume)  # the study's own directory
     finally:
         torch.set_num_threads(previous)
     summary["study_seconds"] = time.perf_counter() - started
@@ -200,28 +213,46 @@ def run_study(
     jobs = jobs or _default_jobs(threads)
     retire_stale_runs(runs, threads)
     pending = {k: c for k, c in runs.items() if not (Path(c.output_dir) / "summary.json").exists()}
-    cache = fill_teacher_cache(study, pending) if teacher_cache and pending else None
-    if cache is not None:
-        pending = {
-            k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": cache})})
-            for k, c in pending.items()
-        }
     for run_id in runs.keys() - pending.keys():
         print(f"[study] {run_id}: finished earlier, skipped")
     started = time.perf_counter()
     if pending:
-        order = list(pending)
         print(f"[study] {len(pending)} of {len(runs)} runs to do, {min(jobs, len(pending))} at a time")
-        if jobs == 1 or len(pending) == 1:
-            for index, run_id in enumerate(order, start=1):
-                doing = "resuming" if _resumes(pending[run_id]) else "running"
-                print(f"[study {index}/{len(order)}] {run_id}: {doing}")
-                _execute(pending[run_id], threads, None)
-        else:
-            _run_parallel(pending, threads, jobs, tunes_teacher=_first_to_tune_teacher(pending))
+    done = 0
+    for fold, group in fold_groups(pending).items():
+        cache = fill_teacher_cache(study, group, fold) if teacher_cache and study.teacher_cache else None
+        if cache is not None:
+            group = {
+                k: c.model_copy(update={"teacher": c.teacher.model_copy(update={"cache": cache})})
+                for k, c in group.items()
+            }
+        _run_group(group, threads, jobs, done, len(pending))
+        done += len(group)
+        if fold is not None and cache is not None:  # one fold's teacher outputs on disk at a time
+            shutil.rmtree(cache)
+            print(f"[study] fold {fold} done; its teacher cache {cache} is removed")
     elapsed = time.perf_counter() - started
-    done = f"{len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time" if pending else None
-    return _report(study, runs, finished_runs(runs, threads), done)
+    summary = f"{len(pending)} runs in {elapsed / 60:.1f} min with {jobs} at a time" if pending else None
+    return _report(study, runs, finished_runs(runs, threads), summary)
+
+
+def fold_groups(pending: dict[str, DistillConfig]) -> dict[int | None, dict[str, DistillConfig]]:
+    """The pending runs by the fold they are scored on (one group, ``None``, without cross-evaluation)."""
+    groups: dict[int | None, dict[str, DistillConfig]] = {}
+    for run_id, config in pending.items():
+        groups.setdefault(config.data.fold if config.data.folds else None, {})[run_id] = config
+    return groups
+
+
+def _run_group(group: dict[str, DistillConfig], threads: int, jobs: int, done: int, total: int) -> None:
+    """Runs ``group`` in order (one job) or in ``jobs`` processes; ``done`` of ``total`` came before."""
+    if jobs == 1 or len(group) == 1:
+        for index, (run_id, config) in enumerate(group.items(), start=done + 1):
+            doing = "resuming" if _resumes(config) else "running"
+            print(f"[study {index}/{total}] {run_id}: {doing}")
+            _execute(config, threads, None)
+    else:
+        _run_parallel(group, threads, jobs, _first_to_tune_teacher(group), done, total)
 
 
 def finished_runs(runs: dict[str, DistillConfig], threads: int) -> dict[str, dict[str, Any]]:
@@ -256,15 +287,42 @@ def _report(
         )
     task = TASKS[next(iter(runs.values())).task]
     metrics = study.metric_names(task.metric)
-    rows = summarise(study, summaries, task, metrics)
-    missing = len(runs) - len(summaries)
-    lines = write_results(study, rows, summaries, task, metrics, missing=missing)
+    rows = variant_rows(study, summaries, task, metrics)
+    examples = load_predictions({run_id: runs[run_id].output_dir for run_id in summaries})
+    add_comparisons(rows, study.baseline_of, metrics, task.example_metrics, examples, study.replicates)
+    first = next(iter(summaries.values()))
+    info = ReportInfo(
+        task=task.name,
+        baseline=study.baseline,
+        baselines=dict(study.baselines),
+        metrics=metrics,
+        teacher=task.run_metrics(first, "teacher"),
+        notes=design_notes(summaries),
+        replicates=study.replicates,
+        missing=len(runs) - len(summaries),
+    )
+    lines = write_report(Path(study.output_dir) / "results", info, rows, examples)
     print("\n".join(["", *lines, ""]))
     if done:
         print(f"[study] {done}")
     out = Path(study.output_dir)
     print("[study] results: " + ", ".join(str(out / name) for name in RESULT_FILES))
     return rows
+
+
+def design_notes(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """One line on the runs' models, examples and steps, from their summaries."""
+
+    def span(key: str) -> str:
+        values = sorted({s[key] for s in summaries.values()})
+        return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}–{values[-1]:,}"
+
+    first = next(iter(summaries.values()))
+    teacher, student = first["teacher"]["parameters"], first["student"]["parameters"]
+    return [
+        f"Parameters: teacher {teacher:,}, student {student:,}. Held-out examples per run: "
+        f"{span('eval_examples')}; training examples: {span('train_examples')}; steps: {span('steps')}."
+    ]
 
 
 def _resumes(config: DistillConfig) -> bool:
@@ -292,7 +350,12 @@ def _first_to_tune_teacher(pending: dict[str, DistillConfig]) -> str | None:
 
 
 def _run_parallel(
-    pending: dict[str, DistillConfig], threads: int, jobs: int, tunes_teacher: str | None
+    pending: dict[str, DistillConfig],
+    threads: int,
+    jobs: int,
+    tunes_teacher: str | None,
+    done: int = 0,
+    total: int | None = None,
 ) -> None:
     """Runs in ``jobs`` spawned processes, each run's output in ``<run>/study.log``.
 
@@ -302,36 +365,72 @@ def _run_parallel(
         jobs: Runs at once.
         tunes_teacher: A run to do alone first, because it fine-tunes (and caches) the teacher the others
             then load; None when the fine-tuned teacher is cached already.
+        done: Runs of the study done before these (for the progress lines).
+        total: Runs of the study to do in all (default: these).
 
     """
+    total = len(pending) if total is None else total
     queue = [(run_id, config) for run_id, config in pending.items() if run_id != tunes_teacher]
     if tunes_teacher is not None:
         why = "it fine-tunes the shared teacher"
-        print(f"[study 1/{len(pending)}] {tunes_teacher}: running alone first ({why})")
+        done += 1
+        print(f"[study {done}/{total}] {tunes_teacher}: running alone first ({why})")
         _execute(pending[tunes_teacher], threads, None)
-    total, done = len(pending), len(pending) - len(queue)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_leave_ctrl_c_to_main) as pool:
         futures = {}
         for run_id, config in queue:
             quiet = config.model_copy(update={"train": config.train.model_copy(update={"progress": False})})
             log = Path(config.output_dir) / "study.log"  # the run makes its directory when it starts
             futures[pool.submit(_execute, quiet, threads, log)] = run_id
-        remaining = set(futures)
-        while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            for future in finished:
-                done += 1
-                run_id = futures[future]
-                try:
-                    summary = future.result()
-                except BaseException:
-                    print(
-                        f"[study {done}/{total}] {run_id}: failed; its output is in "
-                        f"{Path(pending[run_id].output_dir) / 'study.log'}",
-                        file=sys.stderr,
-                    )
-                    for other in remaining:
-                        other.cancel()
-                    raise
-                print(f"[study {done}/{total}] {run_id}: finished in {summary['study_seconds']:.0f} s")
+        try:
+            _collect(futures, pending, done, total)
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            raise
+
+
+def _leave_ctrl_c_to_main() -> None:
+    """In a worker: Ctrl-C is the main process's to handle; its SIGTERM then ends the worker as an exit does.
+
+    So no worker prints a traceback, and each releases what it holds (semaphores, files) on the way out.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancels the runs not started and ends the running ones (they resume from their last checkpoint)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)  # joins the pool's own thread: its queues are released
+
+
+def _collect(futures: dict, pending: dict[str, DistillConfig], done: int, total: int) -> None:
+    """Waits for the runs, printing each as it finishes; a failed run cancels the others and raises."""
+    remaining = set(futures)
+    while remaining:
+        finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+        for future in finished:
+            done += 1
+            run_id = futures[future]
+            try:
+                summary = future.result()
+            except BaseException:
+                print(
+                    f"[study {done}/{total}] {run_id}: failed; its output is in "
+                    f"{Path(pending[run_id].output_dir) / 'study.log'}",
+                    file=sys.stderr,
+                )
+                for other in remaining:
+                    other.cancel()
+                raise
+            print(f"[study {done}/{total}] {run_id}: finished in {summary['study_seconds']:.0f} s")

@@ -1,4 +1,14 @@
-"""The study file: base config, objective variants, seeds, the baseline and the metrics it compares by."""
+"""The study file: base config, variants, seeds, the baseline and the metrics it compares by.
+
+A variant is an objective (a list of terms), or a mapping of an ``objective`` and ``overrides`` of the base
+config for that variant only (``train.*`` settings such as ``train.generation``, ``data.*``...)::
+
+    variants:
+      kd: [{loss: kd, temperature: 1.0}]
+      on-policy:
+        objective: [{loss: kd, temperature: 1.0, divergence: reverse_kl}]
+        overrides: [train.generation.student_fraction=1.0]
+"""
 
 from __future__ import annotations
 
@@ -12,8 +22,39 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillkit.config import DistillConfig, apply_overrides, config_from_dict, safe_load_yaml
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, quote_input, resolved_against
 from distillkit.registry import get_loss
+
+_STUDY_OWNED = ("objective", "output_dir", "train.seed")
+"""Config fields the study sets for every run, which a variant's overrides may not change."""
+
+
+class VariantConfig(BaseModel):
+    """One variant: its objective and its own overrides of the base config.
+
+    Attributes:
+        objective: The objective term list, as in a distill config.
+        overrides: ``key.path=value`` overrides applied after the study's own, for this variant only.
+
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: list[dict[str, Any]] = Field(min_length=1)
+    overrides: list[str] = Field(default_factory=list)
+
+    @field_validator("overrides")
+    @classmethod
+    def _study_owned_fields(cls, value: list[str]) -> list[str]:
+        for override in value:
+            key = override.partition("=")[0].strip()
+            owned = next((f for f in _STUDY_OWNED if key == f or key.startswith(f + ".")), None)
+            if owned is not None:
+                raise ValueError(
+                    f"override '{override}' sets {owned}, which the study sets for every run"
+                    + (": give the variant's `objective` instead" if owned == "objective" else "")
+                )
+        return value
 
 
 class StudyConfig(BaseModel):
@@ -22,9 +63,19 @@ class StudyConfig(BaseModel):
     Attributes:
         base: Path of the base distill config (relative to the study file).
         overrides: ``key.path=value`` overrides applied to the base config.
-        variants: Variant name -> objective term list.
+        variants: Variant name -> objective term list, or ``{objective: [...], overrides: [...]}``
+            (:class:`VariantConfig`; read back as one).
         baseline: The variant every other one is compared with, paired by seed (default: the first).
+        baselines: Variant -> the variant it is compared with instead of ``baseline`` (one that differs from
+            it in exactly one thing, e.g. the same model code path without the added term).
         seeds: Training seeds (a list, or ``N`` for ``0 … N-1``); every variant runs once per seed.
+        folds: Cross-evaluation: the data is cut into this many parts and the runs of seed ``s`` are scored
+            on part ``s mod folds`` and trained on the rest (``data.folds``/``data.fold``), so that the seeds
+            together score every example of the data set; None: every run is scored on the one held-out split.
+        replicates: Replicates of the two-level bootstrap over seeds and examples.
+        teacher_cache: Cache the teacher's outputs once for all runs (false: every run runs the teacher
+            itself, as ``--no-teacher-cache``; e.g. a causal LM whose dense ``[T, V]`` logits would take more
+            disk than running the teacher costs time).
         metric: The metric (or metrics; the first is plotted) the comparisons are made on (default: the task's
             headline metric).
         threads_per_run: CPU threads of each run. Part of a run's identity: float sums depend on it, so it is
@@ -37,20 +88,26 @@ class StudyConfig(BaseModel):
 
     base: str
     overrides: list[str] = Field(default_factory=list)
-    variants: dict[str, list[dict[str, Any]]] = Field(min_length=1)
+    variants: dict[str, VariantConfig] = Field(min_length=1)
     baseline: str | None = None
+    baselines: dict[str, str] = Field(default_factory=dict)
     seeds: list[int] | int = Field(default_factory=lambda: [0])
+    folds: int | None = Field(default=None, ge=2)
+    replicates: int = Field(default=2000, ge=100)
+    teacher_cache: bool = True
     metric: str | list[str] | None = None
     threads_per_run: int = Field(default=1, ge=1)
     output_dir: str = "runs/study"
 
-    @field_validator("variants")
+    @field_validator("variants", mode="before")
     @classmethod
-    def _names_are_paths(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _names_are_paths(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
         for name in value:
-            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
                 raise ValueError(f"variant name '{name}' may only use letters, digits and _ . + -")
-        return value
+        return {name: {"objective": v} if isinstance(v, list) else v for name, v in value.items()}
 
     @field_validator("seeds")
     @classmethod
@@ -71,7 +128,21 @@ class StudyConfig(BaseModel):
             raise ValueError(
                 f"baseline '{self.baseline}' is not a variant (variants: {', '.join(self.variants)})"
             )
+        for variant, baseline in self.baselines.items():
+            for name in (variant, baseline):
+                if name not in self.variants:
+                    raise ValueError(
+                        f"baselines: '{name}' is not a variant (variants: {', '.join(self.variants)})"
+                    )
+            if variant == baseline or variant == self.baseline:
+                raise ValueError(f"baselines: variant '{variant}' cannot have a baseline of its own")
         return self
+
+    def baseline_of(self, variant: str) -> str | None:
+        """The variant ``variant`` is compared with (None for the study's baseline itself)."""
+        if variant == self.baseline:
+            return None
+        return self.baselines.get(variant, self.baseline)
 
     @property
     def seed_list(self) -> list[int]:
@@ -116,7 +187,7 @@ def load_study(
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"study file '{path}' does not exist")
+        raise ConfigError(f"study file {quote_input(str(path))} does not exist{resolved_against(path)}")
     raw = safe_load_yaml(path.read_text(encoding="utf-8"), source=str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study must be a mapping with base, variants and seeds")
@@ -134,14 +205,19 @@ def load_study(
     base = safe_load_yaml(base_path.read_text(encoding="utf-8"), source=str(base_path))
     if not isinstance(base, dict):
         raise ConfigError(f"base config '{base_path}' must be a mapping")
-    base = apply_overrides(base, [*study.overrides, *overrides])
+    base = apply_overrides(base, study.overrides)
     runs: dict[str, DistillConfig] = {}
     for seed in study.seed_list:  # seed by seed: a study stopped early has every variant on its first seeds
-        for name, objective in study.variants.items():
+        for name, variant in study.variants.items():
             run_id = f"{name}/seed-{seed}"
-            data = {**base, "objective": objective, "output_dir": str(Path(study.output_dir) / run_id)}
-            data["train"] = {**(data.get("train") or {}), "seed": seed}
             try:
+                data = apply_overrides(base, [*variant.overrides, *overrides])
+                data.update(objective=variant.objective, output_dir=str(Path(study.output_dir) / run_id))
+                data["train"] = {**(data.get("train") or {}), "seed": seed}
+                data["evaluation"] = {**(data.get("evaluation") or {}), "predictions": True}
+                if study.folds is not None:
+                    fold = {"folds": study.folds, "fold": seed % study.folds}
+                    data["data"] = {**(data.get("data") or {}), **fold}
                 runs[run_id] = config_from_dict(data)
                 for term in runs[run_id].objective:  # loss parameters too, before any run starts
                     get_loss(term.loss).cls.parse_params(term.params())
@@ -169,6 +245,7 @@ def _select(
     if variants is not None:
         kept = _subset(path, "variant", variants, list(study.variants), repr)
         update["variants"] = {v: study.variants[v] for v in kept}
+        update["baselines"] = {v: b for v, b in study.baselines.items() if v in kept}
     if seeds is not None:
         update["seeds"] = _subset(path, "seed", seeds, study.seed_list, str)
     if output_dir is not None:

@@ -20,6 +20,7 @@ from distillkit.config import DistillConfig
 from distillkit.data import TaskData
 from distillkit.objective.taps import MODEL_INPUTS
 from distillkit.objective.terms import TaskInfo
+from distillkit.tasks.examples import ExampleMetric
 
 Autocast = Callable[[], Any]
 """A factory of the mixed-precision context: ``with autocast(): ...``."""
@@ -37,12 +38,15 @@ class EvalContext:
         autocast: Enters mixed precision around each forward; None runs in the models' own precision.
         teacher: The frozen teacher, for metrics that compare the model with it (agreement, embedding
             cosine); None when only the model itself is scored (e.g. when the teacher is the model).
+        per_example: Also return the per-example columns the metrics are computed from, under
+            :data:`~distillkit.tasks.examples.PER_EXAMPLE` (a study keeps them for its bootstrap).
 
     """
 
     accelerator: Any = None
     autocast: Autocast | None = None
     teacher: nn.Module | None = None
+    per_example: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,9 +58,11 @@ class ReportContext:
         teacher: The frozen teacher.
         data: The run's tokenised train/eval splits (``data.eval`` rows are dicts of token lists).
         collator: Turns a list of rows into a batch of ``[B, T]`` tensors.
-        tokenizer: The run's tokenizer (decoding samples, tokenising probe data).
+        tokenizer: The run's (the teacher's) tokenizer (decoding samples, tokenising probe data).
         accelerator: Its ``device`` is where the models are.
         autocast: Enters the run's mixed precision.
+        student_tokenizer: The student's tokenizer (None: ``tokenizer``; it is another one in a
+            cross-tokenizer run, where batches carry the teacher's tokens under ``teacher_`` keys).
 
     """
 
@@ -67,6 +73,11 @@ class ReportContext:
     tokenizer: Any
     accelerator: Any
     autocast: Autocast
+    student_tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.student_tokenizer is None:
+            object.__setattr__(self, "student_tokenizer", self.tokenizer)
 
     @property
     def models(self) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]]:
@@ -96,16 +107,28 @@ class Task:
     """Every metric :meth:`student_metrics` reads from a run's summary."""
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "perplexity"})
     """Metrics where a smaller value is the better one."""
+    example_metrics: ClassVar[dict[str, ExampleMetric]] = {}
+    """The metrics of :attr:`metrics` that can be recomputed from per-example columns, and how."""
+    cross_tokenizer: ClassVar[bool] = False
+    """The task can train a student whose tokenizer differs from the teacher's: :meth:`load_data` and
+    :meth:`collator` then take the teacher's tokenizer too, and batches carry the teacher's tokens of the
+    same text under ``teacher_`` keys (see :func:`distillkit.objective.taps.teacher_view`)."""
 
     def __init__(self, config: DistillConfig) -> None:
         self.config = config
 
     def load_data(self, tokenizer: Any) -> TaskData:
-        """Loads, validates and tokenises the training and evaluation data."""
+        """Loads, validates and tokenises the training and evaluation data.
+
+        Args:
+            tokenizer: The student's tokenizer (the teacher's too, unless the task is :attr:`cross_tokenizer`
+                and its ``load_data`` is given the teacher's as ``teacher_tokenizer``).
+
+        """
         raise NotImplementedError
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        """Returns the function that turns a list of rows into a batch."""
+        """Returns the function that turns a list of rows into a batch (``teacher_tokenizer`` as above)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
@@ -117,7 +140,9 @@ class Task:
             context: Accelerator, mixed precision and the teacher to compare with (if any).
 
         Returns:
-            Metric name -> value (counts such as ``examples`` or ``positions`` included).
+            Metric name -> value (counts such as ``examples`` or ``positions`` included); with
+            ``context.per_example``, also ``PER_EXAMPLE: {"eval": {column: [value per example]}}``
+            (:mod:`distillkit.tasks.examples`).
 
         """
         raise NotImplementedError

@@ -12,6 +12,7 @@ from distillkit.data import Collator, TaskData, load_task_data
 from distillkit.objective.terms import TaskInfo
 from distillkit.tasks.base import Batch, EvalContext, ReportContext, Task, time_forward
 from distillkit.tasks.evaluate_classification import evaluate
+from distillkit.tasks.examples import accuracy_of_predictions, macro_f1, mean_of
 
 
 class SequenceClassification(Task):
@@ -21,6 +22,7 @@ class SequenceClassification(Task):
     info = TaskInfo(name="sequence_classification", labels="class", logits="class")
     metric = "accuracy"
     metrics = ("accuracy", "f1", "loss")
+    example_metrics = {"accuracy": accuracy_of_predictions(), "f1": macro_f1(), "loss": mean_of("nll")}
 
     def load_data(self, tokenizer: Any) -> TaskData:
         """Labelled rows (``data.text_column``, ``data.label_column``) tokenised and checked."""
@@ -30,10 +32,12 @@ class SequenceClassification(Task):
         """Dynamic padding."""
         return Collator(tokenizer)
 
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, Any]:
         """Accuracy, macro-F1, mean cross-entropy and the number of examples (no teacher metric)."""
         num_labels = model.config.num_labels
-        return evaluate(model, batches, num_labels, context.accelerator, context.autocast)
+        return evaluate(
+            model, batches, num_labels, context.accelerator, context.autocast, per_example=context.per_example
+        )
 
     def describe(self, metrics: dict[str, float]) -> str:
         """``accuracy 0.75 f1 0.74 loss 0.52``."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkit.objective.taps import MODEL_INPUTS
+from distillkit.tasks.examples import PER_EXAMPLE, to_lists
 
 
 def classification_metrics(
@@ -46,7 +47,8 @@ def evaluate(
     num_labels: int,
     accelerator: Any = None,
     autocast: Any = None,
-) -> dict[str, float]:
+    per_example: bool = False,
+) -> dict[str, Any]:
     """Evaluates a classifier on labelled batches.
 
     Args:
@@ -55,6 +57,8 @@ def evaluate(
         num_labels: Number of classes.
         accelerator: When given, batches are moved to its device and predictions gathered from all processes.
         autocast: A context-manager factory for mixed precision, or None.
+        per_example: Also return ``PER_EXAMPLE: {"eval": {example_id, label, pred, nll}}`` (one value per
+            example; ``example_id`` from the batches' ``example_ids``, else the example's position).
 
     Returns:
         ``loss`` (mean cross-entropy), ``accuracy``, ``f1`` and ``examples``.
@@ -62,7 +66,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    all_logits, all_labels = [], []
+    all_logits, all_labels, all_ids = [], [], []
     for batch in batches:
         if accelerator is not None:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -70,13 +74,24 @@ def evaluate(
         with autocast() if autocast is not None else nullcontext():
             logits = model(**inputs).logits.float()
         labels = batch["labels"]
+        ids = batch.get("example_ids", torch.full_like(labels, -1))
         if accelerator is not None:
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            logits, labels, ids = accelerator.gather_for_metrics((logits, labels, ids))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
+        all_ids.append(ids.cpu())
     model.train(was_training)
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    metrics = classification_metrics(logits.argmax(-1), labels, num_labels)
+    metrics: dict[str, Any] = classification_metrics(logits.argmax(-1), labels, num_labels)
     metrics["loss"] = float(F.cross_entropy(logits, labels))
     metrics["examples"] = len(labels)
+    if per_example:
+        ids = torch.cat(all_ids)
+        columns = {
+            "example_id": torch.where(ids >= 0, ids, torch.arange(len(ids))),
+            "label": labels,
+            "pred": logits.argmax(-1),
+            "nll": F.cross_entropy(logits, labels, reduction="none"),
+        }
+        metrics[PER_EXAMPLE] = {"eval": to_lists(columns)}
     return metrics

@@ -27,6 +27,7 @@ from distillkit.tasks.base import (
     model_inputs,
     on_device,
 )
+from distillkit.tasks.examples import PER_EXAMPLE, accuracy_of_predictions, mean_of, to_lists
 
 
 @torch.no_grad()
@@ -52,10 +53,7 @@ def sentence_embeddings(
 def linear_probe(
     train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor, classes: int
 ) -> float:
-    """Accuracy of a multinomial logistic regression trained on frozen features.
-
-    Features are standardised with the training statistics; the regression (L2 penalty 1e-3) is fitted by
-    full-batch L-BFGS in float64, deterministically.
+    """Accuracy of a multinomial logistic regression trained on frozen features (:func:`probe_predictions`).
 
     Args:
         train_x: ``[N, H]`` training features.
@@ -66,6 +64,28 @@ def linear_probe(
 
     Returns:
         Held-out accuracy.
+
+    """
+    predicted = probe_predictions(train_x, train_y, eval_x, classes)
+    return float((predicted == eval_y).double().mean())
+
+
+def probe_predictions(
+    train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor, classes: int
+) -> torch.Tensor:
+    """Predicted classes ``[M]`` of a multinomial logistic regression trained on frozen features.
+
+    Features are standardised with the training statistics; the regression (L2 penalty 1e-3) is fitted by
+    full-batch L-BFGS in float64, deterministically.
+
+    Args:
+        train_x: ``[N, H]`` training features.
+        train_y: ``[N]`` class indices.
+        eval_x: ``[M, H]`` held-out features.
+        classes: Number of classes.
+
+    Returns:
+        ``[M]`` int64 class indices.
 
     """
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
@@ -82,7 +102,13 @@ def linear_probe(
 
     optimizer.step(closure)
     with torch.no_grad():
-        return float(((xe @ weight + bias).argmax(-1) == eval_y).double().mean())
+        return (xe @ weight + bias).argmax(-1)
+
+
+NO_PROBE = (
+    "no linear probe (probe acc -): set evaluation.probe to a labelled data set to score both models' "
+    "embeddings (docs/tasks.md)"
+)
 
 
 class Representation(Task):
@@ -92,6 +118,7 @@ class Representation(Task):
     info = TaskInfo(name="representation", labels=None, logits=None)
     metric = "probe_accuracy"
     metrics = ("probe_accuracy", "cosine")
+    example_metrics = {"probe_accuracy": accuracy_of_predictions("probe"), "cosine": mean_of("cosine")}
 
     @classmethod
     def run_metrics(cls, summary: dict[str, Any], model: str = "student") -> dict[str, float]:
@@ -111,17 +138,24 @@ class Representation(Task):
         """Dynamic padding."""
         return Collator(tokenizer)
 
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, float]:
-        """Mean cosine between the model's and the teacher's sentence embeddings (same width only)."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], context: EvalContext) -> dict[str, Any]:
+        """Mean cosine between the model's and the teacher's sentence embeddings (same width only).
+
+        With ``context.per_example``: ``example_id`` and ``cosine`` per example (when there is a cosine).
+        """
         batches = list(on_device(batches, context.accelerator))
         pooling = self.config.evaluation.pooling
         mine = sentence_embeddings(model, batches, pooling, context.autocast)
-        metrics: dict[str, float] = {"examples": len(mine)}
+        metrics: dict[str, Any] = {"examples": len(mine)}
         teacher = context.teacher
         if teacher is not None and teacher is not model:
             theirs = sentence_embeddings(teacher, batches, pooling, context.autocast)
             if theirs.shape[1] == mine.shape[1]:
-                metrics["cosine"] = float(F.cosine_similarity(mine, theirs, dim=-1).mean())
+                cosine = F.cosine_similarity(mine, theirs, dim=-1)
+                metrics["cosine"] = float(cosine.mean())
+                if context.per_example:
+                    ids = torch.cat([b["example_ids"] for b in batches])
+                    metrics[PER_EXAMPLE] = {"eval": to_lists({"example_id": ids, "cosine": cosine})}
         return metrics
 
     def describe(self, metrics: dict[str, float]) -> str:
@@ -150,27 +184,32 @@ class Representation(Task):
 
         train_y = torch.tensor(probe.train["labels"])
         eval_y = torch.tensor(probe.eval["labels"])
-        accuracy = {
-            name: linear_probe(
-                features(m, probe.train), train_y, features(m, probe.eval), eval_y, probe.num_labels
+        predicted = {
+            name: probe_predictions(
+                features(m, probe.train), train_y, features(m, probe.eval), probe.num_labels
             )
             for name, m in context.models
         }
-        return {
+        report: dict[str, Any] = {
             "probe": {
-                "accuracy": accuracy,
+                "accuracy": {name: float((p == eval_y).double().mean()) for name, p in predicted.items()},
                 "train_examples": len(train_y),
                 "eval_examples": len(eval_y),
                 "data": probe_cfg.path,
             }
         }
+        if self.config.evaluation.predictions:
+            columns = {"example_id": torch.arange(len(eval_y)), "label": eval_y, "pred": predicted["student"]}
+            report[PER_EXAMPLE] = {"probe": to_lists(columns)}
+        return report
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
         """Embedding cosine, probe accuracy and parameters."""
         lines = [f"{'':10} {'probe acc':>9} {'params':>12}"]
         probe = summary.get("probe", {}).get("accuracy", {})
         for name in ("teacher", "student"):
-            lines.append(f"{name:10} {probe.get(name, float('nan')):9.4f} {summary[name]['parameters']:12,}")
+            accuracy = f"{probe[name]:9.4f}" if name in probe else f"{'-':>9}"
+            lines.append(f"{name:10} {accuracy} {summary[name]['parameters']:12,}")
         cosine = summary["student"]["eval"].get("cosine")
         if cosine is not None:
             lines.append(
@@ -182,4 +221,6 @@ class Representation(Task):
                 f"linear probe: {p['data']}, {p['train_examples']} train / {p['eval_examples']} "
                 "held-out examples"
             )
+        else:
+            lines.append(NO_PROBE)
         return lines

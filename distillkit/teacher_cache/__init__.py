@@ -10,7 +10,7 @@ and their indices per token, plus the log of the remaining (tail) mass.
 
 Layout of a cache directory::
 
-    index.json              format, fingerprint (teacher, tokenizer, data, precision), what is stored,
+    index.json              format, fingerprint (teacher, tokenizers, data, precision), what is stored,
                             and example id -> shard, per split
     train-00000.safetensors "<id>.input_ids" [n] int32, "<id>.hidden" [layers, n, H],
                             "<id>.attentions" [layers, heads, n, n], "<id>.logits" [C] or [n, V],
@@ -31,6 +31,7 @@ from distillkit.teacher_cache.identity import (
     model_fingerprint,
     resolved_precision,
     tokenizer_settings,
+    tokenizers_meta,
 )
 from distillkit.teacher_cache.reader import CachedLayers, CachedTaps, TeacherCache, densify_topk
 from distillkit.teacher_cache.writer import write_cache
@@ -47,5 +48,6 @@ __all__ = [
     "model_fingerprint",
     "resolved_precision",
     "tokenizer_settings",
+    "tokenizers_meta",
     "write_cache",
 ]

@@ -88,22 +88,39 @@ class CacheContents:
         return "; ".join(parts) or "nothing"
 
 
-def expected_meta(config: Any, teacher: nn.Module, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+def tokenizers_meta(tokenizer: Any, student_tokenizer: Any = None) -> dict[str, Any]:
+    """The tokenizer entries of a cache's settings (known before any weights load).
+
+    Args:
+        tokenizer: The teacher's tokenizer.
+        student_tokenizer: The student's when it differs from the teacher's (its tokens cut the text into the
+            blocks the teacher's outputs are stored for), else None.
+
+    """
+    student = None if student_tokenizer is None else tokenizer_settings(student_tokenizer)
+    return {"tokenizer": tokenizer_settings(tokenizer), "student_tokenizer": student}
+
+
+def expected_meta(
+    config: Any, teacher: nn.Module, tokenizer: Any, device: torch.device, student_tokenizer: Any = None
+) -> dict[str, Any]:
     """The settings a cache must have been written with to serve a run of ``config`` (compared key by key).
 
     Args:
         config: The :class:`~distillkit.config.DistillConfig` (its task, data and precision count).
         teacher: The teacher model (its weights' fingerprint counts).
-        tokenizer: The tokenizer (its settings count).
+        tokenizer: The teacher's tokenizer (its settings count).
         device: Where the run computes (the precision ``auto`` resolves to depends on it).
+        student_tokenizer: The student's tokenizer when it differs from the teacher's (see
+            :func:`tokenizers_meta`).
 
     """
-    data = {k: v for k, v in config.data.model_dump().items() if k != "max_eval_examples"}
+    data = config.data.training_identity()
     return {
         "format": FORMAT,
         "task": config.task,
         "teacher": model_fingerprint(teacher),
-        "tokenizer": tokenizer_settings(tokenizer),
+        **tokenizers_meta(tokenizer, student_tokenizer),
         "data": data,
         "precision": resolved_precision(config.train.precision, device),
     }

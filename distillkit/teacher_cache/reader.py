@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, quote_input, resolved_against
 from distillkit.objective.taps import NOTHING, TapRequest, Taps, TopKLogits
 from distillkit.teacher_cache.identity import CacheContents
 
@@ -72,7 +72,8 @@ class TeacherCache:
         index_path = self.directory / "index.json"
         if not index_path.is_file():
             raise ConfigError(
-                f"teacher.cache '{directory}' holds no teacher cache (no index.json); write it with "
+                f"teacher.cache {quote_input(str(directory))}{resolved_against(directory)} holds no teacher "
+                "cache (no index.json); write it with "
                 "`distillkit cache-teacher CONFIG.yaml`"
             )
         self.index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -147,6 +148,25 @@ class TeacherCache:
                 f"the teacher cache {self.directory} does not fit this run ({'; '.join(problems)}). It "
                 f"stores {contents.describe()}. Write it again with `distillkit cache-teacher CONFIG.yaml` "
                 "or remove teacher.cache"
+            )
+
+    def check_tokenizers(self, meta: Mapping[str, Any]) -> None:
+        """Refuses a cache written with other tokenizers (before any weights load: they are known first).
+
+        Args:
+            meta: :func:`~distillkit.teacher_cache.identity.tokenizers_meta` of this run.
+
+        Raises:
+            ConfigError: Naming what differs and the fix.
+
+        """
+        problems = [f"{p}: cache {a!r}, this run {b!r}" for p, a, b in _differences(self.index, meta)]
+        if problems:
+            raise ConfigError(
+                f"the teacher cache {self.directory} was written with other tokenizers "
+                f"({'; '.join(problems)}): its tokens (and, with a student tokenizer of its own, its blocks "
+                "of text) are not this run's. Write it again with `distillkit cache-teacher CONFIG.yaml` or "
+                "remove teacher.cache"
             )
 
     # -- reading ----------------------------------------------------------------------------------------

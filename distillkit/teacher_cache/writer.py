@@ -17,7 +17,7 @@ from torch import nn
 
 from distillkit.errors import ConfigError
 from distillkit.objective.model_access import use_eager_attention
-from distillkit.objective.taps import TapRequest, collect_taps
+from distillkit.objective.taps import TapRequest, collect_taps, teacher_view
 from distillkit.teacher_cache.identity import LOG_TAIL_FLOOR, CacheContents
 
 
@@ -100,7 +100,7 @@ def write_cache(
             pending, count = {}, 0
 
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in teacher_view(batch).items()}
             with torch.no_grad(), autocast() if autocast is not None else nullcontext():
                 taps = collect_taps(teacher, batch, ask)
             ids = batch["example_ids"].tolist()

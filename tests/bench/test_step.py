@@ -6,7 +6,7 @@ import yaml
 from distillkit import cli
 from distillkit.bench.step import PHASES, time_training_step
 from distillkit.config import config_from_dict
-from tests.distill_fixtures import llama, text_config, tiny_config
+from tests.distill_fixtures import causal_lm_config, llama, text_config, tiny_config
 
 CODIR = {"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 16}}
 
@@ -43,3 +43,20 @@ def test_the_two_logit_paths_compare_in_fresh_processes(tmp_path, capsys):
     losses = [float(row.split("|")[4].split()[1]) for row in rows]  # "kd 3.712345"
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] > 0.1
     assert "less peak memory per step" in out
+
+
+def test_the_sampling_phase_is_timed_and_its_tokens_counted(tmp_path, capsys):
+    raw = causal_lm_config(tmp_path, {"student_fraction": 1.0, "prompt_tokens": 4}, batch_size=4)
+    result = time_training_step(config_from_dict(raw), repeats=2, warmup=1)
+    assert (
+        list(PHASES[:2]) == ["sampling", "teacher"] and PHASES[PHASES.index("objective") + 1] == "infonce op"
+    )
+    assert result["phases"]["sampling"] > 0
+    sampling = result["sampling"]
+    assert sampling["sampled_batches"] == sampling["micro_batches"] == 2
+    assert 2 * 4 <= sampling["generated_tokens"] <= 2 * 4 * 12
+    config = tmp_path / "lm.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert cli.main(["bench", "--step", str(config), "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| sampling |" in out and "sampled tokens/s" in out

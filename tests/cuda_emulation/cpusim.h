@@ -3,14 +3,16 @@
 // Used by tests/cuda_emulation (see docs/cuda.md): the project's real .cu file, rewritten by rewrite.py for
 // the two CUDA-only syntaxes, is compiled with g++ -include cpusim.h and sanitizers and run on the CPU.
 //
-// One fiber (hand-rolled x86-64 context switch) per CUDA thread; blocks run one after another on the calling OS thread. Barriers
-// (__syncthreads, __syncwarp, shuffles, ballots) are real rendezvous points; between them, threads run in a
-// seeded random order (CPUSIM_SEED), so a missing barrier shows up as a wrong result or an uninitialised
-// read in some schedules. Also checked: launch limits, >48 KB dynamic smem without cudaFuncSetAttribute,
+// One fiber (hand-rolled x86-64 context switch) per CUDA thread; blocks run one after another on the calling
+// OS thread. Barriers (__syncthreads, __syncwarp, shuffles, ballots) are real rendezvous points; between them,
+// threads run in a seeded random order (CPUSIM_SEED, every seed 0 included shuffles), so a missing barrier
+// shows up as a wrong result or an uninitialised read in some schedules. CPUSIM_SKIP_BARRIER_LINE=n turns the
+// __syncthreads() / __syncwarp() statement on line n of the kernel file into a no-op: the mutation check
+// deletes one barrier at a time without recompiling. Also checked: launch limits, >48 KB dynamic smem without cudaFuncSetAttribute,
 // divergent barriers (deadlock report), shuffles naming exited lanes, WMMA pointer alignment (32 B) and ldm.
 // Dynamic smem is malloc'd at its exact size and poisoned (0xFF = NaN) so ASan catches overruns.
 // WMMA: every lane holds the whole tile; stores are split across lanes (element i by lane i % 32).
-// Use: g++ -std=c++17 -include cpusim.h -x c++ kernel.cu (after rewriting <<<>>> launches, see cpusim.pl).
+// Use: g++ -std=c++17 -include cpusim.h -x c++ kernel.cu (after rewriting <<<>>> launches, see rewrite.py).
 #pragma once
 
 #define __host__
@@ -296,6 +298,14 @@ inline uint64_t seed() {
   }();
   return value;
 }
+// The line of the barrier statement the mutation check deletes (CPUSIM_SKIP_BARRIER_LINE), or -1.
+inline int skipped_barrier_line() {
+  static const int value = [] {
+    const char* s = std::getenv("CPUSIM_SKIP_BARRIER_LINE");
+    return s ? std::atoi(s) : -1;
+  }();
+  return value;
+}
 
 inline void fiber_entry() {
 #ifdef CPUSIM_ASAN
@@ -379,7 +389,7 @@ void launch(void (*kernel)(P...), const LaunchCfg& cfg, A&&... args) {
         for (uint64_t t = 0; t < nthreads; ++t) order[t] = static_cast<int>(t);
         int done = 0;
         while (done < static_cast<int>(nthreads)) {
-          if (seed()) std::shuffle(order.begin(), order.end(), rng);
+          std::shuffle(order.begin(), order.end(), rng);
           const uint64_t before = g_progress;
           done = 0;
           for (int t : order) {
@@ -418,8 +428,15 @@ void launch(void (*kernel)(P...), const LaunchCfg& cfg, A&&... args) {
 #define blockIdx (::cpusim::block_idx())
 #define blockDim (::cpusim::block_dim())
 #define gridDim (::cpusim::grid_dim())
-#define __syncthreads() ::cpusim::syncthreads(__LINE__)
-#define __syncwarp(...) ::cpusim::warp_barrier(::cpusim::mask_or_full(__VA_ARGS__), __LINE__)
+#define __syncthreads()                                                  \
+  do {                                                                   \
+    if (__LINE__ != ::cpusim::skipped_barrier_line()) ::cpusim::syncthreads(__LINE__); \
+  } while (0)
+#define __syncwarp(...)                                                                            \
+  do {                                                                                             \
+    if (__LINE__ != ::cpusim::skipped_barrier_line())                                              \
+      ::cpusim::warp_barrier(::cpusim::mask_or_full(__VA_ARGS__), __LINE__);                       \
+  } while (0)
 #define __shfl_sync(m, v, s, ...) ::cpusim::shfl((m), (v), (s), 32, __LINE__)
 #define __shfl_xor_sync(m, v, s, ...) ::cpusim::shfl_xor((m), (v), (s), 32, __LINE__)
 #define __shfl_down_sync(m, v, s, ...) ::cpusim::shfl_down((m), (v), (s), 32, __LINE__)
@@ -593,6 +610,16 @@ cudaError_t cudaGetLastError(void) {
   return e;
 }
 cudaError_t cudaPeekAtLastError(void) { return ::cpusim::last_error(); }
+// Kernels run to completion at launch, so stream operations are immediate and synchronisation is a no-op.
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
+  std::memset(ptr, value, count);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, enum cudaMemcpyKind, cudaStream_t) {
+  std::memcpy(dst, src, count);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "cpusim error"; }
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
   if (device < 0 || device >= ::cpusim::kNumDevices) return cudaErrorInvalidDevice;

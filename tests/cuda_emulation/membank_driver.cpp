@@ -5,9 +5,10 @@
 //   python rewrite.py csrc/membank_infonce/cuda_kernels.cu > kernels.sim.cpp
 //   g++ -std=c++17 -O1 -fsanitize=address,undefined -DCPUSIM_IMPLEMENT -include cpusim.h \
 //       -DDISTILLKIT_CUDA_MAX_LAYERS_PER_LAUNCH=2 -I<cuda>/include -Icsrc -I<build dir> membank_driver.cpp
-// Run: ./membank_driver [group ...]   groups: generic tc tcq index nan bad-index loss devices (default: all
-// but tcq). CPUSIM_SEED=n picks the thread schedule. Prints one line per case and "N failed"; exit 1 on any
-// failure.
+// Run: ./membank_driver [group ...]   groups: generic tc index nan bad-index loss devices, and the quick sets
+// tcq (tensor-core kernel) and genq (generic kernel, with merges of several ranges) for extra schedule seeds
+// and the barrier mutation check (default: all but the quick sets). CPUSIM_SEED=n picks the thread schedule.
+// Prints one line per case and "N failed"; exit 1 on any failure.
 #include "kernels.sim.cpp"
 
 #include <chrono>
@@ -65,7 +66,7 @@ struct Case {
   int64_t L, B, K, D;
   bool shared = false;
   Labels labels = Labels::kNone;
-  int64_t N = 0;             // > 0: negative_index into N bank rows
+  int64_t N = -1;            // >= 0: negative_index into N bank rows (N = 0: every index is out of range)
   int misalign = 0;          // query and bank start this many elements past a 16-byte boundary
   int nonfinite_masked = 0;  // bank rows most queries mask hold NaN / Inf (needs labels)
   bool nan_valid_key = false;  // one bank row that is a negative of some rows holds a NaN
@@ -90,7 +91,7 @@ std::string describe(const Case& c) {
   std::string s = buf;
   if (c.shared) s += " shared";
   if (c.labels != Labels::kNone) s += " labels" + std::to_string(static_cast<int>(c.labels));
-  if (c.N) s += " index";
+  if (c.N >= 0) s += " index N" + std::to_string(c.N);
   if (c.misalign) s += " misaligned";
   if (c.nonfinite_masked) s += " nonfinite-masked";
   if (c.nan_valid_key) s += " nan-valid-key";
@@ -107,7 +108,7 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
   const auto start = std::chrono::steady_clock::now();
   std::mt19937_64 rng(42);
   std::normal_distribution<double> normal;
-  const int64_t rows = c.N > 0 ? c.N : c.K;
+  const int64_t rows = c.N >= 0 ? c.N : c.K;
   const int64_t bank_layers = c.shared ? 1 : c.L;
   auto unit_rows = [&](int64_t n, int off) {
     std::vector<T> v(n * c.D + off);
@@ -163,15 +164,16 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
   }
   const int64_t nan_row = rows / 2;
   if (c.nan_valid_key) bank[c.misalign + nan_row * c.D] = from_double<T>(NAN);
-  if (c.N > 0) {
+  if (c.N >= 0) {
     idx.resize(c.L * c.B * c.K);
-    for (auto& e : idx) e = static_cast<int64_t>(rng() % c.N);
+    for (size_t i = 0; i < idx.size(); ++i) {  // with N = 0: -1, 0, 1, all outside the empty bank
+      idx[i] = c.N > 0 ? static_cast<int64_t>(rng() % c.N) : static_cast<int64_t>(i % 3) - 1;
+    }
     for (int i = 0; i < c.bad_index; ++i) {  // spread over rows; both ends of the range
       idx[(i * 7919) % idx.size()] = i % 2 ? c.N + i : -1 - i;
     }
   }
   std::vector<A> loss(c.L * c.B, A(-7)), lse(c.L * c.B, A(-7)), wsum(c.L * c.B * c.D, A(-7));
-  unsigned long long index_error[2] = {0, 0};
 
   MembankInfonceParams p;
   p.dtype = dtype_of<T>();
@@ -193,12 +195,11 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
     p.query_labels = ql.data();
     p.bank_labels = bl.data();
   }
-  if (c.N > 0) {
+  if (c.N >= 0) {
     p.negative_index = idx.data();
     p.index_stride_l = c.B * c.K;
     p.index_stride_b = c.K;
   }
-  p.index_error = index_error;
   p.temperature = c.tau;
   p.allow_tf32 = tf32;
   p.path = path;
@@ -210,11 +211,22 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
   if (err == cudaSuccess) err = membank_infonce_plan(p, c.device, &plan);
   std::vector<unsigned char> ws(plan.workspace_bytes + 256);
   void* wsp = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data()) + 255) & ~uintptr_t(255));
-  std::memset(wsp, 0xff, plan.workspace_bytes);  // poison: every partial must be written
+  std::memset(wsp, 0xff, plan.workspace_bytes);  // poison: every partial (and the index words) must be written
   if (err == cudaSuccess) err = membank_infonce_forward(p, plan, wsp, nullptr);
+  // What the binding does right after the launch: this call's out-of-range index values, if any.
+  MembankIndexError index_error;
+  if (err == cudaSuccess && c.N >= 0) err = membank_infonce_index_error(plan, wsp, nullptr, &index_error);
 
   // float64 reference on the rounded inputs. A key counts for a row iff its index is in range and its
   // label differs from the row's; keys that do not count are never read. A bad index makes the row NaN.
+  // With tf32 the operands of the two products (query and keys; not the positive) are rounded to tf32 as
+  // the tensor cores read them, so the comparison is as tight as the self-check's.
+  auto operand = [tf32](T x) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (tf32) return static_cast<double>(nvcuda::wmma::__float_to_tf32(x));
+    }
+    return to_double(x);
+  };
   double err_loss = 0, err_lse = 0, err_wsum = 0, err_rel = 0;
   bool as_expected = true;
   int64_t bad_seen = 0;
@@ -230,7 +242,7 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
       std::vector<int64_t> key_rows;
       bool row_bad = false;
       for (int64_t j = 0; j < c.K; ++j) {
-        const int64_t r = c.N > 0 ? idx[row * c.K + j] : j;
+        const int64_t r = c.N >= 0 ? idx[row * c.K + j] : j;
         if (r < 0 || r >= rows) {
           row_bad = true;
           ++bad_seen;
@@ -238,7 +250,7 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
         }
         if (labelled && bl[r] == ql[b]) continue;
         double s = 0;
-        for (int64_t d = 0; d < c.D; ++d) s += to_double(qr[d]) * to_double(bank_l[r * c.D + d]);
+        for (int64_t d = 0; d < c.D; ++d) s += operand(qr[d]) * operand(bank_l[r * c.D + d]);
         z.push_back((s - s_pos) / tau);
         key_rows.push_back(r);
       }
@@ -267,7 +279,7 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
       for (int64_t d = 0; d < c.D; ++d) {
         double w = 0;
         for (size_t k = 0; k < z.size(); ++k) {
-          w += std::exp(z[k] - ref_loss) * to_double(bank_l[key_rows[k] * c.D + d]);
+          w += std::exp(z[k] - ref_loss) * operand(bank_l[key_rows[k] * c.D + d]);
         }
         const double g = wsum[row * c.D + d];
         as_expected &= std::isfinite(g);
@@ -275,12 +287,9 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
       }
     }
   }
-  if (c.N > 0) {  // the error words count every bad value and hold one of them
-    as_expected &= index_error[0] == static_cast<unsigned long long>(bad_seen);
-    if (bad_seen) {
-      const int64_t held = static_cast<int64_t>(index_error[1]);
-      as_expected &= held < 0 || held >= rows;
-    }
+  if (c.N >= 0) {  // the call's report counts every bad value and holds one of them
+    as_expected &= index_error.count == static_cast<unsigned long long>(bad_seen);
+    if (bad_seen) as_expected &= index_error.value < 0 || index_error.value >= rows;
   }
   const bool ok = err == cudaSuccess && as_expected && err_loss <= tol.loss && err_lse <= (tol.lse < 0 ? tol.loss : tol.lse) &&
                   err_wsum <= tol.wsum && (tol.loss_rel == 0 || err_rel <= tol.loss_rel);
@@ -299,7 +308,10 @@ MembankInfoncePlan run(const Case& c, MembankPath path, bool tf32, const char* n
 constexpr MembankPath kG = MembankPath::kGeneric;
 constexpr MembankPath kTC = MembankPath::kTensorCore;
 // Tolerances of tests/ops/test_cuda_op.py (absolute, against the float64 reference on rounded inputs).
-constexpr Tol kF32{2e-4, 2e-5}, kF64{1e-9, 1e-9}, kBF16{2e-3, 6e-3}, kF16{2e-3, 2e-3}, kTF32{3e-2, 1e-2};
+constexpr Tol kF32{2e-4, 2e-5}, kF64{1e-9, 1e-9}, kBF16{2e-3, 6e-3}, kF16{2e-3, 2e-3};
+// tf32 against a reference on tf32-rounded operands: the self-check's tf32 tolerance (selfcheck.TOLERANCE,
+// with its 1e-5 relative part at |lse| <= 20).
+constexpr Tol kTF32{2e-4, 2e-3, 0, 4e-4};
 
 void all_generic(const Case& c) {
   run<float>(c, kG, false, "gen-f32", kF32);
@@ -334,7 +346,8 @@ const std::vector<Case>& dense_cases() {
       {2, 70, 333, 40, true, Labels::kRandom},
       {1, 20, 300, 24, false, Labels::kAllMaskedEvenRows},
       {1, 48, 4096, 64, false, Labels::kTailOnly},  // whole tiles and splits fully masked
-      {1, 65, 150, 64, false, Labels::kNone, 0, 1},  // misaligned: scalar staging
+      {1, 65, 150, 64, false, Labels::kNone, -1, 1},  // misaligned: scalar staging
+      {1, 3, 0, 8},                                    // an empty bank: no negatives, loss exactly 0
   };
   return cases;
 }
@@ -359,6 +372,13 @@ int main(int argc, char** argv) {
       run<float>(dense[i], kTC, true, "tc-tf32", kTF32);
     }
   }
+  if (want("genq")) {  // quick generic set (several chunks and ranges, gather, bad values, masks): likewise
+    run<float>(dense[7], kG, false, "gen-f32", kF32);
+    run<__nv_bfloat16>(dense[9], kG, false, "gen-bf16", kBF16);
+    Case bad{2, 9, 70, 24, true, Labels::kRandom, 50};
+    bad.bad_index = 5;
+    run<float>(bad, kG, false, "gen-f32", kF32);
+  }
   if (want("index")) {
     for (bool shared : {false, true}) {
       for (Labels labels : {Labels::kNone, Labels::kRandom}) {
@@ -366,17 +386,19 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (want("bad-index")) {  // out-of-range negative_index: never read, row NaN, error words set
+  if (want("bad-index")) {  // out-of-range negative_index: never read, row NaN, reported by the same call
     for (bool shared : {false, true}) {
       Case c{2, 9, 70, 24, shared, Labels::kRandom, 50};
       c.bad_index = 5;
       all_generic(c);
+      Case empty{2, 9, 70, 24, shared, Labels::kNone, 0};  // a bank of N = 0 rows: every index is bad
+      all_generic(empty);
     }
   }
   if (want("nan")) {
     // NaN / Inf in bank rows: no effect on the rows that mask them, NaN rows where they count; every path.
     for (int misalign : {0, 1}) {
-      Case c{1, 40, 150, 64, false, Labels::kRandom, 0, misalign, 3};
+      Case c{1, 40, 150, 64, false, Labels::kRandom, -1, misalign, 3};
       all_generic(c);
       all_tensor_core(c);
     }

@@ -5,7 +5,10 @@ Two constructs have no C++ spelling: ``kernel<<<grid, block, smem, stream>>>(arg
 ``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared memory. Everything else
 (``__global__``, ``__syncthreads``, warp intrinsics, WMMA) is mapped by ``cpusim.h`` itself.
 
-Usage: ``python rewrite.py kernels.cu > kernels.sim.cpp``; ``remove_barrier`` makes the mutation check's copy.
+The rewrite keeps every line where it was, so ``__LINE__`` in the emulated file is the ``.cu`` line: the
+mutation check names the barrier to delete by its line (``barrier_sites``, ``CPUSIM_SKIP_BARRIER_LINE``).
+
+Usage: ``python rewrite.py kernels.cu > kernels.sim.cpp``.
 """
 
 from __future__ import annotations
@@ -50,16 +53,6 @@ def barrier_sites(source: str, function: str) -> list[tuple[int, int, int, str]]
         (m.start(), m.end(), source.count("\n", 0, m.start()) + 1, m.group(1))
         for m in _BARRIER.finditer(source, match.end(), end)
     ]
-
-
-def remove_barrier(source: str, function: str, index: int) -> tuple[str, int, str]:
-    """Deletes the ``index``-th barrier statement of ``function`` (the mutation check).
-
-    Returns:
-        The mutated source, the line and the name of the deleted barrier.
-    """
-    start, end, line, name = barrier_sites(source, function)[index]
-    return source[:start] + ";" + source[end:], line, name
 
 
 def main(argv: list[str]) -> int:

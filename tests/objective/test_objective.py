@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from distillkit import DistillationObjective, Taps, build_term
-from distillkit.errors import ConfigError, LossTermError, UnknownLossError
+from distillkit.errors import ConfigError, LossTermError, MissingOutputError, UnknownLossError
+from distillkit.objective.terms import ModelDims
 from tests.conftest import run_models
 
 THREE_TERMS = [
@@ -91,11 +92,75 @@ def test_failing_term_names_itself(dims, student, teacher, batch):
         objective(taps, teacher_out, batch)
 
 
-def test_outputs_without_hidden_states_are_rejected(dims, student, teacher, batch):
-    objective = DistillationObjective([(build_term("kd", dims), 1.0)])
+def test_outputs_without_hidden_states_are_rejected_when_a_term_reads_them(dims, student, teacher, batch):
+    objective = DistillationObjective([(build_term("kd", dims), 1.0), (build_term("l2", dims), 1.0)])
     inputs = {"input_ids": batch["input_ids"]}
-    with pytest.raises(ValueError, match="output_hidden_states=True"):
-        objective(student(**inputs), teacher(**inputs), batch)
+    with pytest.raises(MissingOutputError) as caught:
+        objective(student(**inputs), teacher(**inputs, output_hidden_states=True), batch)
+    assert str(caught.value) == (
+        "the student's output has no hidden states, which objective term 'l2' (loss 'l2') reads: call it "
+        "with output_hidden_states=True"
+    )
+    assert isinstance(caught.value, ValueError)
+
+
+def test_logits_alone_are_enough_for_a_term_that_reads_only_logits(dims, student, teacher, batch):
+    objective = DistillationObjective([(build_term("kd", dims), 1.0)])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        out = objective(student(**inputs), teacher(**inputs), batch)
+    assert torch.isfinite(out.total)
+
+
+def eager(model):
+    model.set_attn_implementation("eager")
+    return model
+
+
+def test_an_attention_only_objective_takes_outputs_without_hidden_states(batch):
+    from tests.conftest import tiny_bert
+
+    student, teacher = eager(tiny_bert(2, 32, seed=2)), eager(tiny_bert(4, 32, seed=1))
+    objective = DistillationObjective.from_config(
+        [{"loss": "attention"}], ModelDims.from_models(student, teacher)
+    )
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        student_out, teacher_out = (m(**inputs, output_attentions=True) for m in (student, teacher))
+        out = objective(student_out, teacher_out, batch)
+    assert torch.isfinite(out.total)
+
+
+@pytest.mark.parametrize("mistake", ["no output_attentions", "sdpa attention"])
+def test_missing_attentions_are_named_with_how_to_ask_for_them(batch, mistake):
+    from tests.conftest import tiny_bert
+
+    student, teacher = eager(tiny_bert(2, 32, seed=2)), eager(tiny_bert(4, 32, seed=1))
+    objective = DistillationObjective.from_config(
+        [{"loss": "attention", "name": "att"}], ModelDims.from_models(student, teacher)
+    )
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if mistake == "sdpa attention":
+        teacher.set_attn_implementation("sdpa")
+        teacher_out = teacher(**inputs, output_attentions=True)  # sdpa returns no attention probabilities
+    else:
+        teacher_out = teacher(**inputs)
+    with pytest.raises(MissingOutputError) as caught:
+        objective(student(**inputs, output_attentions=True), teacher_out, batch)
+    assert str(caught.value) == (
+        "the teacher's output has no attentions, which objective term 'att' (loss 'attention') reads: call "
+        "it with output_attentions=True, with eager attention (load it with attn_implementation='eager' or "
+        "call model.set_attn_implementation('eager'): sdpa and flash attention return none)"
+    )
+
+
+def test_a_named_teacher_without_logits_is_named(dims, student, teacher, batch):
+    objective = DistillationObjective.from_config(
+        [{"loss": "kd", "teacher": "wide"}], {"teacher": dims, "wide": dims}
+    )
+    inputs = {"input_ids": batch["input_ids"]}
+    with pytest.raises(MissingOutputError, match=r"^teacher 'wide'\'s output has no logits, which objective"):
+        objective(student(**inputs), {"wide": teacher.bert(**inputs)}, batch)
 
 
 def test_a_layer_map_under_its_former_name_is_read_with_a_warning(dims):

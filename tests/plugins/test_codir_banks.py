@@ -60,6 +60,27 @@ def test_sample_other_labels_skips_same_label_and_own_slot():
         assert set(index[row].tolist()) == allowed  # 2000 draws reach every allowed slot (uniform)
 
 
+def test_sampling_without_replacement_draws_distinct_slots_uniformly():
+    bank = IndexBank(heads=1, size=12, dim=4)
+    bank.labels.copy_(torch.tensor([0, 1] * 6))
+    ids, labels = torch.tensor([0, 3, 4]), torch.tensor([0, 1, 0])
+    torch.manual_seed(0)
+    counts = torch.zeros(12)
+    for _ in range(400):
+        index = bank.sample_other_labels(ids, labels, 5, replacement=False)
+        assert all(len(set(row.tolist())) == 5 for row in index)  # no slot twice in a row
+        assert (bank.labels[index] != labels.unsqueeze(1)).all()
+        counts += torch.bincount(index[0], minlength=12)
+    odd = counts[1::2]  # row 0 (label 0) draws 5 of the 6 odd slots: each with probability 5/6
+    torch.testing.assert_close(odd / 400, torch.full((6,), 5 / 6), atol=0.06, rtol=0)
+    plain = bank.sample_negatives(ids, 11, replacement=False)  # every other slot, each once
+    for row, own in zip(plain.tolist(), ids.tolist(), strict=True):
+        assert sorted(row) == [i for i in range(12) if i != own]
+    # fewer eligible slots than negatives: drawn with replacement, as the release does
+    many = bank.sample_other_labels(ids, labels, 9, replacement=False)
+    assert many.shape == (3, 9) and (bank.labels[many] != labels.unsqueeze(1)).all()
+
+
 def test_sample_other_labels_needs_another_class():
     bank = IndexBank(heads=1, size=3, dim=4)
     bank.labels.fill_(1)

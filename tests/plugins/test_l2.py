@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from distillkit import Taps, build_term
+from distillkit.errors import ConfigError
 from distillkit.objective.terms import ModelDims
 
 
@@ -42,5 +43,15 @@ def test_projection_when_hidden_sizes_differ():
     loss = term(make_taps(2, 6, MASK, 0), make_taps(4, 8, MASK, 1))
     loss.backward()
     assert term.projections[0].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="projection: auto"):
+    with pytest.raises(ConfigError, match="projection: auto"):
         build_term("l2", dims, projection="never")
+
+
+@pytest.mark.parametrize("loss", ["l2", "cosine", "pkd"])
+def test_hidden_state_terms_refuse_the_same_mistake_with_the_same_error(loss):
+    with pytest.raises(ConfigError) as caught:
+        build_term(loss, ModelDims(2, 4, 6, 8), projection="never")
+    assert str(caught.value) == (
+        f"loss '{loss}' with projection: never needs equal hidden sizes (student 6, teacher 8); "
+        "use projection: auto"
+    )

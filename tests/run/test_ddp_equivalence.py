@@ -25,7 +25,7 @@ STEPS = 4
 
 
 def _run(tmp_path: Path, name: str, processes: int, batch_size: int) -> Path:
-    raw = tiny_config(tmp_path, steps=STEPS, batch_size=batch_size, save_every=STEPS, tensorboard=False)
+    raw = tiny_config(tmp_path, steps=STEPS, batch_size=batch_size, save_every=STEPS)
     raw["teacher"]["config"].update(
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )  # no RNG streams

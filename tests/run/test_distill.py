@@ -177,7 +177,7 @@ def test_cli_reports_errors(tmp_path, capsys):
         "--set",
         "train.steps=2",
         "--set",
-        "train.tensorboard=false",
+        "train.report_to=[]",
         "--set",
         "train.precision=bf16",
     ]

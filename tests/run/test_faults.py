@@ -20,9 +20,7 @@ STEPS = 60
 
 
 def _config(tmp_path: Path, name: str, batch_size: int = 8, steps: int = STEPS) -> Path:
-    raw = tiny_config(
-        tmp_path, steps=steps, save_every=5, keep_last=3, batch_size=batch_size, tensorboard=False
-    )
+    raw = tiny_config(tmp_path, steps=steps, save_every=5, keep_last=3, batch_size=batch_size)
     raw["objective"].append({"loss": "codir", "weight": 0.1, "dim": 8, "bank": {"kind": "queue", "size": 32}})
     raw["output_dir"] = str(tmp_path / name)
     path = tmp_path / f"{name}.yaml"
@@ -140,7 +138,7 @@ def test_a_plugin_raising_in_forward_is_named_with_its_distribution_and_term(tmp
     site = tmp_path / "site"
     site.mkdir()
     write_distribution(site, "distillkit-exploding", "distillkit_exploding", EXPLODING, "exploding")
-    raw = tiny_config(tmp_path, steps=2, tensorboard=False)
+    raw = tiny_config(tmp_path, steps=2)
     raw["objective"].append({"loss": "exploding", "name": "aux", "weight": 0.5})
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps(raw), encoding="utf-8")

@@ -45,13 +45,18 @@ def test_index_bank_updates_every_micro_batch(tmp_path, negatives):
 
 
 def test_crd_nce_banks_update_every_micro_batch(tmp_path):
-    bank = {"kind": "index", "size": 64, "negatives": 8}
+    bank = {
+        "kind": "index",
+        "size": 64,
+        "negatives": 8,
+        "warm_start": False,
+    }  # no warm-up pass: count updates
     state = _final_bank(tmp_path, bank, objective="crd_nce", pooling="cls", negatives="other_labels")
-    initial = IndexBank(1, 64, 8).keys
     for side in ("student", "teacher"):
-        updated = (state[f"crd.{side}_bank.keys"] != initial).any(dim=-1).any(dim=0)
+        updated = state[f"crd.{side}_bank.labels"] != -1  # a slot is labelled when it is written
         assert int(updated.sum()) == STEPS * ACCUM * BATCH, side
-        assert torch.equal(state[f"crd.{side}_bank.labels"] != -1, updated)
+        norms = state[f"crd.{side}_bank.keys"].norm(dim=-1)[0]
+        torch.testing.assert_close(norms[updated], torch.ones(int(updated.sum())))  # written slots: unit keys
     assert int(state["crd.z_estimated"]) == 1 and torch.isfinite(state["crd.student_log_z"]).all()
 
 
@@ -63,14 +68,19 @@ def test_two_processes_gather_every_micro_batch(tmp_path):
     import subprocess
     import sys
 
-    raw = tiny_config(
-        tmp_path, steps=STEPS, grad_accum=ACCUM, batch_size=BATCH, eval_every=None, tensorboard=False
-    )
+    raw = tiny_config(tmp_path, steps=STEPS, grad_accum=ACCUM, batch_size=BATCH, eval_every=None)
     codir = {"loss": "codir", "weight": 0.1, "dim": 8, "layer_map": "last", "negatives": "other_labels"}
     raw["objective"] = [
         {"loss": "ce", "weight": 1.0},
         {**codir, "name": "queue", "bank": {"kind": "queue", "size": 64}},
         {**codir, "name": "index", "bank": {"kind": "index", "size": 64, "negatives": 8}},
+        {  # the released form: a warm-up pass over each rank's shard fills both banks before step 1
+            **codir,
+            "name": "released",
+            "objective": "crd_nce",
+            "pooling": "cls",
+            "bank": {"kind": "index", "size": 64, "negatives": 8},
+        },
     ]
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(raw), encoding="utf-8")
@@ -89,6 +99,8 @@ def test_two_processes_gather_every_micro_batch(tmp_path):
     seen = 2 * STEPS * ACCUM * BATCH  # two ranks, 32 distinct examples of the 43 (one epoch, no repeats)
     assert int(state["terms.queue.bank.filled"]) == seen
     assert int((state["terms.index.bank.labels"] != -1).sum()) == seen
+    for side in ("student", "teacher"):  # every training example's slot, on both ranks (checked at save)
+        assert int((state[f"terms.released.crd.{side}_bank.labels"] != -1).sum()) == 43
     queued = state["terms.queue.bank.labels"][:seen]
     assert sorted(queued.tolist()) == sorted(
         state["terms.index.bank.labels"][state["terms.index.bank.labels"] != -1].tolist()

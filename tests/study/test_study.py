@@ -9,11 +9,11 @@ import yaml
 from distillkit.errors import ConfigError
 from distillkit.study import load_study, paired_difference, run_study
 from distillkit.study.spec import identity_changes, run_identity
-from tests.distill_fixtures import bert, tiny_config
+from tests.distill_fixtures import bert, causal_lm_config, tiny_config
 
 
 def _write_study(tmp_path, variants=None, student=None, **extra):
-    base = tiny_config(tmp_path, steps=3, tensorboard=False)
+    base = tiny_config(tmp_path, steps=3)
     base["student"] = student or base["student"]
     base["teacher"]["finetune"] = {
         "steps": 3,
@@ -34,6 +34,10 @@ def _write_study(tmp_path, variants=None, student=None, **extra):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
     return path
+
+
+def summary_examples(out):
+    return json.loads((out / "none" / "seed-0" / "summary.json").read_text(encoding="utf-8"))["eval_examples"]
 
 
 def _per_seed(rows, metric="accuracy"):
@@ -84,20 +88,28 @@ def test_study_compares_to_the_baseline_and_skips_finished_runs(tmp_path, capsys
     assert delta.mean == pytest.approx(
         statistics.fmean(values["kd+l2"][s] - values["none"][s] for s in (0, 1))
     )
+    boot = rows[1]["bootstrap"]["accuracy"]
+    assert boot is not None and boot.mean == pytest.approx(delta.mean) and boot.seeds == 2
+    assert rows[1]["holm"]["accuracy"] == boot.p_value  # one comparison: Holm changes nothing
     table = (out / "results.md").read_text(encoding="utf-8")
-    assert "Δ accuracy vs none [95% CI]" in table and "(baseline)" in table and "Noise floor" in table
+    assert "95% CI, seeds × examples" in table and "(baseline)" in table and "Noise floor" in table
+    assert "| kd+l2 | none | 2 |" in table
+    assert "would have been seen" in table or "difference detected" in table
     with open(out / "results.csv", encoding="utf-8") as handle:
         rows_csv = list(csv.DictReader(handle))
     assert [r["variant"] for r in rows_csv] == ["none", "kd+l2"]
     assert float(rows_csv[1]["accuracy_seed1"]) == values["kd+l2"][1]
-    assert json.loads((out / "results.json").read_text())["rows"][1]["delta"]["accuracy"]["n"] == 2
+    assert float(rows_csv[1]["accuracy_boot_p"]) == boot.p_value
+    comparison = json.loads((out / "results.json").read_text())["rows"][1]["comparison"]["accuracy"]
+    assert comparison["t"]["n"] == 2 and comparison["bootstrap"]["examples"] == summary_examples(out)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "results-examples.csv.gz").is_file()
     summary = json.loads((out / "none" / "seed-1" / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 2
     # the teacher was fine-tuned once and shared
     assert len(list((tmp_path / "cache").iterdir())) == 1
     printed = capsys.readouterr().out
-    assert "| kd+l2 | 2 |" in printed and str(out / "results.md") in printed
+    assert "| kd+l2 | none | 2 |" in printed and str(out / "results.md") in printed
 
     stamp = (out / "none" / "seed-0" / "summary.json").stat().st_mtime_ns
     run_study(path, jobs=1)
@@ -245,3 +257,55 @@ def test_a_live_study_runs_one_run_alone_only_while_the_teacher_is_not_fine_tune
         for k, c in runs.items()
     }
     assert _first_to_tune_teacher(changed) == "none/seed-0"  # another data setting tunes another teacher
+
+
+def _write_onpolicy_study(tmp_path, variants, **extra):
+    base = causal_lm_config(
+        tmp_path, {"student_fraction": 0.0, "prompt_tokens": 4}, steps=2, tensorboard=False
+    )
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    study = {
+        "base": "base.yaml",
+        "variants": variants,
+        "seeds": [0],
+        "metric": ["sample_nll", "perplexity"],
+        "output_dir": str(tmp_path / "study"),
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    return path
+
+
+ON_POLICY = {
+    "objective": [{"loss": "kd", "temperature": 1.0, "divergence": "reverse_kl"}],
+    "overrides": ["train.generation.student_fraction=1.0"],
+}
+
+
+def test_variants_override_the_base_config_for_themselves(tmp_path):
+    path = _write_onpolicy_study(tmp_path, {"offline": [{"loss": "kd", "temperature": 1.0}], "on": ON_POLICY})
+    study, runs = load_study(path, overrides=["train.generation.prompt_tokens=3"])
+    offline, on = runs["offline/seed-0"], runs["on/seed-0"]
+    assert offline.train.generation.student_fraction == 0.0 and on.train.generation.student_fraction == 1.0
+    assert on.objective[0].params()["divergence"] == "reverse_kl"
+    assert offline.train.generation.prompt_tokens == on.train.generation.prompt_tokens == 3  # --set: all
+    assert study.variants["offline"].overrides == []
+    for owned in ("objective=[]", "train.seed=3", "output_dir=x"):
+        bad = {"objective": ON_POLICY["objective"], "overrides": [owned]}
+        with pytest.raises(ConfigError, match="which the study sets for every run"):
+            load_study(_write_onpolicy_study(tmp_path, {"bad": bad}))
+    typo = {"objective": ON_POLICY["objective"], "overrides": ["train.generation.student_fraction=2"]}
+    with pytest.raises(ConfigError, match="study variant 'bad'.*student_fraction"):
+        load_study(_write_onpolicy_study(tmp_path, {"bad": typo}))
+
+
+def test_a_study_of_sampled_variants_runs_the_teacher_live_and_compares_sample_nll(tmp_path, capsys):
+    path = _write_onpolicy_study(tmp_path, {"offline": [{"loss": "kd", "temperature": 1.0}], "on": ON_POLICY})
+    rows = run_study(path, jobs=1)
+    assert not (tmp_path / "study" / "teacher-cache").exists()
+    assert "some runs sample sequences" in capsys.readouterr().out
+    assert [r["variant"] for r in rows] == ["offline", "on"]
+    assert {"sample_nll", "perplexity"} <= set(rows[1]["delta"])
+    table = (tmp_path / "study" / "results.md").read_text(encoding="utf-8")
+    assert "Δ sample_nll vs offline" in table

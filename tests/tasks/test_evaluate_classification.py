@@ -16,13 +16,13 @@ def test_accuracy_and_macro_f1():
 
 
 def test_runlog_resume_drops_later_records(tmp_path):
-    log = RunLog(tmp_path, tensorboard=False)
+    log = RunLog(tmp_path)
     for step in (1, 2, 3, 4):
         log.log("train", step, {"total": float(step)})
     log.close()
     with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as handle:
         handle.write('{"split": "train", "st')  # a torn line from a crash
-    RunLog(tmp_path, tensorboard=False, resume_step=2).log("train", 3, {"total": 30.0})
+    RunLog(tmp_path, resume_step=2).log("train", 3, {"total": 30.0})
     assert [(r["step"], r["total"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
         (1, 1.0),
         (2, 2.0),

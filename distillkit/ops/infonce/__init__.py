@@ -9,7 +9,7 @@ Modules: :mod:`~distillkit.ops.infonce.op` (``membank_infonce``: the compiled ke
 ``csrc/membank_infonce/``.
 """
 
-from distillkit.ops.infonce.op import membank_infonce, take_index_error
+from distillkit.ops.infonce.op import membank_infonce
 from distillkit.ops.infonce.reference import naive_membank_infonce, reference_membank_infonce
 
-__all__ = ["membank_infonce", "naive_membank_infonce", "reference_membank_infonce", "take_index_error"]
+__all__ = ["membank_infonce", "naive_membank_infonce", "reference_membank_infonce"]

@@ -11,7 +11,8 @@ from distillkit.ops.infonce import compiled, selfcheck
 from distillkit.ops.infonce.reference import reference_loss
 from distillkit.ops.infonce.validate import InfonceArgs, canonicalize
 
-# Device types whose kernel range-checks negative_index itself (no host synchronisation needed).
+# Device types whose kernel range-checks negative_index itself, inside the kernel that reads it, and raises
+# from the same call: one small device-to-host copy instead of the host check's two reductions.
 _KERNEL_CHECKS_INDEX = {"cuda"}
 _warned_devices: set[str] = set()
 
@@ -34,21 +35,6 @@ def kernel_available(device_type: str) -> bool:
 def use_kernel(device: torch.device) -> bool:
     """Whether a call on ``device`` runs the compiled kernel: built for it, and allowed by the self-check."""
     return kernel_available(device.type) and selfcheck.kernel_allowed(device)
-
-
-def take_index_error(device: torch.device | int) -> tuple[int, int]:
-    """Out-of-range ``negative_index`` values the CUDA kernel met on ``device`` since the last look.
-
-    Reads host memory only (no device synchronisation; kernels still running report later) and clears it.
-
-    Returns:
-        ``(count, one of the values)``; ``(0, 0)`` when none, or when the CUDA kernel is not built.
-    """
-    if not library.has_kernel(compiled.OP_NAME, "cuda"):
-        return 0, 0
-    index = device if isinstance(device, int) else (device.index or 0)
-    count, value = torch.ops.distillkit.membank_infonce_take_index_error(index)
-    return int(count), int(value)
 
 
 def membank_infonce(
@@ -80,9 +66,9 @@ def membank_infonce(
         bank_labels: ``[K]`` (``[N]``) integer labels; required with ``query_labels``.
         negative_index: ``[..., B, K]`` int64 rows of the bank: per-query negatives (CRD style), fused
             so that the gathered ``[..., B, K, D]`` keys are never made. Values outside ``[0, N)`` raise
-            ``ValueError`` (CPU, and CUDA without the kernel); the CUDA kernel checks them on the device
-            instead (no host synchronisation): such a row's loss is NaN and the next call on that device
-            raises ``IndexError``.
+            ``ValueError`` before any kernel (CPU, and CUDA without the kernel); the CUDA kernel checks them
+            on the device while it reads them and the same call raises ``IndexError`` (it waits for its
+            kernels to read the result; inside CUDA graph capture it cannot: such a row's loss is NaN).
 
     A key that is not a negative of a row (same label) never affects that row's result, whatever its
     values (Inf or NaN included); a NaN in a key that is a negative makes that row's loss NaN. On CUDA the
@@ -96,6 +82,7 @@ def membank_infonce(
     Raises:
         TypeError: Wrong argument type or dtype.
         ValueError: Wrong shape, device or value (the message names the argument and the fix).
+        IndexError: ``negative_index`` outside the bank, found by the CUDA kernel.
     """
     device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     kernel = use_kernel(device)

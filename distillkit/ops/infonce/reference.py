@@ -1,10 +1,12 @@
-"""Pure-PyTorch forms of the memory-bank InfoNCE loss: the chunked reference and the naive one.
+"""Pure-PyTorch forms of the memory-bank InfoNCE loss: the chunked reference, the naive one, the exact one.
 
 The reference computes the same ``(loss, lse, wsum)`` as the compiled op with an online softmax over bank
 chunks, so its memory stays bounded for any bank size and it runs on any device; it shares the compiled
 op's backward. It is the fallback when the extension is missing. The naive form materialises the logits
 (``[..., B, K+1]``, or the gathered ``[..., B, K, D]`` keys with ``negative_index``) and is differentiated by
-autograd: the baseline for tests and benchmarks.
+autograd: the baseline for tests and benchmarks. The exact form evaluates the formula in float64 from the
+inputs as a kernel reads them (float32 optionally rounded to tf32, as tensor cores read it): the yardstick of
+the self-check.
 """
 
 from __future__ import annotations
@@ -79,6 +81,54 @@ def reference_forward(args: InfonceArgs) -> tuple[torch.Tensor, torch.Tensor, to
         # lse - s_pos without the cancellation: log1p when the positive holds the max, else two terms >= 0.
         loss = torch.where(m == s_pos, torch.log1p(neg), (m - s_pos) + torch.log(total))
         return loss, lse, w / total.unsqueeze(-1)
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) rounded to tf32 as tensor cores read it: 10 mantissa bits, to nearest, ties away.
+
+    The same rounding as CUDA's ``cvt.rna.tf32.f32``; Inf and NaN are kept.
+    """
+    bits = x.contiguous().view(torch.int32)
+    rounded = (bits + 0x1000) & ~0x1FFF
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, rounded, bits).view(torch.float32)
+
+
+def exact_forward(
+    args: InfonceArgs, *, tf32: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward outputs in float64 on the inputs' device, materialising every logit (small inputs only).
+
+    Independent of autocast, of ``torch.backends.cuda.matmul.allow_tf32`` and of the chunking of the other
+    forms: every product is float64 (exact for half-precision inputs). Inputs must be finite.
+
+    Args:
+        args: Canonical :class:`InfonceArgs`.
+        tf32: Model tensor cores on float32 inputs: the scores ``<query, key>`` and the weighted sum of keys
+            use query and bank rounded by :func:`round_to_tf32`; ``s_pos`` uses the inputs as given.
+
+    Returns:
+        ``(loss [L, B], lse [L, B], wsum [L, B, D])`` in float64.
+    """
+    query, positive, bank, temperature, query_labels, bank_labels, negative_index = args.op_inputs()
+    s_pos = (query.double() * positive.double()).sum(-1) / temperature  # [L, B]
+    if tf32 and query.dtype == torch.float32:
+        query, bank = round_to_tf32(query), round_to_tf32(bank)
+    q, bank = query.double(), bank.double()
+    if negative_index is None:
+        keys = bank  # [L, K, D] or [K, D]
+        scores = q @ keys.transpose(-1, -2) / temperature  # [L, B, K]
+        key_labels = bank_labels[None, None, :] if bank_labels is not None else None
+    else:
+        keys = _gather_keys(bank, negative_index)  # [L, B, K, D]
+        scores = (keys @ q.unsqueeze(-1)).squeeze(-1) / temperature
+        key_labels = bank_labels[negative_index] if bank_labels is not None else None
+    if query_labels is not None:
+        scores = scores.masked_fill(key_labels == query_labels[None, :, None], float("-inf"))
+    lse = torch.logsumexp(torch.cat([s_pos.unsqueeze(-1), scores], dim=-1), dim=-1)
+    prob = torch.exp(scores - lse.unsqueeze(-1))  # masked keys: 0
+    wsum = prob @ keys if negative_index is None else (prob.unsqueeze(-2) @ keys).squeeze(-2)
+    return lse - s_pos, lse, wsum
 
 
 class _ReferenceFunction(torch.autograd.Function):

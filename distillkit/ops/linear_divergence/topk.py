@@ -11,10 +11,10 @@ are taken in blocks, as in the dense op), in one of two ways (``tail``):
   of :data:`~distillkit.ops.divergences.DIVERGENCES`. At ``T ≠ 1`` the known logits and the spread tail are
   divided by ``T``.
 - ``bucket``: the ``k + 1`` buckets (each top-k token, and the rest) of the two distributions are compared,
-  as verl and DistillKit do: ``P = (p_1 … p_k, r)``, ``Q = (q_1 … q_k, 1 − Σ q_i)``, so the student's mass
-  outside the top ``k`` meets the teacher's tail and the shape of either tail does not count. Forward KL,
-  reverse KL and JSD (:data:`BUCKET_DIVERGENCES`). At ``T ≠ 1`` the teacher's buckets are those of the spread
-  teacher at ``T``; at ``T = 1`` they are the stored values.
+  as verl and Arcee's DistillKit do: ``P = (p_1 … p_k, r)``, ``Q = (q_1 … q_k, 1 − Σ q_i)``, so the
+  student's mass outside the top ``k`` meets the teacher's tail and the shape of either tail does not count.
+  Forward KL, reverse KL and JSD (:data:`BUCKET_DIVERGENCES`). At ``T ≠ 1`` the teacher's buckets are those
+  of the spread teacher at ``T``; at ``T = 1`` they are the stored values.
 
 On CPU the compiled kernel ``distillkit::fused_linear_divergence_topk_fwd`` runs
 (``csrc/linear_divergence/``: the dense kernel with the spread teacher's logits in place of its GEMM, or
