@@ -83,11 +83,9 @@ def _vocabulary_differences(a: dict[str, int], b: dict[str, int]) -> list[str]:
     only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
     moved = sorted(s for s in a.keys() & b.keys() if a[s] != b[s])
     parts = [f"vocabulary: {len(a):,} entries against {len(b):,}"]
-    if only_a or only_b:
-        parts.append(
-            f"{len(only_a):,} strings only in the first (e.g. {only_a[:3]}), "
-            f"{len(only_b):,} only in the second"
-        )
+    for only, side in ((only_a, "first"), (only_b, "second")):
+        if only:
+            parts.append(f"{len(only):,} strings only in the {side} (e.g. {', '.join(map(repr, only[:3]))})")
     if moved:
         example = moved[0]
         parts.append(

@@ -291,6 +291,7 @@ def test_importing_distillkit_loads_no_trainer():
     assert distillkit.DistillationTrainer is DistillationTrainer
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning")  # Trainer default; CPU
 def test_the_documented_trainer_example_runs(tmp_path, monkeypatch, capsys):
     text = (ROOT / "docs" / "integrations.md").read_text(encoding="utf-8")
     block = next(
@@ -303,6 +304,7 @@ def test_the_documented_trainer_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "hf-student" / "README.md").exists()
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # TRL's SFTConfig
 def test_the_sft_example_runs_inside_trl(tmp_path, monkeypatch):
     pytest.importorskip("trl")
     monkeypatch.syspath_prepend(str(ROOT / "examples"))

@@ -58,7 +58,8 @@ def student_tokenizer_of(config: DistillConfig, task: Task, tokenizer: Any) -> t
         raise ConfigError(
             f"the {both_tokenizers(config, tokenizer, student)} differ ({'; '.join(differences[:3])}); task "
             f"'{task.name}' trains the student on the teacher's tokens. Give the student the teacher's "
-            "tokenizer (remove student.tokenizer), or use task causal_lm, which distils across tokenizers"
+            f"tokenizer (student.tokenizer: '{_source(config.teacher)}'), or use task causal_lm, which "
+            "distils across tokenizers"
         )
     if differences:
         require_offsets(tokenizer, "teacher")

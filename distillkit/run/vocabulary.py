@@ -109,13 +109,14 @@ def check_vocabularies(
         check_same_tokenizer(spec, f"teachers.{name}", config.teacher, tokenizer)
     teacher_cfg, student_cfg = model_configs(config, num_labels, student_tokenizer)
     needed = _token_count(tokenizer)
+    source = config.teacher.tokenizer or config.teacher.path
     readers = [("teacher", teacher_cfg)] + ([("student", student_cfg)] if student_tokenizer is None else [])
     for role, model_cfg in readers:
         size = getattr(model_cfg, "vocab_size", None)
         if size is not None and size < needed:
             raise ConfigError(
-                f"the {role}'s vocab_size is {size:,}, but the teacher's tokenizer "
-                f"{describe_tokenizer(tokenizer)} gives token ids up to {needed - 1:,}: the {role} cannot "
+                f"the {role}'s vocab_size is {size:,}, but the teacher's tokenizer '{source}' "
+                f"({describe_tokenizer(tokenizer)}) gives token ids up to {needed - 1:,}: the {role} cannot "
                 f"embed them; use a {role} with a vocabulary of at least {needed:,} tokens "
                 f"({role}.config.vocab_size)"
             )

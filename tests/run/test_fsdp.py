@@ -46,7 +46,7 @@ def _lm_config(tmp_path: Path, name: str, strategy: str, **train) -> Path:
     raw["student"] = {"layers": 2}
     raw["train"].update(
         steps=STEPS, batch_size=2, grad_accum=2, save_every=2, eval_every=2, precision="fp32",
-        tensorboard=False, strategy=strategy, **train,
+        report_to=[], strategy=strategy, **train,
     )  # fmt: skip
     raw["output_dir"] = str(tmp_path / name)
     path = tmp_path / f"{name}.yaml"
@@ -162,7 +162,7 @@ def test_a_checkpoint_of_the_other_strategy_is_refused(runs, tmp_path):
 
 
 def test_a_finetuned_teacher_and_a_cached_one_train_alike_under_fsdp_and_ddp(tmp_path):
-    raw = tiny_config(tmp_path, steps=3, batch_size=4, precision="fp32", tensorboard=False, save_every=3)
+    raw = tiny_config(tmp_path, steps=3, batch_size=4, precision="fp32", report_to=[], save_every=3)
     raw["teacher"]["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     raw["teachers"] = {"wide": {"config": bert(2, 48), "cache": str(tmp_path / "wide-cache")}}
     raw["objective"] = [

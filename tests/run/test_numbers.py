@@ -33,7 +33,7 @@ def test_the_summary_keeps_the_demo_look_and_shows_small_losses():
 
 
 def test_a_run_with_tiny_losses_prints_them_in_the_bar_and_the_summary(tmp_path, capsys):
-    raw = tiny_config(tmp_path, steps=3, progress=True, tensorboard=False)
+    raw = tiny_config(tmp_path, steps=3, progress=True, report_to=[])
     raw["objective"] = [{"loss": "l2", "weight": 1e-6}, {"loss": "ce", "weight": 1e-6, "name": "tiny_ce"}]
     summary = distill(config_from_dict(raw))
     captured = capsys.readouterr()

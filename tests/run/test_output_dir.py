@@ -31,7 +31,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 def write_config(tmp_path: Path, name: str = "run.yaml", **train) -> tuple[Path, dict]:
-    raw = tiny_config(tmp_path, tensorboard=False, **train)
+    raw = tiny_config(tmp_path, report_to=[], **train)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path, raw
@@ -117,7 +117,7 @@ def test_resume_continues_the_same_run(tmp_path):
 
 def test_pruning_never_touches_another_runs_checkpoints(tmp_path):
     # the API does not guard the directory: fit() into a directory holding another run's checkpoints
-    raw = tiny_config(tmp_path, steps=10, save_every=2, keep_last=2, tensorboard=False)
+    raw = tiny_config(tmp_path, steps=10, save_every=2, keep_last=2, report_to=[])
     fit(Run.from_config(config_from_dict(raw)))
     out = Path(raw["output_dir"])
     old = {p.name: checkpoint_run_id(p) for p in list_checkpoints(out / "checkpoints")}

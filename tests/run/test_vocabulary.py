@@ -48,10 +48,11 @@ def test_a_student_with_its_own_tokenizer_of_other_ids_is_refused(tmp_path, no_w
     with pytest.raises(ConfigError) as caught:
         Run.prepare(config_from_dict(raw))
     message = str(caught.value)
-    assert message.startswith(f"student.path '{tmp_path / 'student'}' has its own tokenizer '")
-    assert f"which differs from the teacher's '{tmp_path / 'vocab.txt'}'" in message
-    assert "tokens have other ids ('" in message
-    assert "use a student that shares the teacher's tokenizer" in message
+    vocab = tmp_path / "vocab.txt"
+    assert message.startswith(f"the teacher tokenizer '{vocab}' (BertTokenizer, 31 tokens) and ")
+    assert f"student tokenizer '{tmp_path / 'student'}' (" in message
+    assert "shared strings have other ids (e.g. '" in message
+    assert f"Give the student the teacher's tokenizer (student.tokenizer: '{vocab}')" in message
 
 
 def test_a_student_tokenizer_of_another_size_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -63,8 +64,8 @@ def test_a_student_tokenizer_of_another_size_is_refused_before_anything_is_writt
     capsys.readouterr()
     assert cli.main(["distill", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "vocabulary size 33 vs 31" in err
-    assert "2 tokens only in the first ('extra', 'words')" in err
+    assert err.count("\n") == 1 and "vocabulary: 31 entries against 33" in err
+    assert "2 strings only in the second (e.g. 'extra', 'words')" in err and "only in the first" not in err
     assert not (tmp_path / "run").exists()  # no empty metrics.jsonl
 
 

@@ -260,9 +260,7 @@ def test_a_live_study_runs_one_run_alone_only_while_the_teacher_is_not_fine_tune
 
 
 def _write_onpolicy_study(tmp_path, variants, **extra):
-    base = causal_lm_config(
-        tmp_path, {"student_fraction": 0.0, "prompt_tokens": 4}, steps=2, tensorboard=False
-    )
+    base = causal_lm_config(tmp_path, {"student_fraction": 0.0, "prompt_tokens": 4}, steps=2, report_to=[])
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
     study = {
         "base": "base.yaml",
@@ -308,4 +306,5 @@ def test_a_study_of_sampled_variants_runs_the_teacher_live_and_compares_sample_n
     assert [r["variant"] for r in rows] == ["offline", "on"]
     assert {"sample_nll", "perplexity"} <= set(rows[1]["delta"])
     table = (tmp_path / "study" / "results.md").read_text(encoding="utf-8")
-    assert "Δ sample_nll vs offline" in table
+    section = table[table.index("**sample_nll**") :]
+    assert "| on | offline |" in section.split("\n\n**")[0]

@@ -17,7 +17,7 @@ from tests.distill_fixtures import tiny_config
 
 
 def _write_study(tmp_path: Path) -> Path:
-    base = tiny_config(tmp_path, steps=40, save_every=2, tensorboard=False)
+    base = tiny_config(tmp_path, steps=40, save_every=2, report_to=[])
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
     study = {
         "base": "base.yaml",
