@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 
 #include "common/blas_gemm.h"
 #include "linear_divergence/args.h"
@@ -73,6 +74,52 @@ inline at::Tensor checked_labels(const at::Tensor& labels, int64_t V) {
   return out;
 }
 
+// The student's side of a call, shared by both forms of the op: its inputs in the accumulation dtype, the
+// per-row weights and labels, and the outputs (loss, grad_hidden [N, Ds], grad_weight [V, Ds]).
+struct StudentSide {
+  at::ScalarType acc;
+  at::Tensor hs, ws, kw, loss, grad_hidden, grad_weight;
+  std::optional<at::Tensor> cw, lb;
+
+  StudentSide(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& kd_weight,
+              const std::optional<at::Tensor>& ce_weight, const std::optional<at::Tensor>& labels, const char* op)
+      : acc(student_hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) {
+    const int64_t N = student_hidden.size(0), Ds = student_hidden.size(1), V = student_weight.size(0);
+    hs = student_hidden.to(acc).contiguous();
+    ws = student_weight.to(acc).contiguous();
+    kw = kd_weight.to(acc).contiguous();
+    if (labels.has_value()) {
+      TORCH_CHECK(labels->dim() == 1 && labels->size(0) == N && ce_weight->dim() == 1 && ce_weight->size(0) == N,
+                  op, ": ce_weight and labels must be [", N, "]");
+      cw = ce_weight->to(acc).contiguous();
+      lb = checked_labels(*labels, V);
+    }
+    auto opts = student_hidden.options().dtype(acc);
+    loss = at::zeros({}, opts);
+    grad_hidden = at::empty({N, Ds}, opts);
+    grad_weight = at::empty({V, Ds}, opts);
+  }
+
+  // Fills every field of `args` but the teacher's; N, V, Ds from the tensors.
+  void fill(LinearDivergenceArgs& args, Divergence kind, double temperature, double beta, double alpha) const {
+    args.dtype = acc == at::kDouble ? LinearDivergenceDType::kFloat64 : LinearDivergenceDType::kFloat32;
+    args.N = hs.size(0);
+    args.V = ws.size(0);
+    args.Ds = hs.size(1);
+    args.divergence = kind;
+    args.temperature = temperature;
+    args.beta = beta;
+    args.alpha = alpha;
+    args.student_hidden = hs.data_ptr();
+    args.student_weight = ws.data_ptr();
+    args.kd_weight = kw.data_ptr();
+    args.ce_weight = cw.has_value() ? cw->data_ptr() : nullptr;
+    args.labels = lb.has_value() ? lb->data_ptr<int64_t>() : nullptr;
+    args.grad_hidden = grad_hidden.data_ptr();
+    args.grad_weight = grad_weight.data_ptr();
+  }
+};
+
 // Runs the kernel on `args` with this process's threads (`buckets`: the sparse teacher's tail as one bucket,
 // run_topk; else run, with a dense teacher or a sparse one spread evenly); returns the loss.
 template <typename acc_t>
@@ -90,6 +137,15 @@ double run_typed(const LinearDivergenceArgs& args, bool buckets) {
   const cpu::fld::ParallelFor par = shared_counter_for(plan.threads);
   const auto gemm = cpu_gemm::pick_gemm<acc_t>();
   return buckets ? cpu::fld::run_topk<acc_t>(problem, plan, gemm, par) : cpu::fld::run<acc_t>(problem, plan, gemm, par);
+}
+
+// Runs the kernel on `args` (filled by `side`) and returns (loss, grad_hidden, grad_weight).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_call(const StudentSide& side,
+                                                             const LinearDivergenceArgs& args, bool buckets) {
+  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? run_typed<double>(args, buckets)
+                                                                     : run_typed<float>(args, buckets);
+  side.loss.fill_(value);
+  return {side.loss, side.grad_hidden, side.grad_weight};
 }
 
 }  // namespace fld_binding

@@ -139,13 +139,19 @@ inline int64_t row_groups(const Plan& plan, int64_t active, int64_t V, int64_t D
   return std::max<int64_t>(1, groups);
 }
 
-// Runs `blocks(view, idx, count, par)` (the kernel's block loop over rows idx[0..count), returning their loss;
-// it overwrites view.grad_weight and adds to view.grad_hidden) on all active rows: in one call with the
-// workers on the parts, or, per row_groups, on concurrent groups of rows each with one worker and its own
-// weight gradient, summed into p.grad_weight after. grad_hidden must be zero.
+// Zeroes p.grad_hidden and runs `blocks(view, idx, count, par)` (the kernel's block loop over rows
+// idx[0..count), returning their loss; it overwrites view.grad_weight and adds to view.grad_hidden) on all
+// active rows: in one call with the workers on the parts, or, per row_groups, on concurrent groups of rows
+// each with one worker and its own weight gradient, summed into p.grad_weight after. No active row: zero
+// gradients and loss.
 template <typename acc_t, typename Blocks>
-double run_in_groups(const Problem<acc_t>& p, const Plan& plan, const std::vector<int64_t>& active,
-                     const ParallelFor& par, Blocks blocks) {
+double run_active_rows(const Problem<acc_t>& p, const Plan& plan, const ParallelFor& par, Blocks blocks) {
+  std::fill(p.grad_hidden, p.grad_hidden + p.N * p.Ds, acc_t(0));
+  const std::vector<int64_t> active = active_rows(p);
+  if (active.empty() || p.V == 0) {
+    std::fill(p.grad_weight, p.grad_weight + p.V * p.Ds, acc_t(0));
+    return 0.0;
+  }
   const int64_t count = static_cast<int64_t>(active.size());
   const int64_t groups = row_groups(plan, count, p.V, p.Ds, sizeof(acc_t));
   if (groups <= 1) return blocks(p, active.data(), count, par);

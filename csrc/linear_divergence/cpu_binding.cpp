@@ -52,50 +52,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_fwd_cpu(
     double alpha) {
   check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, kd_weight, ce_weight, labels,
                temperature);
-  const int64_t N = student_hidden.size(0), Ds = student_hidden.size(1), Dt = teacher_hidden.size(1);
-  const int64_t V = student_weight.size(0);
+  const int64_t Dt = teacher_hidden.size(1);
   const Divergence kind = fld_binding::parse_divergence(std::string_view(divergence.data(), divergence.size()),
                                                         "fused_linear_divergence_fwd");
-  const at::ScalarType acc = student_hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = student_hidden.options().dtype(acc);
-  at::Tensor hs = student_hidden.to(acc).contiguous(), ws = student_weight.to(acc).contiguous();
-  at::Tensor ht = teacher_hidden.to(acc).contiguous(), wt = teacher_weight.to(acc).contiguous();
-  at::Tensor kw = kd_weight.to(acc).contiguous();
-  std::optional<at::Tensor> cw, lb;
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == N && ce_weight->dim() == 1 && ce_weight->size(0) == N,
-                "fused_linear_divergence_fwd: ce_weight and labels must be [", N, "]");
-    cw = ce_weight->to(acc).contiguous();
-    lb = fld_binding::checked_labels(*labels, V);
-  }
-  at::Tensor loss = at::zeros({}, opts);
-  at::Tensor grad_hidden = at::empty({N, Ds}, opts);
-  at::Tensor grad_weight = at::empty({V, Ds}, opts);
-
+  const fld_binding::StudentSide side(student_hidden, student_weight, kd_weight, ce_weight, labels,
+                                      "fused_linear_divergence_fwd");
+  at::Tensor ht = teacher_hidden.to(side.acc).contiguous(), wt = teacher_weight.to(side.acc).contiguous();
   LinearDivergenceArgs args;
-  args.dtype = acc == at::kDouble ? LinearDivergenceDType::kFloat64 : LinearDivergenceDType::kFloat32;
-  args.N = N;
-  args.V = V;
-  args.Ds = Ds;
+  side.fill(args, kind, temperature, beta, alpha);
   args.Dt = Dt;
-  args.divergence = kind;
-  args.temperature = temperature;
-  args.beta = beta;
-  args.alpha = alpha;
-  args.student_hidden = hs.data_ptr();
-  args.student_weight = ws.data_ptr();
   args.teacher_hidden = ht.data_ptr();
   args.teacher_weight = wt.data_ptr();
-  args.kd_weight = kw.data_ptr();
-  args.ce_weight = cw.has_value() ? cw->data_ptr() : nullptr;
-  args.labels = lb.has_value() ? lb->data_ptr<int64_t>() : nullptr;
-  args.grad_hidden = grad_hidden.data_ptr();
-  args.grad_weight = grad_weight.data_ptr();
-
-  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? fld_binding::run_typed<double>(args, false)
-                                                                     : fld_binding::run_typed<float>(args, false);
-  loss.fill_(value);
-  return {loss, grad_hidden, grad_weight};
+  return fld_binding::run_call(side, args, false);
 }
 
 }  // namespace

@@ -112,7 +112,7 @@ int64_t block_buffers(const Problem<acc_t>& p, bool buckets);
 
 // Computes the loss (returned) and writes grad_hidden and grad_weight (overwritten, not accumulated). The
 // workers split each block's vocabulary into plan.parts; when that gives them too few parts (a small
-// vocabulary), the rows are split into groups that run concurrently instead (block.h: run_in_groups). With
+// vocabulary), the rows are split into groups that run concurrently instead (block.h: run_active_rows). With
 // teacher_index set (a sparse teacher, teacher_hidden and teacher_weight unused), the teacher's logits are its
 // top-k log-probabilities and its tail mass spread evenly over the other tokens ("spread" tail): the dense
 // divergence against the densified teacher, any divergence, without the teacher's GEMM.

@@ -75,48 +75,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_divergence_topk_fwd_
   // The bucket form has forward KL, reverse KL and JSD (the first three of the table); spread has them all.
   const Divergence kind = fld_binding::parse_divergence(std::string_view(divergence.data(), divergence.size()),
                                                         kOp, buckets ? 3 : kNumDivergences);
-  const at::ScalarType acc = student_hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = student_hidden.options().dtype(acc);
-  at::Tensor hs = student_hidden.to(acc).contiguous(), ws = student_weight.to(acc).contiguous();
+  const fld_binding::StudentSide side(student_hidden, student_weight, kd_weight, ce_weight, labels, kOp);
   at::Tensor index = checked_index(teacher_index, V);
-  at::Tensor logp = teacher_logp.to(acc).contiguous(), log_tail = teacher_log_tail.to(acc).contiguous();
-  at::Tensor kw = kd_weight.to(acc).contiguous();
-  std::optional<at::Tensor> cw, lb;
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == N && ce_weight->dim() == 1 && ce_weight->size(0) == N,
-                kOp, ": ce_weight and labels must be [", N, "]");
-    cw = ce_weight->to(acc).contiguous();
-    lb = fld_binding::checked_labels(*labels, V);
-  }
-  at::Tensor loss = at::zeros({}, opts);
-  at::Tensor grad_hidden = at::empty({N, Ds}, opts);
-  at::Tensor grad_weight = at::empty({V, Ds}, opts);
-
+  at::Tensor logp = teacher_logp.to(side.acc).contiguous(), log_tail = teacher_log_tail.to(side.acc).contiguous();
   LinearDivergenceArgs args;
-  args.dtype = acc == at::kDouble ? LinearDivergenceDType::kFloat64 : LinearDivergenceDType::kFloat32;
-  args.N = N;
-  args.V = V;
-  args.Ds = Ds;
+  side.fill(args, kind, temperature, beta, alpha);
   args.K = K;
-  args.divergence = kind;
-  args.temperature = temperature;
-  args.beta = beta;
-  args.alpha = alpha;
-  args.student_hidden = hs.data_ptr();
-  args.student_weight = ws.data_ptr();
   args.teacher_index = index.data_ptr<int64_t>();
   args.teacher_logp = logp.data_ptr();
   args.teacher_log_tail = log_tail.data_ptr();
-  args.kd_weight = kw.data_ptr();
-  args.ce_weight = cw.has_value() ? cw->data_ptr() : nullptr;
-  args.labels = lb.has_value() ? lb->data_ptr<int64_t>() : nullptr;
-  args.grad_hidden = grad_hidden.data_ptr();
-  args.grad_weight = grad_weight.data_ptr();
-
-  const double value = args.dtype == LinearDivergenceDType::kFloat64 ? fld_binding::run_typed<double>(args, buckets)
-                                                                     : fld_binding::run_typed<float>(args, buckets);
-  loss.fill_(value);
-  return {loss, grad_hidden, grad_weight};
+  return fld_binding::run_call(side, args, buckets);
 }
 
 }  // namespace

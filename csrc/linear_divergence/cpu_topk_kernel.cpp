@@ -213,16 +213,10 @@ double topk_blocks(const Problem<acc_t>& p, const Plan& plan, const int64_t* row
 
 template <typename acc_t>
 double run_topk(const Problem<acc_t>& p, const Plan& plan, GemmFn<acc_t> gemm, const ParallelFor& par) {
-  std::fill(p.grad_hidden, p.grad_hidden + p.N * p.Ds, acc_t(0));
-  const std::vector<int64_t> active = active_rows(p);
-  if (active.empty() || p.V == 0) {
-    std::fill(p.grad_weight, p.grad_weight + p.V * p.Ds, acc_t(0));
-    return 0.0;
-  }
-  return run_in_groups(p, plan, active, par,
-                       [&](const Problem<acc_t>& view, const int64_t* rows, int64_t count, const ParallelFor& each) {
-                         return topk_blocks(view, plan, rows, count, gemm, each);
-                       });
+  return run_active_rows(p, plan, par,
+                         [&](const Problem<acc_t>& view, const int64_t* rows, int64_t count, const ParallelFor& each) {
+                           return topk_blocks(view, plan, rows, count, gemm, each);
+                         });
 }
 
 template double run_topk<float>(const Problem<float>&, const Plan&, GemmFn<float>, const ParallelFor&);

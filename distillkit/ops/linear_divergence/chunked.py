@@ -19,7 +19,8 @@ CHUNK_ELEMENTS = 1 << 21
 """Default logits per chunk (rows × V) of the chunked path: 8 MiB per float32 temporary."""
 
 
-def _acc_dtype(tensor: torch.Tensor) -> torch.dtype:
+def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, else float32 (the dtype sums and gradients are kept in)."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
@@ -86,14 +87,37 @@ def ce_terms(
     return loss, torch.where(active.unsqueeze(-1), ce_weight.unsqueeze(-1) * grad, zero)
 
 
-class _ChunkedFunction(torch.autograd.Function):
+class GradientsInForward(torch.autograd.Function):
+    """A loss whose forward computes its gradients for ``(hidden, weight)``; backward only scales them.
+
+    A subclass's ``forward`` ends with :meth:`keep_gradients`; its first two inputs are the student's hidden
+    states and output weight, the rest get no gradient.
+    """
+
+    @staticmethod
+    def keep_gradients(ctx, grad_h: torch.Tensor, grad_w: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor):
+        """Saves the gradients (accumulation dtype) and the inputs' dtypes for :meth:`backward`."""
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hs.dtype, ws.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        """The kept gradients times ``grad_loss``, in the inputs' dtypes; None for every other input."""
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss.to(grad_h.dtype)
+        grad_hs = (grad_h * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_ws = (grad_w * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return grad_hs, grad_ws, *([None] * (len(ctx.needs_input_grad) - 2))
+
+
+class _ChunkedFunction(GradientsInForward):
     """Loss forward with the gradients computed chunk by chunk; backward scales them."""
 
     @staticmethod
     def forward(
         ctx, hs, ws, ht, wt, kd_weight, ce_weight, labels, kind, temperature, beta, alpha, chunk_rows
     ):
-        acc = _acc_dtype(hs)
+        acc = accumulation_dtype(hs)
         n_rows, vocab = hs.shape[0], ws.shape[0]
         ws_acc, wt_acc = ws.detach().to(acc), wt.detach().to(acc)
         grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device)
@@ -119,17 +143,8 @@ class _ChunkedFunction(torch.autograd.Function):
             loss = loss + chunk_loss
             grad_h[rows] = grad @ ws_acc
             grad_w.addmm_(grad.T, h)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hs.dtype, ws.dtype)
+        _ChunkedFunction.keep_gradients(ctx, grad_h, grad_w, hs, ws)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss.to(grad_h.dtype)
-        grad_hs = (grad_h * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_ws = (grad_w * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_hs, grad_ws, *([None] * 10)
 
 
 def chunked_linear_divergence(

@@ -30,7 +30,13 @@ import torch
 from distillkit.ops import library
 from distillkit.ops.divergences import divergence_and_grad
 from distillkit.ops.linear_divergence import compiled, topk_compiled
-from distillkit.ops.linear_divergence.chunked import CHUNK_ELEMENTS, ce_terms, chunk_terms
+from distillkit.ops.linear_divergence.chunked import (
+    CHUNK_ELEMENTS,
+    GradientsInForward,
+    accumulation_dtype,
+    ce_terms,
+    chunk_terms,
+)
 from distillkit.ops.linear_divergence.op import row_weights
 from distillkit.ops.linear_divergence.validate import BUCKET_DIVERGENCES, TOPK_TAILS, validate_topk
 
@@ -227,14 +233,14 @@ def _topk_chunk_terms(
     return loss, grad
 
 
-class _TopKChunkedFunction(torch.autograd.Function):
+class _TopKChunkedFunction(GradientsInForward):
     """Loss forward with the gradients computed chunk by chunk; backward scales them."""
 
     @staticmethod
     def forward(
         ctx, hs, ws, index, logp, log_tail, kd_weight, ce_weight, labels, kind, temperature, beta, alpha, tail
     ):
-        acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(hs)
         ws_acc = ws.detach().to(acc)
         grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device)
         grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device)
@@ -268,17 +274,8 @@ class _TopKChunkedFunction(torch.autograd.Function):
             loss = loss + chunk
             grad_h[rows] = grad @ ws_acc
             grad_w.addmm_(grad.T, h)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hs.dtype, ws.dtype)
+        _TopKChunkedFunction.keep_gradients(ctx, grad_h, grad_w, hs, ws)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss.to(grad_h.dtype)
-        grad_hs = (grad_h * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_ws = (grad_w * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_hs, grad_ws, *([None] * 12)
 
 
 def labels_rows(labels: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

@@ -40,6 +40,21 @@ def _check_number(name: str, value: object, low: float, high: float | None = Non
     return number
 
 
+def _check_devices(op: str, hs: torch.Tensor, **others: torch.Tensor) -> None:
+    """Every tensor of ``others`` must be on ``student_hidden``'s device."""
+    for name, tensor in others.items():
+        if tensor.device != hs.device:
+            raise ValueError(
+                f"{op}: {name} is on {tensor.device} but student_hidden is on {hs.device}; move every input "
+                "to one device"
+            )
+
+
+def _check_divergence(op: str, divergence: object) -> None:
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(f"{op}: unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
 def validate(
     hs: torch.Tensor,
     ws: torch.Tensor,
@@ -95,17 +110,8 @@ def validate(
             f"fused_linear_divergence: student_hidden has N = {hs.shape[0]} rows but teacher_hidden "
             f"{ht.shape[0]}; pass the same tokens of both models"
         )
-    for name, tensor in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
-        if tensor.device != hs.device:
-            raise ValueError(
-                f"fused_linear_divergence: {name} is on {tensor.device} but student_hidden is on "
-                f"{hs.device}; move every input to one device"
-            )
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(
-            f"fused_linear_divergence: unknown divergence {divergence!r}; "
-            f"choose one of {', '.join(DIVERGENCES)}"
-        )
+    _check_devices("fused_linear_divergence", hs, student_weight=ws, teacher_hidden=ht, teacher_weight=wt)
+    _check_divergence("fused_linear_divergence", divergence)
     return _check_rest(hs, divergence, temperature, beta, alpha, mask, labels, ce_weight)
 
 
@@ -227,23 +233,19 @@ def validate_topk(
             f"fused_linear_divergence_topk: teacher_logp must be [N, k] = {list(index.shape)} and "
             f"teacher_log_tail [N] = [{n_rows}], got {list(logp.shape)} and {list(log_tail.shape)}"
         )
-    for name, tensor in (("student_weight", ws), ("teacher_index", index), ("teacher_logp", logp)):
-        if tensor.device != hs.device:
-            raise ValueError(
-                f"fused_linear_divergence_topk: {name} is on {tensor.device} but student_hidden is on "
-                f"{hs.device}; move every input to one device"
-            )
-    if log_tail.device != hs.device:
-        raise ValueError(f"fused_linear_divergence_topk: teacher_log_tail is on {log_tail.device}")
+    _check_devices(
+        "fused_linear_divergence_topk",
+        hs,
+        student_weight=ws,
+        teacher_index=index,
+        teacher_logp=logp,
+        teacher_log_tail=log_tail,
+    )
     if tail not in TOPK_TAILS:
         raise ValueError(
             f"fused_linear_divergence_topk: tail must be one of {', '.join(TOPK_TAILS)}, got {tail!r}"
         )
-    if divergence not in DIVERGENCES:
-        raise ValueError(
-            f"fused_linear_divergence_topk: unknown divergence {divergence!r}; "
-            f"choose one of {', '.join(DIVERGENCES)}"
-        )
+    _check_divergence("fused_linear_divergence_topk", divergence)
     if tail == "bucket" and divergence not in BUCKET_DIVERGENCES:
         raise ValueError(
             f"fused_linear_divergence_topk: divergence {divergence!r} has no form with the tail as one "
