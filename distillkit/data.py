@@ -1,4 +1,6 @@
-"""Task data: loading (HF ``datasets``), validation, tokenisation and batching.
+"""Task data: loading (HF ``datasets``), validation, tokenisation and batching of labelled examples.
+
+Unlabelled text (packing, prompt/completion pairs) is :mod:`distillkit.text_data`, built on this module.
 
 Sources (``data.path``):
 
@@ -146,7 +148,16 @@ def _no_rows(file: Path, kind: str) -> str | None:
     return None
 
 
-def _split(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+def split_train_eval(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """The training and evaluation splits of ``data.path``, raw: nothing checked or tokenised.
+
+    The evaluation split is the source's ``data.eval_split``, ``data.eval_path``, a fold (``data.folds``) or a
+    held-out part; ``data.dev_fraction`` and the example limits then apply.
+
+    Raises:
+        ConfigError: A missing source or split.
+
+    """
     if cfg.path is None:
         raise ConfigError("data.path is required: a CSV/JSON/parquet file, a hub name, or builtin:NAME")
     loaded = _read(cfg.path, "data.path")
@@ -207,7 +218,7 @@ def fold_split(data: Dataset, evaluation: Dataset | None, cfg: DataConfig) -> tu
     return order.select(rest), order.select(range(start, stop))
 
 
-def _check_columns(dataset: Dataset, cfg: DataConfig, which: str, fields: Sequence[str]) -> None:
+def check_columns(dataset: Dataset, cfg: DataConfig, which: str, fields: Sequence[str]) -> None:
     """The columns the ``data`` fields ``fields`` name exist; those other than ``label_column`` hold text.
 
     Text must not be empty, except a completion's (``completion_column``).
@@ -269,7 +280,7 @@ def _label_names(train: Dataset, evaluation: Dataset, cfg: DataConfig) -> list[s
     return names
 
 
-def _encode_rows(dataset: Dataset, encode: Any) -> Dataset:
+def encode_rows(dataset: Dataset, encode: Any) -> Dataset:
     """``dataset`` mapped through ``encode(rows, ids)`` in batches (only the encoded columns are kept)."""
     return dataset.map(
         encode,
@@ -282,10 +293,10 @@ def _encode_rows(dataset: Dataset, encode: Any) -> Dataset:
 
 def _checked_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, list[str]]:
     """The train and eval splits of labelled data, their columns checked, and the label names."""
-    train, evaluation = _split(cfg)
+    train, evaluation = split_train_eval(cfg)
     fields = ("text_column", "text_pair_column", "label_column")
-    _check_columns(train, cfg, "training", fields)
-    _check_columns(evaluation, cfg, "evaluation", fields)
+    check_columns(train, cfg, "training", fields)
+    check_columns(evaluation, cfg, "evaluation", fields)
     return train, evaluation, _label_names(train, evaluation, cfg)
 
 
@@ -327,116 +338,9 @@ def load_task_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
         return dict(encoded)
 
     def tokenise(dataset: Dataset) -> Dataset:
-        return _encode_rows(dataset, encode)
+        return encode_rows(dataset, encode)
 
     return TaskData(train=tokenise(train), eval=tokenise(evaluation), label_names=names)
-
-
-def end_of_text_id(tokenizer: Any) -> int | None:
-    """The token that ends a text: the tokenizer's end-of-sequence token, else its separator (BERT-style)."""
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-
-
-def too_little_text(which: str, tokens: int, max_length: int) -> ConfigError:
-    """The error for a split whose text packs into no block of ``max_length`` tokens."""
-    return ConfigError(
-        f"the {which} text has {tokens} tokens, less than one block of data.max_length={max_length}; "
-        "lower data.max_length or add text"
-    )
-
-
-def load_text_splits(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """The train and eval splits of unlabelled text, ``data.text_column`` checked (nothing tokenised).
-
-    Raises:
-        ConfigError: For a missing file or column, empty data or an empty text.
-
-    """
-    import datasets
-
-    datasets.disable_progress_bars()
-    train, evaluation = _split(cfg)
-    fields = (
-        ("prompt_column", "completion_column") if cfg.prompt_column else ("text_column", "text_pair_column")
-    )
-    _check_columns(train, cfg, "training", fields)
-    _check_columns(evaluation, cfg, "evaluation", fields)
-    return train, evaluation
-
-
-def load_text_data(
-    cfg: DataConfig, tokenizer: Any, packing: bool, prompt_limit: int | None = None
-) -> TaskData:
-    """Loads, validates and tokenises unlabelled text (causal LM, masked LM, representation tasks).
-
-    Args:
-        cfg: The ``data`` section (``text_column`` is read; labels are ignored).
-        tokenizer: The teacher's tokenizer.
-        packing: Concatenate the texts, each followed by the end-of-text token, and cut the stream into
-            blocks of ``max_length`` tokens (the last partial block is dropped); else one truncated text
-            per example.
-        prompt_limit: With ``data.prompt_column``: prompts longer than this keep their last ``prompt_limit``
-            tokens (default: ``max_length - 1``).
-
-    Returns:
-        Train and eval splits with ``input_ids``, ``attention_mask`` and ``example_ids``; with
-        ``data.prompt_column`` (prompt/completion examples, never packed) also ``prompt_lengths``: each
-        example is its prompt's tokens, then the completion's and the end-of-text token (cut at
-        ``max_length``), and ``prompt_lengths`` counts the prompt's.
-
-    Raises:
-        ConfigError: For a missing file or column, empty data, or too little text for one block.
-
-    """
-    train, evaluation = load_text_splits(cfg)
-    separator = [end_of_text_id(tokenizer)]
-    if cfg.prompt_column:
-        limit = prompt_limit or cfg.max_length - 1
-
-        def encode_pairs(rows: dict[str, list], ids: list[int]) -> dict[str, list]:
-            prompts = tokenizer(rows[cfg.prompt_column], add_special_tokens=False)["input_ids"]
-            completions = tokenizer(rows[cfg.completion_column], add_special_tokens=False)["input_ids"]
-            tokens = [
-                (prompt[-limit:] + completion + separator)[: cfg.max_length]
-                for prompt, completion in zip(prompts, completions, strict=True)
-            ]
-            return {
-                "input_ids": tokens,
-                "attention_mask": [[1] * len(row) for row in tokens],
-                "prompt_lengths": [min(len(prompt), limit) for prompt in prompts],
-                "example_ids": ids,
-            }
-
-        return TaskData(train=_encode_rows(train, encode_pairs), eval=_encode_rows(evaluation, encode_pairs))
-
-    def encode(rows: dict[str, list], ids: list[int]) -> dict[str, list]:
-        encoded = tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "example_ids": ids,
-        }
-
-    def pack(dataset: Dataset, which: str) -> Dataset:
-        stream: list[int] = []
-        for text in dataset[cfg.text_column]:
-            stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
-        blocks = len(stream) // cfg.max_length
-        if blocks == 0:
-            raise too_little_text(which, len(stream), cfg.max_length)
-        rows = [stream[i * cfg.max_length : (i + 1) * cfg.max_length] for i in range(blocks)]
-        return Dataset.from_dict(
-            {
-                "input_ids": rows,
-                "attention_mask": [[1] * cfg.max_length] * blocks,
-                "example_ids": list(range(blocks)),
-            }
-        )
-
-    def tokenise(dataset: Dataset, which: str) -> Dataset:
-        return pack(dataset, which) if packing else _encode_rows(dataset, encode)
-
-    return TaskData(train=tokenise(train, "training"), eval=tokenise(evaluation, "evaluation"))
 
 
 class Collator:

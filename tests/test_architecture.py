@@ -19,14 +19,15 @@ LAYERS = {
     "contract": {"errors", "config", "ops"},
     "objective": {"errors", "config", "registry", "plugin_manager", "hookspecs", "ops", "contract"},
     "data": {"errors", "config"},
+    "text_data": {"errors", "config", "data"},
     "model_paths": {"errors"},
     "models": {"errors", "config", "model_paths"},
     "tokenizers": {"errors", "config", "models", "model_paths"},
-    "tasks": {"errors", "config", "data", "models", "contract", "ops", "tokenizers"},
+    "tasks": {"errors", "config", "data", "text_data", "models", "contract", "ops", "tokenizers"},
     "teacher_cache": {"errors", "contract"},
     "run": {
-        "errors", "config", "data", "models", "contract", "objective", "ops", "tasks", "teacher_cache",
-        "registry", "plugin_manager", "hookspecs", "model_paths", "tokenizers",
+        "errors", "config", "data", "text_data", "models", "contract", "objective", "ops", "tasks",
+        "teacher_cache", "registry", "plugin_manager", "hookspecs", "model_paths", "tokenizers",
     },
     "bench": {
         "errors", "config", "contract", "objective", "ops", "run", "registry", "plugin_manager", "hookspecs",

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from distillkit.config import DistillConfig
-from distillkit.data import load_text_splits
 from distillkit.errors import ConfigError
 from distillkit.models import load_tokenizer
+from distillkit.text_data import load_text_splits
 from distillkit.tokenizers import SPECIAL_ROLES
 
 

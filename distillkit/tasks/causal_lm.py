@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distillkit.config import DistillConfig
-from distillkit.data import TaskData, load_text_data
+from distillkit.data import TaskData
 from distillkit.errors import ConfigError
 from distillkit.objective.taps import teacher_view
 from distillkit.objective.terms import TaskInfo
@@ -28,6 +28,7 @@ from distillkit.tasks.base import Batch, EvalContext, ReportContext, on_device, 
 from distillkit.tasks.sampling import Sampling, end_and_pad, sample_batch
 from distillkit.tasks.streams import NOT_TEXT, TokenStreamCollator, load_token_streams
 from distillkit.tasks.tokens import TokenTask, token_stats
+from distillkit.text_data import load_text_data
 
 SAMPLE_SEED = 1234
 """Seeds the continuations ``sample_nll`` scores (the same at every evaluation and in every run)."""

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from distillkit.data import Collator, TaskData, load_text_data
+from distillkit.data import Collator, TaskData
 from distillkit.errors import ConfigError
 from distillkit.objective.terms import TaskInfo
 from distillkit.tasks.tokens import TokenTask
+from distillkit.text_data import load_text_data
 
 
 class MaskingCollator(Collator):

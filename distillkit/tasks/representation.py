@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit.data import Collator, TaskData, load_task_data, load_text_data
+from distillkit.data import Collator, TaskData, load_task_data
 from distillkit.objective.terms import TaskInfo, masked_mean
 from distillkit.tasks.base import (
     Autocast,
@@ -28,6 +28,7 @@ from distillkit.tasks.base import (
     on_device,
 )
 from distillkit.tasks.examples import PER_EXAMPLE, accuracy_of_predictions, mean_of, to_lists
+from distillkit.text_data import load_text_data
 
 
 @torch.no_grad()

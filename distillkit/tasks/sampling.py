@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from distillkit.data import end_of_text_id
 from distillkit.errors import DistillkitError
 from distillkit.tasks.base import Autocast, Batch, autocast_scope
+from distillkit.text_data import end_of_text_id
 
 __all__ = [
     "Prompts",

@@ -28,8 +28,9 @@ import torch
 from datasets import Dataset
 
 from distillkit.config import DataConfig
-from distillkit.data import TaskData, load_text_splits, too_little_text
+from distillkit.data import TaskData
 from distillkit.objective.taps import TEACHER_PREFIX
+from distillkit.text_data import load_text_splits, too_little_text
 from distillkit.tokenizers import SpannedTokens, encode_with_spans
 
 NOT_TEXT = -1

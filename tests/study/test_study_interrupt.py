@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from distillkit.run.checkpoint import list_checkpoints
-from distillkit.study.runner import _leave_ctrl_c_to_main, _stop_workers
+from distillkit.study.execution import _leave_ctrl_c_to_main, _stop_workers
 from tests.distill_fixtures import tiny_config
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from distillkit.config import config_from_dict
-from distillkit.data import load_text_splits
 from distillkit.models import load_tokenizer
 from distillkit.run.distill import distill
 from distillkit.tasks import EvalContext, make_task
+from distillkit.text_data import load_text_splits
 from tests.cross_tokenizer_fixtures import cross_config
 from tests.distill_fixtures import llama, text_config
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from distillkit.config import config_from_dict
-from distillkit.data import load_text_data, load_text_splits
 from distillkit.models import load_tokenizer
 from distillkit.tasks.causal_lm import NextTokenCollator
 from distillkit.tasks.streams import common_scored_text, load_token_streams
+from distillkit.text_data import load_text_data, load_text_splits
 from distillkit.tokenizers import encode_with_spans
 from tests.cross_tokenizer_fixtures import cross_config
 from tests.distill_fixtures import llama, text_config

@@ -163,7 +163,7 @@ def test_linear_probe_separates_separable_features():
 
 
 def test_packed_text_blocks(tmp_path):
-    from distillkit.data import load_text_data
+    from distillkit.text_data import load_text_data
 
     raw = text_config(tmp_path, "causal_lm", llama(2, 16), [{"loss": "ce"}])
     config = config_from_dict(raw)
