@@ -79,7 +79,7 @@ def loss_and_grads(
     loss = fn(h, w)
     seconds = time.perf_counter() - started
     loss.backward()
-    return float(loss), w.grad, h.grad, seconds
+    return float(loss.detach()), w.grad, h.grad, seconds
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
