@@ -96,13 +96,13 @@ def test_macro_f1_of_sums_matches_the_reported_f1():
 
 
 def test_folds_partition_the_data_and_dev_is_never_trained_on(tmp_path):
-    from distillkit.data import _split
+    from distillkit.data import split_train_eval
 
     raw = tiny_config(tmp_path)
     seen = []
     for fold in range(3):
         cfg = config_from_dict({**raw, "data": {**raw["data"], "folds": 3, "fold": fold}}).data
-        train, held = _split(cfg)
+        train, held = split_train_eval(cfg)
         assert not set(train["sentence"]) & set(held["sentence"])
         assert len(train) + len(held) == 48
         seen += held["sentence"]
@@ -110,9 +110,9 @@ def test_folds_partition_the_data_and_dev_is_never_trained_on(tmp_path):
     dev_cfg = config_from_dict(
         {**raw, "data": {**raw["data"], "dev_fraction": 0.25, "evaluate_on": "dev"}}
     ).data
-    train_dev, dev = _split(dev_cfg)
+    train_dev, dev = split_train_eval(dev_cfg)
     eval_cfg = config_from_dict({**raw, "data": {**raw["data"], "dev_fraction": 0.25}}).data
-    train_eval, held = _split(eval_cfg)
+    train_eval, held = split_train_eval(eval_cfg)
     assert train_dev["sentence"] == train_eval["sentence"]  # the same training data either way
     assert not set(dev["sentence"]) & set(train_dev["sentence"]) and len(dev) == 11
     assert len(held) == 5 and not set(held["sentence"]) & set(dev["sentence"])
@@ -133,9 +133,9 @@ def test_split_settings_that_cannot_work_are_refused(tmp_path, data, message):
 
 
 def test_folds_refuse_data_with_its_own_evaluation_split(tmp_path):
-    from distillkit.data import _split
+    from distillkit.data import split_train_eval
 
     raw = tiny_config(tmp_path)
     data = {**raw["data"], "folds": 2, "eval_path": raw["data"]["path"]}
     with pytest.raises(ConfigError, match="has its own evaluation split"):
-        _split(config_from_dict({**raw, "data": data}).data)
+        split_train_eval(config_from_dict({**raw, "data": data}).data)
