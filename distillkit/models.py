@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 from collections.abc import Iterator
@@ -377,16 +378,24 @@ def quiet_loading() -> Iterator[None]:
 
     Loading a checkpoint into a model with a new head, or a student built from a teacher, makes
     ``transformers`` list every newly initialised weight: expected here, and said in one line by the caller.
+    Its GGUF reader draws a plain ``tqdm`` bar that the library's own switch does not reach; that one is
+    turned off here as well.
     """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if gguf_bar is not None:
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar

