@@ -139,9 +139,12 @@ def time_training_step(config: DistillConfig, repeats: int = 5, warmup: int = 2)
 def format_step_table(result: dict[str, Any], config_name: str) -> str:
     """A markdown table of the phases: median milliseconds and share of the step."""
     step = result["step"]
-    cells = [
-        (name, f"{seconds * 1e3:.1f}", f"{seconds / step:.1%}") for name, seconds in result["phases"].items()
-    ]
+    phases = {
+        name: seconds
+        for name, seconds in result["phases"].items()
+        if name != "sampling" or result.get("sampling")  # a run that samples nothing has no such phase
+    }
+    cells = [(name, f"{seconds * 1e3:.1f}", f"{seconds / step:.1%}") for name, seconds in phases.items()]
     lines = [
         f"training step of {config_name} (batch {result['batch']}, median of {result['repeats']} steps, "
         f"{torch.get_num_threads()} threads): {step * 1e3:.1f} ms",

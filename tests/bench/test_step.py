@@ -27,6 +27,7 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert cli.main(["bench", "--step", str(config), "--repeat", "2"]) == 0
     out = capsys.readouterr().out
     assert "| teacher |" in out and "objective (without the InfoNCE op) + bookkeeping" in out
+    assert "| sampling |" not in out  # the run samples nothing
 
 
 def test_the_two_logit_paths_compare_in_fresh_processes(tmp_path, capsys):
