@@ -1,13 +1,14 @@
 """Regenerates the committed studies' reports and figures from the committed files in this folder.
 
-    python docs/study/regenerate.py                   # results.*, embed-results.* (and curves.png)
+    python docs/study/regenerate.py                   # every <prefix>.* below (and curves.png)
     python docs/study/regenerate.py --curves runs/curves   # first: curves.csv from the dev-curve runs
 
-For each study prefix (``results``, ``embed-results``) it reads ``<prefix>.csv`` (every seed's value),
-``<prefix>.json`` (baselines, metrics, teacher, notes) and ``<prefix>-examples.csv.gz`` (every run's
-per-example predictions, where the study kept them), recomputes every statistic and rewrites ``<prefix>.md``,
-``.csv``, ``.json`` and ``.png``. ``curves.png`` is drawn from ``curves.csv``, which ``--curves DIR`` writes
-from the held-out evaluations of the runs ``DIR/teacher`` and ``DIR/kd`` (``make study-curves``).
+For each study prefix (``results``, ``embed-results``, ``cross-tokenizer-results``) it reads
+``<prefix>.csv`` (every seed's value), ``<prefix>.json`` (baselines, metrics, teacher, notes) and
+``<prefix>-examples.csv.gz`` (every run's per-example predictions, where the study kept them), recomputes
+every statistic and rewrites ``<prefix>.md``, ``.csv``, ``.json`` and ``.png``. ``curves.png`` is drawn
+from ``curves.csv``, which ``--curves DIR`` writes from the held-out evaluations of the runs ``DIR/teacher``
+and ``DIR/kd`` (``make study-curves``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.curves is not None:
         curves_from_runs({label: args.curves / name for label, name in CURVES.items()}, HERE / "curves.csv")
-    for prefix in ("results", "embed-results"):
+    for prefix in ("results", "embed-results", "cross-tokenizer-results"):
         if (HERE / f"{prefix}.csv").is_file():
             print("\n".join([f"== {prefix}", *regenerate(HERE / prefix), ""]))
     if (HERE / "curves.csv").is_file():
