@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distillkit.ops import BUCKET_DIVERGENCES, DIVERGENCES, fused_linear_divergence_topk
+from tests.divergence_reference import float64_divergence
 
 TOPK = importlib.import_module("distillkit.ops.linear_divergence.topk")
 
@@ -24,26 +25,6 @@ def path(request, monkeypatch):
     else:
         monkeypatch.setattr(TOPK, "topk_kernel_available", lambda: False)
     return request.param
-
-
-def float64_rows(p, q, kind, beta, alpha):
-    """D(p ‖ q) per row of two float64 distributions, from the definitions."""
-
-    def kl(a, b):
-        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
-
-    if kind == "forward_kl":
-        return kl(p, q)
-    if kind == "reverse_kl":
-        return kl(q, p)
-    if kind == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if kind == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if kind == "skew_forward_kl":
-        return kl(p, alpha * p + (1 - alpha) * q)
-    return kl(q, alpha * q + (1 - alpha) * p)
 
 
 def float64_topk_loss(
@@ -72,7 +53,7 @@ def float64_topk_loss(
             buckets[0] = torch.cat([buckets[0], (p * ~in_top).sum(-1, keepdim=True)], 1)
             buckets[1] = torch.cat([buckets[1], (q * ~in_top).sum(-1, keepdim=True)], 1)
         p, q = buckets
-    per_row = float64_rows(p, q, kind, beta, alpha)
+    per_row = float64_divergence(p, q, kind, beta, alpha)
     counted = torch.ones(n, dtype=torch.bool) if mask is None else mask
     loss = temperature**2 * per_row[counted].sum() / max(int(counted.sum()), 1)
     if ce:
